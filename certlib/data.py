@@ -1,0 +1,184 @@
+"""Datasets on their quantization grid.
+
+Every dataset yields integer pixel values on {0, ..., q} together with q, so that
+``pixels(indices)`` (values / q, pixel scale [0, 1]) lies exactly on the 1/q grid that DSSN
+certifies on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DIGITS_MEAN, DIGITS_STD = (0.305,), (0.38,)
+SPLITS = ("train", "test")
+
+
+@dataclass
+class QuantizedDataset:
+    """Images held as integers on the grid {0..q}: ``values`` (N, C, H, W) uint8, ``labels`` (N,)."""
+
+    name: str
+    split: str
+    values: torch.Tensor
+    labels: torch.Tensor
+    q: int
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    indices: np.ndarray = field(default=None)  # dataset index of each row (official order)
+
+    def __post_init__(self):
+        if self.indices is None:
+            self.indices = np.arange(len(self.labels))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def pixels(self, rows=None) -> torch.Tensor:
+        """Float images in [0, 1] (values / q) for the given rows (all when None)."""
+        v = self.values if rows is None else self.values[torch.as_tensor(rows, dtype=torch.long)]
+        return v.to(torch.float32) / self.q
+
+    def subset(self, rows) -> "QuantizedDataset":
+        """The rows ``rows`` of this dataset, keeping their original dataset indices."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise ValueError(f"subset rows must lie in [0, {len(self)}), got [{rows.min()}, {rows.max()}]")
+        t = torch.as_tensor(rows)
+        return QuantizedDataset(
+            self.name, self.split, self.values[t], self.labels[t], self.q, self.class_names,
+            self.mean, self.std, self.indices[rows],
+        )
+
+
+def every_kth(n: int, k: int = 1, start: int = 0, limit: int | None = None) -> np.ndarray:
+    """Rows start, start + k, ... of n rows, at most ``limit`` of them (Cohen et al.'s ImageNet
+    subset is every 100th validation image)."""
+    if k < 1 or start < 0:
+        raise ValueError(f"every-k-th subset needs k >= 1 and start >= 0, got k={k}, start={start}")
+    rows = np.arange(start, n, k)
+    return rows if limit is None else rows[:limit]
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+def _read_cifar10_binary(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    files = [root / f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else [root / "test_batch.bin"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-10 binary file not found: {missing[0]}")
+    raw = np.concatenate([np.fromfile(f, dtype=np.uint8) for f in files])
+    if raw.size % 3073:
+        raise ValueError(f"CIFAR-10 binary files under {root} are truncated ({raw.size} bytes is not a multiple of 3073)")
+    records = raw.reshape(-1, 3073)
+    return records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0].astype(np.int64)
+
+
+def verify_md5(root: Path) -> None:
+    """Check the files listed in ``md5sums.txt`` (when present) against their md5 sums."""
+    listing = Path(root) / "md5sums.txt"
+    if not listing.is_file():
+        return
+    for line in listing.read_text().splitlines():
+        if not line.strip():
+            continue
+        expected, name = line.split()[:2]
+        path = Path(root) / name.lstrip("*")
+        digest = hashlib.md5(path.read_bytes()).hexdigest()
+        if digest != expected:
+            raise ValueError(f"{path} has md5 {digest}, expected {expected}: the file is corrupt")
+
+
+def load_cifar10(root: str | Path, split: str = "test", download: bool = False) -> QuantizedDataset:
+    """CIFAR-10 from the official binary version directory (``data_batch_*.bin``,
+    ``test_batch.bin``) or, failing that, torchvision's python version under ``root``
+    (downloaded when ``download`` is set). q = 255; index i is the i-th official record."""
+    if split not in SPLITS:
+        raise ValueError(f"CIFAR-10 split must be one of {SPLITS}, got {split!r}")
+    root = Path(root)
+    binary = next((d for d in (root, root / "cifar-10-batches-bin") if (d / "test_batch.bin").is_file()), None)
+    if binary is not None:
+        values, labels = _read_cifar10_binary(binary, split)
+    else:
+        import torchvision
+
+        try:
+            ds = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=download)
+        except RuntimeError as err:
+            raise FileNotFoundError(f"no CIFAR-10 under {root}: neither the binary version nor the python version ({err})") from None
+        values, labels = ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, dtype=np.int64)
+    return QuantizedDataset(
+        "cifar10", split, torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(labels), 255,
+        CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD,
+    )
+
+
+# --------------------------------------------------------------------------- digits (offline)
+
+def load_digits(split: str = "test") -> QuantizedDataset:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, values 0..16, so q = 16); it ships
+    with scikit-learn and works offline. The test split is every 5th image (index % 5 == 0),
+    the train split the rest; indices refer to scikit-learn's order."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    if split not in SPLITS:
+        raise ValueError(f"digits split must be one of {SPLITS}, got {split!r}")
+    bunch = sk_digits()
+    values = bunch.images.astype(np.uint8)[:, None, :, :]
+    labels = bunch.target.astype(np.int64)
+    all_rows = np.arange(len(labels))
+    rows = all_rows[all_rows % 5 == 0] if split == "test" else all_rows[all_rows % 5 != 0]
+    return QuantizedDataset(
+        "digits", split, torch.from_numpy(values[rows]), torch.from_numpy(labels[rows]), 16,
+        [str(c) for c in range(10)], DIGITS_MEAN, DIGITS_STD, rows,
+    )
+
+
+# --------------------------------------------------------------------------- ImageNet
+
+def load_imagenet(root: str | Path, split: str = "val", every: int = 1, limit: int | None = None) -> QuantizedDataset:
+    """ImageNet from an ImageFolder tree ``root/<split>/<wnid>/*.JPEG``, resized to 256 and
+    center-cropped to 224 (q = 255). ``every=100`` gives Cohen et al.'s 500-image validation
+    subset (every 100th image in ImageFolder order). Only the selected images are decoded."""
+    import torchvision
+    from torchvision import transforms
+
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no ImageNet split folder {folder}")
+    ds = torchvision.datasets.ImageFolder(str(folder))
+    rows = every_kth(len(ds), every, 0, limit)
+    prep = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])
+    values = torch.stack([prep(ds.loader(ds.samples[r][0]).convert("RGB")) for r in rows]) if len(rows) else torch.zeros(0, 3, 224, 224, dtype=torch.uint8)
+    labels = torch.tensor([ds.samples[r][1] for r in rows], dtype=torch.int64)
+    return QuantizedDataset("imagenet", split, values, labels, 255, list(ds.classes), IMAGENET_MEAN, IMAGENET_STD, rows)
+
+
+def load_dataset(name: str, split: str = "test", root: str | Path | None = None) -> QuantizedDataset:
+    """Dataset by name: ``digits`` (offline), ``cifar10`` (root: binary or python version
+    directory), ``imagenet`` (root: ImageFolder tree with ``val``/``train``)."""
+    if name == "digits":
+        return load_digits(split)
+    if name in ("cifar10", "imagenet") and root is None:
+        raise ValueError(f"dataset {name!r} needs a root directory")
+    if name == "cifar10":
+        return load_cifar10(root, split)
+    if name == "imagenet":
+        return load_imagenet(root, "val" if split == "test" else split)
+    raise ValueError(f"unknown dataset {name!r}; expected digits, cifar10 or imagenet")

@@ -1,0 +1,1 @@
+"""cluster: Ray orchestration of certification sweeps and the ``certify`` command line."""

@@ -1,0 +1,61 @@
+"""Shared fixtures: the real data in ../shared/data (tests skip where it is absent) and small
+classifiers written as torch modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CIFAR10_DIR = SHARED_DATA / "cifar-10-batches-bin"
+DSSN_PAPER_FILE = SHARED_DATA / "dssn-paper-cifar10" / "certificates.parquet"
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    if not (CIFAR10_DIR / "test_batch.bin").is_file():
+        pytest.skip(f"CIFAR-10 binary version not found at {CIFAR10_DIR}")
+    return CIFAR10_DIR
+
+
+@pytest.fixture(scope="session")
+def dssn_paper() -> "pandas.DataFrame":  # noqa: F821
+    if not DSSN_PAPER_FILE.is_file():
+        pytest.skip(f"the DSSN paper's per-image results are not at {DSSN_PAPER_FILE}")
+    import pandas as pd
+
+    return pd.read_parquet(DSSN_PAPER_FILE)
+
+
+class LookupTableClassifier(torch.nn.Module):
+    """A base classifier on the 1/(4q) grid that DSSN's noisy copies live on: the class of a
+    point is a table entry. Returns one-hot logits, so its argmax is unambiguous."""
+
+    def __init__(self, table: torch.Tensor, q: int, num_classes: int):
+        super().__init__()
+        self.register_buffer("table", table.long())
+        self.q = q
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.round(x.flatten(1) * 4 * self.q).long()
+        base = 4 * self.q + 1
+        cell = (z * base ** torch.arange(z.shape[1], device=z.device)).sum(1)
+        return torch.nn.functional.one_hot(self.table[cell], self.num_classes).to(x.dtype)
+
+
+def smooth_random_table(d: int, q: int, num_classes: int, rng: np.random.Generator, flip: float = 0.1) -> torch.Tensor:
+    """Classes of all (4q+1)^d cells: a random linear score cut into bands, with a fraction
+    ``flip`` of cells relabelled at random, so that smoothed predictions have real margins."""
+    base = 4 * q + 1
+    cells = np.arange(base**d)
+    coords = np.stack([(cells // base**i) % base for i in range(d)], axis=1) / (4 * q)
+    score = coords @ rng.normal(size=d)
+    edges = np.quantile(score, np.linspace(0, 1, num_classes + 1)[1:-1])
+    table = np.searchsorted(edges, score)
+    flips = rng.random(len(cells)) < flip
+    table[flips] = rng.integers(num_classes, size=flips.sum())
+    return torch.from_numpy(table)

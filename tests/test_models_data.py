@@ -1,0 +1,73 @@
+"""Architectures (standardization inside the model) and datasets on their quantization grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from certlib.data import every_kth, load_cifar10, load_dataset, load_digits, verify_md5
+from certlib.models import ARCHITECTURES, Standardize, build_model
+
+
+@pytest.mark.parametrize(
+    "arch,shape", [("wrn40_2", (3, 32, 32)), ("resnet110", (3, 32, 32)), ("small_cnn", (1, 8, 8)), ("resnet50", (3, 64, 64))]
+)
+def test_architectures_standardize_first(arch, shape):
+    model = build_model(arch, 10, [0.5] * shape[0], [0.25] * shape[0], shape)
+    assert isinstance(model[0], Standardize)
+    with torch.no_grad():
+        assert model(torch.rand(2, *shape)).shape == (2, 10)
+    # Standardize is exactly (x - mean)/std: the inner network sees standardized pixels.
+    x = torch.rand(1, *shape)
+    torch.testing.assert_close(model[0](x), (x - 0.5) / 0.25)
+    assert set(ARCHITECTURES) == {"wrn40_2", "resnet110", "resnet50", "small_cnn"}
+
+
+def test_wrn40_2_and_resnet110_sizes():
+    wrn = build_model("wrn40_2", 10, [0.5] * 3, [0.25] * 3, (3, 32, 32))
+    resnet = build_model("resnet110", 10, [0.5] * 3, [0.25] * 3, (3, 32, 32))
+    # Published parameter counts: WRN-40-2 about 2.2M, ResNet-110 about 1.7M.
+    assert 2.1e6 < sum(p.numel() for p in wrn.parameters()) < 2.3e6
+    assert 1.6e6 < sum(p.numel() for p in resnet.parameters()) < 1.8e6
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("vgg", 10, [0.5], [0.5], (1, 8, 8))
+
+
+def test_cifar10_binary_version(cifar10_dir, dssn_paper):
+    verify_md5(cifar10_dir)
+    test = load_cifar10(cifar10_dir, "test")
+    assert len(test) == 10_000 and test.q == 255 and test.values.dtype == torch.uint8
+    assert test.input_shape == (3, 32, 32) and test.class_names[3] == "cat"
+    # The official order: labels agree with the authors' per-image file for every test index.
+    labels = dssn_paper[(dssn_paper.method == "dssn") & (dssn_paper.sigma == 0.25) & (dssn_paper.training == "standard")]
+    np.testing.assert_array_equal(test.labels.numpy()[labels["index"].to_numpy()], labels.label.to_numpy())
+    x = test.pixels([0, 1])
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    torch.testing.assert_close(torch.round(x * 255) / 255, x)
+
+
+def test_cifar10_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CIFAR-10"):
+        load_cifar10(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="split"):
+        load_cifar10(tmp_path, "valid")
+
+
+def test_digits_on_their_grid():
+    test, train = load_digits("test"), load_digits("train")
+    assert test.q == 16 and len(test) + len(train) == 1797 and len(test) == 360
+    assert int(test.values.max()) == 16
+    assert (test.indices % 5 == 0).all() and not (train.indices % 5 == 0).any()
+    sub = test.subset([3, 1])
+    assert sub.indices.tolist() == [15, 5]
+    assert load_dataset("digits", "test").num_classes == 10
+    with pytest.raises(ValueError, match="root"):
+        load_dataset("cifar10")
+
+
+def test_every_kth_subset():
+    assert every_kth(1000, 100).tolist() == list(range(0, 1000, 100))
+    assert every_kth(10, 3, 1, limit=2).tolist() == [1, 4]
+    with pytest.raises(ValueError):
+        every_kth(10, 0)
