@@ -1,0 +1,176 @@
+"""Checkpoints as model cards: the weights plus a JSON card of everything needed to certify
+the model correctly (its smoothing noise, sigma, DSSN seed and q, dataset, input shape).
+
+A checkpoint file holds only tensors and strings, ``{"card": <JSON str>, "state_dict": {...}}``,
+so it loads with ``torch.load(path, weights_only=True)``: no pickled code. Files are written
+atomically (temporary name, fsync, rename). Loading verifies the weights' SHA-256 and, when a
+certification is requested, that the card matches it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import certlib
+from certlib.models import build_model
+
+CARD_FORMAT = 1
+
+
+@dataclass
+class ModelCard:
+    """What a checkpoint's weights are and how they must be certified.
+
+    Pixel scale [0, 1]; ``q`` is the dataset's quantization; ``lam`` the effective lambda of the
+    noise (L/(2q) for DSSN); ``levels`` is L (DSSN only); ``seed`` is the DSSN offset seed and the
+    training seed.
+    """
+
+    architecture: str
+    dataset: str
+    class_names: list[str]
+    input_shape: list[int]
+    mean: list[float]
+    std: list[float]
+    q: int
+    method: str
+    sigma: float
+    lam: float | None
+    levels: int | None
+    seed: int
+    training: str
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    epochs_done: int = 0
+    clean_accuracy: float | None = None
+    noisy_accuracy: float | None = None
+    heldout: str | None = None
+    library_version: str = certlib.__version__
+    weights_sha256: str = ""
+    format: int = CARD_FORMAT
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelCard":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"model card has unknown fields {unknown}: written by a newer library?")
+        return cls(**data)
+
+
+class CardMismatch(ValueError):
+    """The checkpoint's card does not match the requested certification."""
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the state dict's names, dtypes, shapes and raw bytes, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, card: ModelCard) -> ModelCard:
+    """Write ``model``'s weights with ``card`` (its ``weights_sha256`` filled in) atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    card = dataclasses.replace(card, weights_sha256=weights_sha256(state), library_version=certlib.__version__)
+    atomic_torch_save({"card": card.to_json(), "state_dict": state}, path)
+    return card
+
+
+def read_card(path: str | Path) -> ModelCard:
+    """The card of a checkpoint, without building the model."""
+    return ModelCard.from_json(_load(path)["card"])
+
+
+def _load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is not ours
+        raise ValueError(f"{path} is not a certlib checkpoint (it cannot be loaded with weights_only=True): {err}") from None
+    if not isinstance(payload, dict) or "card" not in payload or "state_dict" not in payload:
+        raise ValueError(f"{path} is not a certlib checkpoint: it has no model card")
+    return payload
+
+
+def check_card(card: ModelCard, *, method: str | None = None, sigma: float | None = None, seed: int | None = None,
+               q: int | None = None, dataset: str | None = None) -> list[str]:
+    """Differences between the card and a requested certification, one readable string each.
+
+    A DSSN certificate is only meaningful with the offset vector v the model was trained with,
+    so for DSSN the seed and q must match too.
+    """
+    problems = []
+    if method is not None and method != card.method:
+        problems.append(f"noise: trained with {card.method!r}, certifying with {method!r}")
+    if sigma is not None and not math.isclose(sigma, card.sigma, rel_tol=1e-9, abs_tol=1e-12):
+        problems.append(f"sigma: trained at {card.sigma}, certifying at {sigma}")
+    if dataset is not None and dataset != card.dataset:
+        problems.append(f"dataset: trained on {card.dataset!r}, certifying on {dataset!r}")
+    if (method or card.method) == "dssn":
+        if seed is not None and seed != card.seed:
+            problems.append(f"DSSN seed: trained with v from seed {card.seed}, certifying with seed {seed}")
+        if q is not None and q != card.q:
+            problems.append(f"q: trained on a 1/{card.q} grid, certifying on 1/{q}")
+    return problems
+
+
+def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", override: bool = False,
+                    **expected) -> tuple[torch.nn.Module, ModelCard]:
+    """The model (in eval mode on ``device``) and its card.
+
+    ``expected`` may name method, sigma, seed, q and dataset of the intended certification; a
+    mismatch raises CardMismatch naming every differing field unless ``override`` is set.
+    The weights must hash to the card's SHA-256.
+    """
+    payload = _load(path)
+    card = ModelCard.from_json(payload["card"])
+    problems = check_card(card, **expected)
+    if problems and not override:
+        raise CardMismatch(f"{path}: the model card does not match the certification: " + "; ".join(problems)
+                           + " (pass override to certify anyway)")
+    state = payload["state_dict"]
+    digest = weights_sha256(state)
+    if digest != card.weights_sha256:
+        raise ValueError(f"{path}: weights hash {digest[:12]}… does not match the card's {card.weights_sha256[:12]}…: the file is corrupt")
+    model = build_model(card.architecture, card.num_classes, card.mean, card.std, card.input_shape)
+    model.load_state_dict(state)
+    return model.to(device).eval(), card
