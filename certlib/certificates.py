@@ -145,17 +145,37 @@ def _overlap_target(p_a, p_b):
     return 1 - (p_a - p_b) / 2
 
 
+def _overlap_prop_2_5(c: np.ndarray, lam: float) -> np.ndarray:
+    """Prop. 2.5's exact bound (1 - 1/(2 lam))^floor(c) (1 - (c - floor(c))/(2 lam))."""
+    full = np.floor(c)
+    return (1 - 1 / (2 * lam)) ** full * (1 - (c - full) / (2 * lam))
+
+
+def _round_down_until(radius: np.ndarray, holds) -> np.ndarray:
+    """Step a computed radius down by units in the last place until ``holds(radius)`` is true:
+    the closed-form inversion may land a rounding error above the exact supremum."""
+    radius = np.array(radius, dtype=np.float64)
+    for _ in range(64):
+        bad = np.isfinite(radius) & (radius > 0) & ~holds(radius)
+        if not bad.any():
+            return radius
+        radius[bad] = np.nextafter(radius[bad], 0)
+    raise ArithmeticError("could not round a box-constrained radius down to a certified value")
+
+
 def _box_radius_grid_free(tau: np.ndarray, lam: float) -> np.ndarray:
     """Largest c with (1 - 1/(2 lam))^floor(c) (1 - frac(c)/(2 lam)) >= tau (Prop. 2.5, exact)."""
-    beta = 1 - 1 / (2 * lam)
-    if beta <= 0:
+    if 2 * lam <= 1:
         # A whole coordinate moved by 1 >= 2 lam leaves no overlap: only c < 1 helps, where the
         # bound equals the plain one (Prop. 2.2).
         return 2 * lam * (1 - tau)
-    n = np.floor(np.log(tau) / np.log(beta))
+    log_beta = np.log1p(-1 / (2 * lam))
+    beta = np.exp(log_beta)
+    n = np.floor(np.log(tau) / log_beta)
     n = np.where(beta ** (n + 1) >= tau, n + 1, n)  # guard the floor against rounding
     n = np.where(beta**n < tau, n - 1, n)
-    return n + 2 * lam * (1 - tau / beta**n)
+    radius = n + 2 * lam * (1 - tau / beta**n)
+    return _round_down_until(radius, lambda r: _overlap_prop_2_5(r, lam) >= tau)
 
 
 def _box_radius_input_dependent(tau: np.ndarray, lam: float, x: np.ndarray) -> np.ndarray:
@@ -167,10 +187,16 @@ def _box_radius_input_dependent(tau: np.ndarray, lam: float, x: np.ndarray) -> n
     t = tau[:, None]
     full = (prefix >= t).sum(axis=1) - 1  # prefix is non-increasing: count of k with P_k >= tau, minus 1
     rows = np.arange(len(x))
-    p_k = prefix[rows, full]
-    partial = 2 * lam * (1 - t[:, 0] / p_k)
-    # When even moving every coordinate fully keeps the overlap, every point of the box is certified.
-    return np.where(full == x.shape[1], np.inf, spent[rows, full] + partial)
+    d = x.shape[1]
+    radius = spent[rows, full] + np.where(full < d, 2 * lam * (1 - tau / prefix[rows, full]), 0.0)
+
+    def overlap(c):
+        k = np.minimum(full, d - 1)
+        return prefix[rows, k] * np.clip(1 - (c - spent[rows, k]) / (2 * lam), 0, None)
+
+    radius = np.where(full < d, _round_down_until(np.where(full < d, radius, 0.0), lambda c: overlap(c) >= tau), radius)
+    # Moving every coordinate fully keeps the overlap above tau: every point of the box is certified.
+    return np.where((full == d) & (prefix[:, -1] > tau), np.inf, radius)
 
 
 def l1_box_radius(p_a_lower, lam: float, p_b_upper=None, x=None, *, method: str = "uniform") -> np.ndarray:

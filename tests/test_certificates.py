@@ -258,3 +258,18 @@ def test_certified_accuracy_lower_bound():
     assert C.certified_accuracy_lower_bound(0, m, alpha, rho) == 0
     with pytest.raises(ValueError):
         C.certified_accuracy_lower_bound(600, m, alpha, rho)
+
+
+def test_box_radius_never_rounds_above_the_supremum():
+    """Found in review: the closed-form inversion landed on 5.0 where the exact supremum is
+    4.99999999999999665 (60-digit arithmetic); the returned radius must stay below it."""
+    assert C.l1_box_radius(0.9978168866142979, 3.8852889664714354) < 5.0
+    assert C.l1_box_radius(0.9978168866142979, 3.8852889664714354, x=np.zeros(64)) < 5.0
+
+
+@settings(max_examples=500)
+@given(st.floats(0.5001, 0.99999), st.floats(0.55, 50.0))
+def test_box_radius_bound_holds_at_the_returned_radius(p_a, lam):
+    r = float(C.l1_box_radius(p_a, lam))
+    full = math.floor(r)
+    assert (1 - 1 / (2 * lam)) ** full * (1 - (r - full) / (2 * lam)) >= 1.5 - p_a
