@@ -120,8 +120,9 @@ def load_cifar10(root: str | Path, split: str = "test", download: bool = False) 
 
         try:
             ds = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=download)
-        except RuntimeError as err:
-            raise FileNotFoundError(f"no CIFAR-10 under {root}: neither the binary version nor the python version ({err})") from None
+        except RuntimeError:
+            raise FileNotFoundError(f"no CIFAR-10 under {root}: neither the binary version (test_batch.bin) "
+                                    "nor torchvision's python version") from None
         values, labels = ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, dtype=np.int64)
     return QuantizedDataset(
         "cifar10", split, torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(labels), 255,

@@ -1,12 +1,309 @@
-"""The ``certify`` command line."""
+"""The ``certify`` command line: submit sweeps as Ray jobs, follow them, read their tables.
+
+Every error a user can cause is printed as one line and exits with code 2; ``--debug`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import click
 
-import certlib
+# Ray's token authentication: clients send ~/.ray/auth_token when the mode is "token". Ray reads
+# the mode once, when it is first imported, so this must precede every import of ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+import certlib  # noqa: E402
+
+LOCAL_DASHBOARD = "http://127.0.0.1:8265"
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class UserError(click.ClickException):
+    """One line for the user, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
+def user_errors(fn):
+    """Turn the library's own error types into one-line UserErrors (tracebacks with --debug)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from certlib.checkpoint import CardMismatch
+        from cluster.driver import SweepConflict
+        from cluster.spec import SpecError
+
+        try:
+            return fn(*args, **kwargs)
+        except (SpecError, SweepConflict, CardMismatch, FileNotFoundError, ConnectionError) as err:
+            if os.environ.get("CERTIFY_DEBUG"):
+                raise
+            raise UserError(str(err)) from None
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(certlib.__version__, prog_name="certify")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def main(debug: bool) -> None:
     """Batch certification of randomized-smoothing classifiers (DSSN, SSN, uniform, Gaussian,
     Laplace) on a local or remote Ray cluster."""
+    if debug:
+        os.environ["CERTIFY_DEBUG"] = "1"
+
+
+# --------------------------------------------------------------------------- Ray connection
+
+def _client(address: str | None):
+    """A JobSubmissionClient for ``address`` (or RAY_ADDRESS); without either, the embedded local
+    Ray instance, started (dashboard on 127.0.0.1, token authentication on) when none runs."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        if address.startswith("ray://") or ":10001" in address or ":6379" in address:
+            raise UserError(f"--address {address}: give the dashboard address (http://<head>:8265) for job submission")
+        url = address if "://" in address else f"http://{address}"
+        try:
+            return JobSubmissionClient(url)
+        except Exception as err:  # noqa: BLE001 - connection failures come in many types
+            raise UserError(f"cannot reach the Ray cluster at {url}: {str(err).splitlines()[0]}") from None
+    try:
+        return JobSubmissionClient(LOCAL_DASHBOARD)
+    except Exception:  # noqa: BLE001 - nothing listens yet: start the embedded instance
+        _start_local_ray()
+        return JobSubmissionClient(LOCAL_DASHBOARD)
+
+
+def _ray_cli() -> list[str]:
+    ray = shutil.which("ray")
+    return [ray] if ray else [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def _start_local_ray() -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    click.echo("starting a local Ray instance (dashboard on http://127.0.0.1:8265, token authentication on)...", err=True)
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    if not (Path.home() / ".ray" / "auth_token").is_file() and not env.get("RAY_AUTH_TOKEN"):
+        subprocess.run(_ray_cli() + ["get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    started = subprocess.run(
+        _ray_cli() + ["start", "--head", "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
+                      "--disable-usage-stats", "--num-cpus", str(os.cpu_count() or 1)],
+        env=env, capture_output=True, text=True,
+    )
+    if started.returncode != 0:
+        raise UserError(f"could not start a local Ray instance: {(started.stderr or started.stdout).strip().splitlines()[-1]}")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            JobSubmissionClient(LOCAL_DASHBOARD).list_jobs()
+            return
+        except Exception:  # noqa: BLE001 - the dashboard takes a few seconds to come up
+            time.sleep(1)
+    raise UserError("the local Ray instance started but its dashboard did not answer within 60 s")
+
+
+# --------------------------------------------------------------------------- submit-job
+
+def _is_remote(address: str | None) -> bool:
+    """Whether jobs run on other machines: then paths are the cluster's and are not checked here."""
+    if not address:
+        return False
+    from urllib.parse import urlparse
+
+    host = urlparse(address if "://" in address else f"http://{address}").hostname
+    return host not in ("127.0.0.1", "localhost", "::1")
+
+
+def submission_id(spec_json: str, name: str) -> str:
+    """Deterministic: the same validated spec always gets the same job id (its later attempts
+    add -r2, -r3, ...)."""
+    return f"certify-{name}-{hashlib.sha256(spec_json.encode()).hexdigest()[:10]}"
+
+
+def preflight(sweep) -> None:
+    """Checks that need the files: the dataset, the models' cards, the output directory."""
+    from certlib.checkpoint import check_card, read_card
+    from cluster.driver import plan_sweep
+    from cluster.spec import SpecError, model_keys
+    from cluster.worker import select_images
+
+    try:
+        images = select_images(sweep)
+    except (FileNotFoundError, ValueError) as err:
+        raise SpecError(f"dataset: {err}") from None
+    if len(images) == 0:
+        raise SpecError("dataset: the selection (every/start/limit) holds no image")
+    for key in model_keys(sweep):
+        path = key.checkpoint(sweep)
+        if path.is_file():
+            try:
+                card = read_card(path)
+            except ValueError as err:
+                raise SpecError(f"models.path: {err}") from None
+            problems = check_card(card, method=key.method, sigma=key.sigma, seed=key.seed, q=sweep.q, dataset=sweep.dataset.name)
+            if problems and not sweep.models.override_card:
+                raise SpecError(f"models.path: {path}: the card does not match: {problems[0]} (models.override_card: true to use it)")
+    plan_sweep(sweep, len(images), log=lambda line: None)
+
+
+@main.command("submit-job")
+@click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--address", help="Ray dashboard address of a cluster (http://head:8265); default RAY_ADDRESS, else a local Ray instance.")
+@click.option("--wait", is_flag=True, help="Follow the job to its end and print its table.")
+@user_errors
+def submit_job(spec_file: Path, address: str | None, wait: bool) -> None:
+    """Validate SPEC_FILE completely, then submit it as one Ray job."""
+    from cluster.spec import load_spec, resolve_paths
+
+    sweep = load_spec(spec_file)
+    remote = _is_remote(address or os.environ.get("RAY_ADDRESS"))
+    if not remote:  # relative paths are relative to where the user runs the command
+        sweep = resolve_paths(sweep, Path.cwd())
+        preflight(sweep)
+    spec_json = sweep.to_json()
+    base_id = submission_id(spec_json, sweep.name)
+    client = _client(address)
+    attempts = [j for j in client.list_jobs() if (j.submission_id or "") == base_id or (j.submission_id or "").startswith(base_id + "-r")]
+    running = [j for j in attempts if str(j.status).split(".")[-1] not in TERMINAL]
+    if running:
+        job_id = running[0].submission_id
+        click.echo(f"{job_id} is already {str(running[0].status).split('.')[-1]}; follow it with `certify status {job_id}`")
+        if wait:
+            sys.exit(_follow(client, job_id))
+        return
+    # A resubmission (after a cancel, a failure or a crash) is a new attempt of the same sweep:
+    # its units already on disk are skipped.
+    job_id = base_id if not attempts else f"{base_id}-r{len(attempts) + 1}"
+    if attempts:
+        click.echo(f"resubmitting as {job_id} (attempt {len(attempts) + 1}); finished units are kept")
+    python = "python" if remote else shlex.quote(sys.executable)
+    spec_b64 = base64.b64encode(spec_json.encode()).decode()
+    client.submit_job(
+        entrypoint=f"{python} -m cluster.driver --job-id {job_id} --spec-b64 {spec_b64}",
+        submission_id=job_id,
+        metadata={"certify": "1", "name": sweep.name, "output": sweep.output, "spec": spec_json[:4000]},
+    )
+    click.echo(f"submitted {job_id}: {sweep.name} -> {sweep.output}")
+    click.echo(f"dashboard: {address or os.environ.get('RAY_ADDRESS') or LOCAL_DASHBOARD}  |  "
+               f"certify status {job_id}  |  certify logs {job_id}  |  certify cancel {job_id}")
+    if wait:
+        sys.exit(_follow(client, job_id))
+
+
+def _follow(client, job_id: str) -> int:
+    """Stream the job's log until the job ends; 0 if it succeeded."""
+    printed = 0
+    while True:
+        logs = client.get_job_logs(job_id)
+        if len(logs) > printed:
+            click.echo(logs[printed:], nl=False)
+            printed = len(logs)
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+        if status in TERMINAL:
+            logs = client.get_job_logs(job_id)
+            click.echo(logs[printed:], nl=False)
+            message = client.get_job_info(job_id).message
+            click.echo(f"{job_id}: {status}" + ("" if status == "SUCCEEDED" or not message else f" ({message.strip().splitlines()[-1]})"))
+            return 0 if status == "SUCCEEDED" else 1
+        time.sleep(2)
+
+
+# --------------------------------------------------------------------------- status, list, logs, cancel
+
+def _resolve_job(client, job: str) -> str:
+    """A submission id, or the name of a sweep (its latest job)."""
+    jobs = [j for j in client.list_jobs() if (j.metadata or {}).get("certify") == "1"]
+    for j in jobs:
+        if j.submission_id == job:
+            return job
+    named = sorted((j for j in jobs if (j.metadata or {}).get("name") == job), key=lambda j: j.start_time or 0)
+    if named:
+        return named[-1].submission_id
+    raise UserError(f"no certify job {job!r} on this cluster (see `certify list`)")
+
+
+def _last_progress(logs: str) -> dict | None:
+    from cluster.driver import PROGRESS_PREFIX
+
+
+    for line in reversed(logs.splitlines()):
+        if PROGRESS_PREFIX in line:
+            return json.loads(line.split(PROGRESS_PREFIX, 1)[1])
+    return None
+
+
+@main.command()
+@click.argument("job")
+@click.option("--address", help="Ray dashboard address (default RAY_ADDRESS, else the local instance).")
+@user_errors
+def status(job: str, address: str | None) -> None:
+    """Status and progress of JOB (a job id or a sweep name)."""
+    from cluster.driver import describe_progress
+
+    client = _client(address)
+    job_id = _resolve_job(client, job)
+    info = client.get_job_info(job_id)
+    click.echo(f"{job_id}: {str(info.status).split('.')[-1]}  ({(info.metadata or {}).get('name')} -> {(info.metadata or {}).get('output')})")
+    progress = _last_progress(client.get_job_logs(job_id))
+    if progress is None:
+        click.echo("no progress reported yet")
+        return
+    click.echo(describe_progress(progress) + f"  (as of {progress['elapsed_seconds']:.0f} s into the run)")
+    for label, (model_done, model_total) in sorted(progress["by_model"].items()):
+        click.echo(f"  {label}: {model_done}/{model_total}")
+
+
+@main.command("list")
+@click.option("--address", help="Ray dashboard address (default RAY_ADDRESS, else the local instance).")
+@user_errors
+def list_jobs(address: str | None) -> None:
+    """The certify jobs on the cluster."""
+    client = _client(address)
+    jobs = sorted((j for j in client.list_jobs() if (j.metadata or {}).get("certify") == "1"), key=lambda j: j.start_time or 0)
+    if not jobs:
+        click.echo("no certify jobs")
+    for j in jobs:
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime((j.start_time or 0) / 1000))
+        click.echo(f"{j.submission_id}  {str(j.status).split('.')[-1]:<9}  {started}  {(j.metadata or {}).get('output')}")
+
+
+@main.command()
+@click.argument("job")
+@click.option("--address", help="Ray dashboard address (default RAY_ADDRESS, else the local instance).")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+@user_errors
+def logs(job: str, address: str | None, follow: bool) -> None:
+    """The driver log of JOB (a job id or a sweep name)."""
+    client = _client(address)
+    job_id = _resolve_job(client, job)
+    if follow:
+        sys.exit(_follow(client, job_id))
+    click.echo(client.get_job_logs(job_id), nl=False)
+
+
+@main.command()
+@click.argument("job")
+@click.option("--address", help="Ray dashboard address (default RAY_ADDRESS, else the local instance).")
+@user_errors
+def cancel(job: str, address: str | None) -> None:
+    """Stop JOB; finished units stay, and resubmitting the spec resumes it."""
+    client = _client(address)
+    job_id = _resolve_job(client, job)
+    client.stop_job(job_id)
+    click.echo(f"stopping {job_id}; resubmit its spec to resume")

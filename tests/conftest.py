@@ -59,3 +59,36 @@ def smooth_random_table(d: int, q: int, num_classes: int, rng: np.random.Generat
     flips = rng.random(len(cells)) < flip
     table[flips] = rng.integers(num_classes, size=flips.sum())
     return torch.from_numpy(table)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray instance for the whole test session (2 CPUs, dashboard on 127.0.0.1
+    for the Job Submission API)."""
+    ray = pytest.importorskip("ray")
+    context = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    yield context
+    ray.shutdown()
+
+
+def random_checkpoint(path: Path, dataset, method: str, sigma: float, seed: int, training: str = "standard",
+                      architecture: str = "small_cnn", poison: bool = False) -> Path:
+    """A checkpoint of a randomly initialised model with a matching card (no training); with
+    ``poison`` its weights are NaN, so that certifying it fails."""
+    from certlib.checkpoint import ModelCard, save_checkpoint
+    from certlib.models import build_model
+    from certlib.noise import make_noise
+
+    torch.manual_seed(seed)
+    model = build_model(architecture, dataset.num_classes, dataset.mean, dataset.std, dataset.input_shape)
+    if poison:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+    noise = make_noise(method, sigma, q=dataset.q, seed=seed).describe()
+    card = ModelCard(architecture=architecture, dataset=dataset.name, class_names=list(dataset.class_names),
+                     input_shape=list(dataset.input_shape), mean=list(dataset.mean), std=list(dataset.std), q=dataset.q,
+                     method=method, sigma=sigma, lam=noise.get("lambda"), levels=noise.get("levels"), seed=seed,
+                     training=training)
+    save_checkpoint(path, model, card)
+    return path

@@ -1,0 +1,395 @@
+"""The sweep spec: schema, validation with one-line errors, expansion into work units.
+
+A spec is a YAML file (see jobs/). Every error a user can make is caught here, before anything
+starts, and reported as one ``SpecError`` line naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from certlib.noise import NOISES, DSSNNoise
+from certlib.train import PAPER_DEFAULTS, TRAINING_MODES
+
+DATASET_Q = {"digits": 16, "cifar10": 255, "imagenet": 255}
+DATASET_SPLITS = {"digits": ("train", "test"), "cifar10": ("train", "test"), "imagenet": ("train", "val")}
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MODEL_FIELDS = ("method", "training", "sigma", "seed")
+
+
+class SpecError(ValueError):
+    """A sweep spec that cannot run; the message is one line naming the field."""
+
+
+# --------------------------------------------------------------------------- schema
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    split: str = "test"
+    root: str | None = None
+    every: int = 1
+    start: int = 0
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    architecture: str | None = None
+    epochs: int | None = None
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    stability_weight: float = 6.0
+    crop_padding: int | None = None
+    flip: bool | None = None
+    amp: bool = False
+    channels_last: bool = False
+    heldout_limit: int | None = 1000
+
+
+@dataclass(frozen=True)
+class ModelsSpec:
+    path: str  # template with {method} {training} {sigma} {seed} (and {dataset})
+    train: TrainSpec | None = None
+    override_card: bool = False
+
+
+@dataclass(frozen=True)
+class CertifySpec:
+    n0: int = 64
+    n: int = 100_000
+    alpha: float = 0.001
+    multiclass: bool = False
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    workers: int | str = "auto"
+    gpus_per_worker: float | str = "auto"
+    cpus_per_worker: float = 1
+    shard_size: int = 500
+    max_retries: int = 3
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    output: str
+    dataset: DatasetSpec
+    models: ModelsSpec
+    methods: tuple[str, ...]
+    sigmas: tuple[float, ...]
+    seeds: tuple[int, ...] = (0,)
+    training: tuple[str, ...] = ("standard",)
+    certify: CertifySpec = CertifySpec()
+    radii: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+    resources: ResourcesSpec = ResourcesSpec()
+
+    @property
+    def q(self) -> int:
+        return DATASET_Q[self.dataset.name]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(_lists(self.to_dict()), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Sweep":
+        return parse_spec(json.loads(text))
+
+
+# --------------------------------------------------------------------------- parsing
+
+def _where(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _check_keys(data: Any, cls, path: str) -> dict:
+    if not isinstance(data, dict):
+        raise SpecError(f"{path or 'spec'}: must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SpecError(f"{_where(path, unknown[0])}: unknown key (expected one of {', '.join(sorted(known))})")
+    return data
+
+
+def _int(value, where: str, minimum: int | None = None, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{where}: must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise SpecError(f"{where}: must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(value, where: str, *, positive: bool = False, minimum: float | None = None, below: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpecError(f"{where}: must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise SpecError(f"{where}: must be > 0, got {value}")
+    if minimum is not None and value < minimum:
+        raise SpecError(f"{where}: must be >= {minimum}, got {value}")
+    if below is not None and value >= below:
+        raise SpecError(f"{where}: must be < {below}, got {value}")
+    return float(value)
+
+
+def _bool(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"{where}: must be true or false, got {value!r}")
+    return value
+
+
+def _str(value, where: str, choices=None) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{where}: must be a non-empty string, got {value!r}")
+    if choices is not None and value not in choices:
+        raise SpecError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _list(value, where: str, item, allow_empty: bool = False) -> tuple:
+    if not isinstance(value, list) or (not value and not allow_empty):
+        raise SpecError(f"{where}: must be a non-empty list, got {value!r}")
+    items = tuple(item(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if len(set(items)) != len(items):
+        raise SpecError(f"{where}: contains duplicates")
+    return items
+
+
+def _dataset(data, path="dataset") -> DatasetSpec:
+    data = _check_keys(data, DatasetSpec, path)
+    if "name" not in data:
+        raise SpecError(f"{path}.name: missing")
+    name = _str(data["name"], f"{path}.name", sorted(DATASET_Q))
+    split = _str(data.get("split", "test"), f"{path}.split", DATASET_SPLITS[name] + (("test",) if name == "imagenet" else ()))
+    root = data.get("root")
+    if name == "digits":
+        if root is not None:
+            raise SpecError(f"{path}.root: the digits dataset ships with scikit-learn and takes no root")
+    else:
+        root = _str(root, f"{path}.root")
+    return DatasetSpec(
+        name, split, root, _int(data.get("every", 1), f"{path}.every", 1), _int(data.get("start", 0), f"{path}.start", 0),
+        _int(data.get("limit"), f"{path}.limit", 1, allow_none=True),
+    )
+
+
+def _train(data, path="models.train") -> TrainSpec:
+    data = _check_keys(data or {}, TrainSpec, path)
+    d = TrainSpec()
+    arch = data.get("architecture")
+    if arch is not None:
+        from certlib.models import ARCHITECTURES
+
+        arch = _str(arch, f"{path}.architecture", sorted(ARCHITECTURES))
+    return TrainSpec(
+        architecture=arch,
+        epochs=_int(data.get("epochs"), f"{path}.epochs", 1, allow_none=True),
+        batch_size=_int(data.get("batch_size", d.batch_size), f"{path}.batch_size", 1),
+        lr=_float(data.get("lr", d.lr), f"{path}.lr", positive=True),
+        momentum=_float(data.get("momentum", d.momentum), f"{path}.momentum", minimum=0, below=1),
+        nesterov=_bool(data.get("nesterov", d.nesterov), f"{path}.nesterov"),
+        weight_decay=_float(data.get("weight_decay", d.weight_decay), f"{path}.weight_decay", minimum=0),
+        stability_weight=_float(data.get("stability_weight", d.stability_weight), f"{path}.stability_weight", minimum=0),
+        crop_padding=_int(data.get("crop_padding"), f"{path}.crop_padding", 0, allow_none=True),
+        flip=None if data.get("flip") is None else _bool(data["flip"], f"{path}.flip"),
+        amp=_bool(data.get("amp", d.amp), f"{path}.amp"),
+        channels_last=_bool(data.get("channels_last", d.channels_last), f"{path}.channels_last"),
+        heldout_limit=_int(data.get("heldout_limit", d.heldout_limit), f"{path}.heldout_limit", 1, allow_none=True),
+    )
+
+
+def _models(data, path="models") -> ModelsSpec:
+    data = _check_keys(data, ModelsSpec, path)
+    template = _str(data.get("path"), f"{path}.path")
+    try:
+        template.format(method="m", training="t", sigma=1.0, seed=0, dataset="d")
+    except (KeyError, IndexError, ValueError) as err:
+        raise SpecError(f"{path}.path: bad template ({err}); use the fields {{method}} {{training}} {{sigma}} {{seed}} {{dataset}}") from None
+    missing = [f for f in MODEL_FIELDS if "{" + f + "}" not in template]
+    if missing:
+        raise SpecError(f"{path}.path: the template must contain {{{missing[0]}}} so that every model has its own file")
+    train = _train(data["train"]) if data.get("train") is not None else None
+    return ModelsSpec(template, train, _bool(data.get("override_card", False), f"{path}.override_card"))
+
+
+def _certify(data, path="certify") -> CertifySpec:
+    data = _check_keys(data or {}, CertifySpec, path)
+    d = CertifySpec()
+    return CertifySpec(
+        n0=_int(data.get("n0", d.n0), f"{path}.n0", 1),
+        n=_int(data.get("n", d.n), f"{path}.n", 1),
+        alpha=_float(data.get("alpha", d.alpha), f"{path}.alpha", positive=True, below=0.5),
+        multiclass=_bool(data.get("multiclass", d.multiclass), f"{path}.multiclass"),
+        batch_size=_int(data.get("batch_size"), f"{path}.batch_size", 1, allow_none=True),
+    )
+
+
+def _resources(data, path="resources") -> ResourcesSpec:
+    data = _check_keys(data or {}, ResourcesSpec, path)
+    d = ResourcesSpec()
+    workers = data.get("workers", d.workers)
+    if workers != "auto":
+        workers = _int(workers, f"{path}.workers", 1)
+    gpus = data.get("gpus_per_worker", d.gpus_per_worker)
+    if gpus != "auto":
+        gpus = _float(gpus, f"{path}.gpus_per_worker", minimum=0)
+    return ResourcesSpec(
+        workers, gpus, _float(data.get("cpus_per_worker", d.cpus_per_worker), f"{path}.cpus_per_worker", positive=True),
+        _int(data.get("shard_size", d.shard_size), f"{path}.shard_size", 1),
+        _int(data.get("max_retries", d.max_retries), f"{path}.max_retries", 0),
+    )
+
+
+def parse_spec(data: Any) -> Sweep:
+    """Validate a spec given as plain data (parsed YAML) and return the Sweep."""
+    data = _check_keys(data, Sweep, "")
+    for key in ("name", "output", "dataset", "models", "methods", "sigmas"):
+        if key not in data:
+            raise SpecError(f"{key}: missing")
+    name = _str(data["name"], "name")
+    if not NAME.match(name):
+        raise SpecError(f"name: use lower-case letters, digits, '-' and '_' (at most 63), got {name!r}")
+    dataset = _dataset(data["dataset"])
+    methods = _list(data["methods"], "methods", lambda v, w: _str(v, w, sorted(NOISES)))
+    sigmas = _list(data["sigmas"], "sigmas", lambda v, w: _float(v, w, positive=True))
+    if "dssn" in methods:
+        q = DATASET_Q[dataset.name]
+        for i, sigma in enumerate(sigmas):
+            try:
+                DSSNNoise(sigma, q=q)
+            except ValueError as err:
+                raise SpecError(f"sigmas[{i}]: {err}") from None
+    training = _list(data.get("training", ["standard"]), "training", lambda v, w: _str(v, w, TRAINING_MODES))
+    radii = _list(data.get("radii", list(Sweep.radii)), "radii", lambda v, w: _float(v, w, minimum=0))
+    sweep = Sweep(
+        name=name,
+        output=_str(data["output"], "output"),
+        dataset=dataset,
+        models=_models(data["models"]),
+        methods=methods,
+        sigmas=sigmas,
+        seeds=_list(data.get("seeds", [0]), "seeds", lambda v, w: _int(v, w, 0)),
+        training=training,
+        certify=_certify(data.get("certify")),
+        radii=tuple(sorted(radii)),
+        resources=_resources(data.get("resources")),
+    )
+    if sweep.models.train is not None and sweep.models.train.architecture is None and dataset.name not in PAPER_DEFAULTS:
+        raise SpecError("models.train.architecture: missing")
+    return sweep
+
+
+def load_spec(path: str | Path) -> Sweep:
+    """Read and validate a YAML spec; every error is a one-line SpecError naming the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}") from None
+    try:
+        return parse_spec(data)
+    except SpecError as err:
+        raise SpecError(f"{path}: {err}") from None
+
+
+def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
+    """The sweep with its relative file paths (output, models.path, dataset.root) made
+    absolute against ``base``: a job's driver runs in another working directory."""
+    def absolute(p: str | None) -> str | None:
+        return None if p is None else str((base / Path(p).expanduser()).resolve()) if not Path(p).expanduser().is_absolute() else str(Path(p).expanduser())
+
+    data = sweep.to_dict()
+    data["output"] = absolute(data["output"])
+    data["models"]["path"] = absolute(data["models"]["path"])
+    data["dataset"]["root"] = absolute(data["dataset"]["root"])
+    return parse_spec(_lists(data))
+
+
+def _lists(data):
+    """asdict() turns lists into tuples; the parser expects YAML's lists."""
+    if isinstance(data, dict):
+        return {k: _lists(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_lists(v) for v in data]
+    return data
+
+
+# --------------------------------------------------------------------------- expansion
+
+@dataclass(frozen=True)
+class ModelKey:
+    """One smoothed classifier of the sweep: a trained model and how it is certified."""
+
+    method: str
+    training: str
+    sigma: float
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}/{self.training}/sigma={self.sigma}/seed={self.seed}"
+
+    def checkpoint(self, sweep: Sweep) -> Path:
+        return Path(sweep.models.path.format(method=self.method, training=self.training, sigma=self.sigma,
+                                             seed=self.seed, dataset=sweep.dataset.name))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Certification of rows [start, stop) of the sweep's selected images with one model:
+    idempotent, its output is exactly one Parquet file."""
+
+    model: ModelKey
+    start: int
+    stop: int
+
+    @property
+    def unit_id(self) -> str:
+        m = self.model
+        return f"{m.method}-{m.training}-s{m.sigma}-seed{m.seed}-{self.start:07d}-{self.stop:07d}"
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def model_keys(sweep: Sweep) -> list[ModelKey]:
+    return [ModelKey(m, t, s, seed) for m in sweep.methods for t in sweep.training for s in sweep.sigmas for seed in sweep.seeds]
+
+
+def expand(sweep: Sweep, num_images: int) -> list[Unit]:
+    """All units of the sweep over ``num_images`` selected images, shard by shard."""
+    size = sweep.resources.shard_size
+    return [Unit(key, start, min(start + size, num_images)) for key in model_keys(sweep) for start in range(0, num_images, size)]
+
+
+def unit_parameters(sweep: Sweep, unit: Unit) -> str:
+    """The JSON of everything that determines a unit's rows; stored in its Parquet file so a
+    resumed job can tell a valid earlier shard from one computed under other parameters."""
+    certify = asdict(sweep.certify)
+    certify.pop("batch_size")
+    if unit.model.method == "dssn":
+        certify = {}
+    return json.dumps({"dataset": asdict(sweep.dataset) | {"root": None}, "model": asdict(unit.model), "certify": certify,
+                       "start": unit.start, "stop": unit.stop}, sort_keys=True)

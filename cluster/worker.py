@@ -1,0 +1,129 @@
+"""Running one unit: train a missing model, or certify a shard of images and write its rows.
+
+``UnitRunner`` holds what a worker process keeps between units (the selected images, the last
+model); the driver runs it as a Ray actor, one model replica per GPU (or CPU). All the math is
+certlib's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import socket
+import time
+
+import numpy as np
+import torch
+
+import certlib
+from certlib.checkpoint import load_checkpoint
+from certlib.data import QuantizedDataset, every_kth, load_dataset
+from certlib.noise import DSSNNoise, make_noise
+from certlib.smooth import Smooth
+from certlib.voting import default_batch_size
+from certlib.train import TrainConfig, train_model
+from cluster.results import rows_table, shard_path, write_shard
+from cluster.spec import ModelKey, Sweep, Unit, unit_parameters
+
+
+def select_images(sweep: Sweep) -> QuantizedDataset:
+    """The images the sweep certifies: its split, every k-th from ``start``, at most ``limit``."""
+    ds = sweep.dataset
+    data = load_dataset(ds.name, ds.split, ds.root)
+    return data.subset(every_kth(len(data), ds.every, ds.start, ds.limit))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class UnitRunner:
+    """Executes the units of one sweep in one process."""
+
+    def __init__(self, sweep_json: str, job_id: str, threads: int = 1):
+        self.sweep = Sweep.from_json(sweep_json)
+        self.job_id = job_id
+        torch.set_num_threads(max(1, int(threads)))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._images: QuantizedDataset | None = None
+        self._model: tuple[str, torch.nn.Module, object] | None = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    @property
+    def images(self) -> QuantizedDataset:
+        if self._images is None:
+            self._images = select_images(self.sweep)
+        return self._images
+
+    def train(self, key: ModelKey) -> dict:
+        """Train the model of ``key`` with the sweep's models.train settings; writes its checkpoint."""
+        sweep = self.sweep
+        settings = dataclasses.asdict(sweep.models.train)
+        config = TrainConfig(dataset=sweep.dataset.name, method=key.method, sigma=key.sigma, seed=key.seed,
+                             training=key.training, **settings)
+        train_split = "train"
+        heldout_split = "val" if sweep.dataset.name == "imagenet" else "test"
+        train_set = load_dataset(sweep.dataset.name, train_split, sweep.dataset.root)
+        heldout = load_dataset(sweep.dataset.name, heldout_split, sweep.dataset.root)
+        started = time.perf_counter()
+        card = train_model(config, key.checkpoint(sweep), train_set, heldout, device=self.device,
+                           log=lambda line: print(f"[train {key.label}] {line}", flush=True))
+        return {"model": key.label, "seconds": time.perf_counter() - started, "clean_accuracy": card.clean_accuracy,
+                "noisy_accuracy": card.noisy_accuracy}
+
+    def _load(self, key: ModelKey):
+        path = str(key.checkpoint(self.sweep))
+        if self._model is None or self._model[0] != path:
+            self._model = None  # free the previous replica before loading the next
+            model, card = load_checkpoint(path, device=self.device, override=self.sweep.models.override_card,
+                                          method=key.method, sigma=key.sigma, seed=key.seed, q=self.sweep.q,
+                                          dataset=self.sweep.dataset.name)
+            self._model = (path, model, card)
+        return self._model[1], self._model[2]
+
+    def certify(self, unit: Unit) -> dict:
+        """Certify the unit's images and write its Parquet shard atomically."""
+        sweep, key = self.sweep, unit.model
+        model, card = self._load(key)
+        noise = make_noise(key.method, key.sigma, q=sweep.q, seed=key.seed)
+        rows = np.arange(unit.start, unit.stop)
+        images = self.images.pixels(rows)
+        indices = self.images.indices[rows]
+        labels = self.images.labels.numpy()[rows]
+        cert = sweep.certify
+        batch_size = cert.batch_size or default_batch_size(self.device, int(np.prod(images.shape[1:])))
+        smooth = Smooth(model, noise, card.num_classes, batch_size=batch_size, device=self.device)
+        started = time.perf_counter()
+        result = smooth.certify(images, indices, n0=cert.n0, n=cert.n, alpha=cert.alpha, seed=key.seed,
+                                multiclass=cert.multiclass)
+        seconds = time.perf_counter() - started
+        exact = isinstance(noise, DSSNNoise)
+        described = noise.describe()
+        radius = result["radius"]
+        nan = np.full(len(rows), np.nan)
+        table = rows_table({
+            "job_id": self.job_id, "unit_id": unit.unit_id, "dataset": sweep.dataset.name, "split": sweep.dataset.split,
+            "index": indices, "label": labels,
+            "lambda": described.get("lambda"),
+            "noise_scale": described.get("lambda", described.get("b", key.sigma)),
+            "levels": noise.levels if exact else None, "q": sweep.q,
+            "n0": None if exact else cert.n0, "n": None if exact else cert.n, "alpha": None if exact else cert.alpha,
+            "certificate": "dssn_exact" if exact else ("multiclass" if cert.multiclass else "binary"),
+            "selected": result["selected"], "prediction": result["prediction"],
+            "correct": result["prediction"] == labels,
+            "votes": result["votes"] if exact else result["counts"],
+            "selection_votes": None if exact else result["counts_selection"],
+            "p_a_lower": result["p_a_lower"], "p_b_upper": result["p_b_upper"],
+            "radius_l1": radius if noise.norm == "l1" else nan,
+            "radius_l2": radius if noise.norm == "l2" else nan,
+            "seconds": seconds / len(rows), "precision": "fp32",
+            "batch_size": batch_size, "worker_host": socket.gethostname(), "device": device_name(self.device),
+            "model_sha256": card.weights_sha256, "library_version": certlib.__version__,
+        })
+        write_shard(shard_path(sweep.output, unit), table, unit_parameters(sweep, unit))
+        return {"unit_id": unit.unit_id, "model": key.label, "images": len(rows), "seconds": seconds}

@@ -1,0 +1,173 @@
+"""Sweeps on a real local Ray instance: one row per image and configuration, resilience to
+killed workers and drivers, failures that stay local, and results independent of sharding,
+batching and the number of workers."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from certlib.analysis import load_results
+from certlib.data import load_cifar10
+from cluster.driver import SweepConflict, run_sweep
+from cluster.results import existing_shards
+from cluster.spec import model_keys, parse_spec
+from tests.conftest import random_checkpoint
+
+
+def cifar_sweep(tmp_path: Path, cifar10_dir: Path, *, output: str = "out", methods=("dssn", "uniform"), limit: int = 24,
+                shard_size: int = 8, batch_size: int | None = None, workers: int = 2, n: int = 200, sigmas=(0.25,), seeds=(0,)):
+    return parse_spec({
+        "name": "test-sweep", "output": str(tmp_path / output),
+        "dataset": {"name": "cifar10", "split": "test", "root": str(cifar10_dir), "every": 7, "start": 3, "limit": limit},
+        "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
+        "methods": list(methods), "sigmas": list(sigmas), "seeds": list(seeds),
+        "certify": {"n0": 16, "n": n, "alpha": 0.001, "batch_size": batch_size},
+        "resources": {"workers": workers, "cpus_per_worker": 1, "gpus_per_worker": 0, "shard_size": shard_size, "max_retries": 2},
+    })
+
+
+@pytest.fixture(scope="module")
+def cifar_test(cifar10_dir):
+    return load_cifar10(cifar10_dir, "test")
+
+
+def make_models(sweep, dataset, poison=()):
+    for key in model_keys(sweep):
+        random_checkpoint(key.checkpoint(sweep), dataset, key.method, key.sigma, key.seed, key.training,
+                          poison=key.method in poison)
+
+
+def quiet(_line):
+    pass
+
+
+def expected_indices(limit):
+    return list(range(3, 10_000, 7))[:limit]
+
+
+def test_one_row_per_image_and_configuration(ray_session, tmp_path, cifar10_dir, cifar_test):
+    sweep = cifar_sweep(tmp_path, cifar10_dir, sigmas=(0.25, 0.5), limit=20)
+    make_models(sweep, cifar_test)
+    progress = run_sweep(sweep, "job-rows", log=quiet)
+    assert not progress.failures and progress.done == progress.total == 20 * 4
+    df = load_results(sweep.output)
+    assert len(df) == 80
+    assert not df.duplicated(["method", "training", "sigma", "seed", "index"]).any()
+    for _, group in df.groupby(["method", "sigma"]):
+        assert sorted(group["index"]) == expected_indices(20)
+    labels = cifar_test.labels.numpy()
+    assert (df["label"].to_numpy() == labels[df["index"].to_numpy()]).all()
+    dssn = df[df.method == "dssn"]
+    assert (dssn["votes"].map(sum) == dssn["levels"]).all() and dssn["n"].isna().all()
+    mc = df[df.method == "uniform"]
+    assert (mc["votes"].map(sum) == 200).all() and (mc["selection_votes"].map(sum) == 16).all()
+    assert set(df.columns) >= {"job_id", "unit_id", "radius_l1", "p_a_lower", "model_sha256", "worker_host", "device", "seconds"}
+    # plain pandas reads the Hive layout too, partition columns included
+    assert len(pd.read_parquet(sweep.output)) == 80
+
+
+def test_results_do_not_depend_on_shards_batches_or_workers(ray_session, tmp_path, cifar10_dir, cifar_test):
+    a = cifar_sweep(tmp_path, cifar10_dir, output="a", shard_size=5, batch_size=64, workers=1, limit=12)
+    b = cifar_sweep(tmp_path, cifar10_dir, output="b", shard_size=12, batch_size=1000, workers=2, limit=12)
+    make_models(a, cifar_test)
+    run_sweep(a, "job-a", log=quiet)
+    run_sweep(b, "job-b", log=quiet)
+    columns = ["method", "sigma", "index", "votes", "selection_votes", "prediction", "radius_l1", "p_a_lower"]
+    ra = load_results(a.output, columns=columns).sort_values(["method", "index"]).reset_index(drop=True)
+    rb = load_results(b.output, columns=columns).sort_values(["method", "index"]).reset_index(drop=True)
+    assert len(ra) == len(rb) == 24
+    for column in ("votes", "selection_votes"):
+        assert [None if v is None else list(v) for v in ra[column]] == [None if v is None else list(v) for v in rb[column]]
+    pd.testing.assert_frame_equal(ra.drop(columns=["votes", "selection_votes"]), rb.drop(columns=["votes", "selection_votes"]))
+
+
+def _alive_worker_pids():
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("class_name", "=", "UnitRunner"), ("state", "=", "ALIVE")])]
+
+
+def test_a_killed_worker_is_replaced_and_its_unit_retried(ray_session, tmp_path, cifar10_dir, cifar_test):
+    sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=3000)
+    make_models(sweep, cifar_test)
+    lines, outcome = [], {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("progress", run_sweep(sweep, "job-kill", log=lines.append)))
+    thread.start()
+    deadline = time.time() + 120
+    while not existing_shards(sweep.output) and time.time() < deadline:
+        time.sleep(0.2)
+    pids = _alive_worker_pids()
+    assert pids, "no worker to kill"
+    os.kill(pids[0], signal.SIGKILL)
+    thread.join(timeout=300)
+    progress = outcome["progress"]
+    assert any("worker died" in line for line in lines)
+    assert not progress.failures
+    df = load_results(sweep.output)
+    assert len(df) == 16 and sorted(df["index"]) == expected_indices(16)
+
+
+def test_a_killed_driver_resumes_with_only_the_missing_units(ray_session, tmp_path, cifar10_dir, cifar_test):
+    sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=2000)
+    make_models(sweep, cifar_test)
+    address = ray_session.address_info["gcs_address"]
+    spec = base64.b64encode(sweep.to_json().encode()).decode()
+    code = (f"import ray, sys; ray.init(address={address!r}, log_to_driver=False); "
+            f"from cluster.driver import main; sys.exit(main(['--job-id', 'driver-kill', '--spec-b64', {spec!r}]))")
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(existing_shards(sweep.output)) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    time.sleep(1.0)  # the killed driver's workers go with it
+    before = {p: p.stat().st_mtime_ns for p in existing_shards(sweep.output)}
+    assert 2 <= len(before) < 8
+    lines = []
+    progress = run_sweep(sweep, "driver-kill", log=lines.append)
+    assert f"{len(before)} units already done, {8 - len(before)} to run" in lines[0]
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # finished shards were not rewritten
+    assert progress.units_done == 8 and not progress.failures
+    df = load_results(sweep.output)
+    assert len(df) == 16 and not df.duplicated(["index"]).any()
+
+
+def test_a_failing_unit_fails_alone(ray_session, tmp_path, cifar10_dir, cifar_test):
+    sweep = cifar_sweep(tmp_path, cifar10_dir, limit=8, shard_size=4)
+    make_models(sweep, cifar_test, poison=("uniform",))  # NaN weights: NaN logits
+    lines = []
+    progress = run_sweep(sweep, "job-fail", log=lines.append)
+    assert progress.units_failed == 2 and len(progress.failures) == 2
+    assert all("NaN" in f for f in progress.failures)
+    failures = sorted((Path(sweep.output) / "_failures").glob("*.json"))
+    assert len(failures) == 2 and "NaN" in failures[0].read_text()
+    df = load_results(sweep.output)
+    assert set(df["method"]) == {"dssn"} and len(df) == 8
+
+
+def test_an_output_directory_of_another_sweep_is_refused(ray_session, tmp_path, cifar10_dir, cifar_test):
+    sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("dssn",), limit=8, shard_size=4)
+    make_models(sweep, cifar_test)
+    run_sweep(sweep, "job-1", log=quiet)
+    with pytest.raises(SweepConflict, match="another shard size"):
+        run_sweep(cifar_sweep(tmp_path, cifar10_dir, methods=("dssn",), limit=8, shard_size=3), "job-2", log=quiet)
+    other = parse_spec({**_as_yaml(sweep), "dataset": {**_as_yaml(sweep)["dataset"], "every": 5}})
+    with pytest.raises(SweepConflict, match="other parameters"):
+        run_sweep(other, "job-3", log=quiet)
+
+
+def _as_yaml(sweep):
+    import json
+
+    return json.loads(sweep.to_json())
