@@ -239,7 +239,10 @@ def l1_box_radius(p_a_lower, lam: float, p_b_upper=None, x=None, *, method: str 
             radius = _box_radius_input_dependent(tau, lam, x.reshape(len(x), -1))
         else:
             raise ValueError(f"x of shape {x.shape} does not hold one image per probability bound ({tau.shape})")
-    return np.where(certified, radius, np.nan)
+    # The plain bound (Prop. 2.2) is valid too; taking the larger keeps the box radius from
+    # falling an ulp below it where the round-down above stepped off an equal value.
+    plain = l1_uniform_radius(p_a, lam, p_b)
+    return np.where(certified, np.maximum(radius, plain), np.nan)
 
 
 # --------------------------------------------------------------------------- L2 Gaussian, L1 Laplace

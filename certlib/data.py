@@ -52,7 +52,7 @@ class QuantizedDataset:
 
     def pixels(self, rows=None) -> torch.Tensor:
         """Float images in [0, 1] (values / q) for the given rows (all when None)."""
-        v = self.values if rows is None else self.values[torch.as_tensor(rows, dtype=torch.long)]
+        v = self.values if rows is None else self.values[torch.from_numpy(np.array(rows, dtype=np.int64))]
         return v.to(torch.float32) / self.q
 
     def subset(self, rows) -> "QuantizedDataset":

@@ -307,3 +307,81 @@ def cancel(job: str, address: str | None) -> None:
     job_id = _resolve_job(client, job)
     client.stop_job(job_id)
     click.echo(f"stopping {job_id}; resubmit its spec to resume")
+
+
+# --------------------------------------------------------------------------- table, plot
+
+def _floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return sorted(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise UserError(f"--radii: give numbers separated by commas, got {text!r}") from None
+
+
+def _read_results(results: Path, certificate: str, dataset_root: str | None):
+    import pandas as pd
+
+    from certlib.analysis import load_results, recertify
+
+    df = load_results(results)
+    if df.empty:
+        raise UserError(f"{results}: no result rows")
+    if certificate != "stored":
+        monte_carlo = df["method"] != "dssn"
+        if not monte_carlo.any():
+            raise UserError(f"--certificate {certificate}: the results hold DSSN rows only, which are exact already")
+        try:
+            redone = recertify(df[monte_carlo], certificate, dataset_root=dataset_root)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        redone["method"] = redone["method"] + f" ({certificate})"
+        df = pd.concat([df[~monte_carlo], redone], ignore_index=True)
+    return df
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--radii", help="Radii, comma-separated (default 0, 0.5, ..., 4).")
+@click.option("--by", default="method,training", show_default=True, help="Columns that name a table row.")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "latex"]), default="markdown", show_default=True)
+@click.option("--seeds", is_flag=True, help="Levine & Feizi Table 3: the envelope per seed with mean, std and max-min.")
+@click.option("--certificate", type=click.Choice(["stored", "standard", "box", "box_input"]), default="stored", show_default=True,
+              help="Re-certify the Monte Carlo rows from their stored counts first (box: Voracek & Hein uniform++/split++).")
+@click.option("--dataset-root", help="Dataset directory for --certificate box_input (CIFAR-10, ImageNet).")
+@user_errors
+def table(results: Path, radii: str | None, by: str, fmt: str, seeds: bool, certificate: str, dataset_root: str | None) -> None:
+    """Best certified accuracy over the sigma grid, as in Levine & Feizi Table 1."""
+    from certlib.analysis import best_certified_accuracy, format_envelope, format_seed_table, seed_table
+
+    df = _read_results(results, certificate, dataset_root)
+    radii_list = _floats(radii) or [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    columns = [c.strip() for c in by.split(",") if c.strip()]
+    unknown = [c for c in columns if c not in df.columns]
+    if unknown:
+        raise UserError(f"--by: no column {unknown[0]!r} in the results")
+    if seeds:
+        click.echo(format_seed_table(seed_table(df, radii_list, columns), columns, fmt=fmt))
+    else:
+        click.echo(format_envelope(best_certified_accuracy(df, radii_list, columns), columns, fmt=fmt))
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG or SVG file.")
+@click.option("--by", default="method,training", show_default=True, help="Columns that name a curve family.")
+@click.option("--certificate", type=click.Choice(["stored", "standard", "box", "box_input"]), default="stored", show_default=True,
+              help="Re-certify the Monte Carlo rows from their stored counts first.")
+@click.option("--dataset-root", help="Dataset directory for --certificate box_input.")
+@user_errors
+def plot(results: Path, output: Path, by: str, certificate: str, dataset_root: str | None) -> None:
+    """Certified accuracy against radius: one curve per sigma, the envelope bold."""
+    from certlib.analysis import plot_curves
+
+    df = _read_results(results, certificate, dataset_root)
+    try:
+        path = plot_curves(df, output, [c.strip() for c in by.split(",") if c.strip()])
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    click.echo(f"wrote {path}")

@@ -1,0 +1,203 @@
+"""The aggregator: the paper's Table 1 from its published per-image results through the
+project's own result schema, seed tables, Theorem 5, re-certification from stored votes,
+runtime summaries, plots and the table/plot commands."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from certlib import certificates
+from certlib.analysis import (
+    ANALYSIS_COLUMNS, best_certified_accuracy, certified_accuracy, format_envelope, high_probability_accuracy, load_results,
+    plot_curves, recertify, runtime_summary, seed_table,
+)
+from certlib.data import load_digits
+from cluster.cli import main
+from cluster.spec import expand, model_keys, parse_spec
+from cluster.worker import UnitRunner
+from tests.conftest import random_checkpoint
+from tests.test_paper_results import RADII, TABLE_1
+
+PAPER_METHODS = {"dssn": "dssn", "uniform_additive": "uniform", "ssn_independent": "ssn"}
+
+
+def paper_as_results(paper: pd.DataFrame, out) -> None:
+    """The authors' per-image file in the project's row schema, written as a Hive dataset."""
+    votes = np.stack(paper["votes"].to_numpy()).astype(np.int64)
+    selected = votes.argmax(axis=1)  # DSSN: the prediction; Monte Carlo: the n0 samples' class
+    exact = (paper["method"] == "dssn").to_numpy()
+    published = paper["radius_l1_published"].to_numpy()
+    certified = exact | (published > 0)
+    frame = pd.DataFrame({
+        "method": paper["method"].map(PAPER_METHODS), "training": paper["training"], "sigma": paper["sigma"], "seed": 0,
+        "index": paper["index"].astype(np.int64), "label": paper["label"].astype(np.int64),
+        "selected": selected, "prediction": np.where(certified, selected, -1),
+        "radius_l1": np.where(certified, published, np.nan), "radius_l2": np.nan,
+        "votes": [list(v) if e else None for v, e in zip(votes, exact)],
+        "selection_votes": [None if e else list(v) for v, e in zip(votes, exact)],
+        "p_a_lower": paper["prob_lower_published"], "seconds": paper["seconds_per_image_published"], "device": "2080 Ti",
+    })
+    pq.write_to_dataset(pa.Table.from_pandas(frame, preserve_index=False), out, partition_cols=["method", "training", "sigma", "seed"])
+
+
+def test_table_1_reproduced_cell_by_cell(dssn_paper, tmp_path):
+    paper_as_results(dssn_paper, tmp_path / "paper")
+    df = load_results(tmp_path / "paper", columns=ANALYSIS_COLUMNS)
+    assert len(df) == 900_000
+    text = format_envelope(best_certified_accuracy(df, RADII))
+    for (method, training), cells in TABLE_1.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {PAPER_METHODS[method]} / {training} |"))
+        printed = [c.strip() for c in row.strip("|").split("|")[1:]]
+        expected = [f"{acc:.2f}% ({clean:.2f}% @ σ={sigma})" for acc, clean, sigma in cells]
+        assert printed == expected, (method, training)
+
+
+def test_filters_are_pushed_down(dssn_paper, tmp_path):
+    paper_as_results(dssn_paper[dssn_paper.sigma.isin([0.25, 0.5])], tmp_path / "paper")
+    df = load_results(tmp_path / "paper", filters={"method": "dssn", "sigma": [0.5]}, columns=["index", "sigma", "method"])
+    assert len(df) == 20_000 and set(df["sigma"]) == {0.5} and set(df["method"]) == {"dssn"}
+
+
+def toy_rows():
+    """Two seeds x two sigmas of a hand-made DSSN sweep: 4 images each."""
+    rows = []
+    radius = {(0, 0.25): [0.1, 0.6, 0.0, 1.2], (0, 0.5): [0.9, 0.9, 0.0, 0.0],
+              (1, 0.25): [0.2, 0.2, 0.2, 0.2], (1, 0.5): [0.7, 0.8, 0.0, 0.5]}
+    correct = {(0, 0.25): [1, 1, 0, 1], (0, 0.5): [1, 1, 1, 0], (1, 0.25): [1, 1, 1, 0], (1, 0.5): [1, 1, 0, 1]}
+    for (seed, sigma), radii in radius.items():
+        for i, (r, c) in enumerate(zip(radii, correct[(seed, sigma)])):
+            rows.append({"method": "dssn", "training": "standard", "sigma": sigma, "seed": seed, "index": i, "label": 1,
+                         "selected": 1 if c else 2, "prediction": 1 if c else 2, "radius_l1": r, "radius_l2": np.nan,
+                         "alpha": np.nan, "seconds": 0.5, "device": "cpu"})
+    return pd.DataFrame(rows)
+
+
+def test_certified_accuracy_and_envelope_by_hand():
+    df = toy_rows()
+    acc = certified_accuracy(df, [0.0, 0.5], by=["seed", "sigma"]).set_index(["seed", "sigma"])
+    assert acc.loc[(0, 0.25), 0.0] == 0.75 and acc.loc[(0, 0.25), 0.5] == 0.5 and acc.loc[(0, 0.5), "clean"] == 0.75
+    env = best_certified_accuracy(df[df.seed == 0], [0.0, 0.5, 1.0])
+    assert env["certified_accuracy"].tolist() == [0.75, 0.5, 0.25]
+    assert env["sigma"].tolist() == [0.25, 0.25, 0.25]  # r = 0.5: both sigmas give 0.5, the smaller wins
+    assert env["clean_accuracy"].tolist() == [0.75, 0.75, 0.75]
+
+
+def test_seed_table_by_hand():
+    table = seed_table(toy_rows(), [0.5])
+    per_seed = table[table.seed.isin(["0", "1"])].set_index("seed")["certified_accuracy"]
+    assert per_seed["0"] == 0.5 and per_seed["1"] == 0.75  # seed 1: sigma 0.5 certifies 3 of 4 at r = 0.5
+    stats = table[table.seed.isin(["mean", "std", "max-min"])].set_index("seed")["certified_accuracy"]
+    assert stats["mean"] == 0.625 and stats["std"] == pytest.approx(0.25 / math.sqrt(2)) and stats["max-min"] == 0.25
+
+
+def test_high_probability_accuracy():
+    df = toy_rows()
+    exact = high_probability_accuracy(df, [0.5], rho=0.001)
+    assert (exact["lower_bound"] == exact["approximate"]).all()  # DSSN: no correction
+    mc = df.assign(method="uniform", alpha=0.001)
+    bounds = high_probability_accuracy(mc, [0.0], rho=0.001)
+    row = bounds.iloc[0]
+    assert row["lower_bound"] == pytest.approx(float(certificates.certified_accuracy_lower_bound(3, 4, 0.001, 0.001)))
+    assert row["lower_bound"] < row["approximate"]
+
+
+def test_runtime_summary():
+    summary = runtime_summary(toy_rows(), by=["seed"])
+    assert summary["images"].tolist() == [8, 8] and summary["total_seconds"].tolist() == [4.0, 4.0]
+
+
+@pytest.fixture(scope="module")
+def own_results(tmp_path_factory):
+    """A sweep of the project's own (digits, random-init models; every method) run in-process."""
+    tmp = tmp_path_factory.mktemp("own")
+    sweep = parse_spec({
+        "name": "own", "output": str(tmp / "out"), "dataset": {"name": "digits", "split": "test", "limit": 30},
+        "models": {"path": str(tmp / "{method}-{training}-{sigma}-{seed}.pt")},
+        "methods": ["dssn", "uniform", "ssn", "gaussian", "laplace"], "sigmas": [0.5, 1.5],
+        "certify": {"n0": 32, "n": 2000, "alpha": 0.001}, "resources": {"shard_size": 15},
+    })
+    digits = load_digits("test")
+    for key in model_keys(sweep):
+        random_checkpoint(key.checkpoint(sweep), digits, key.method, key.sigma, key.seed)
+    runner = UnitRunner(sweep.to_json(), "own-job")
+    for unit in expand(sweep, 30):
+        runner.certify(unit)
+    return sweep, load_results(sweep.output)
+
+
+def test_recertify_with_the_same_certificate_reproduces_the_sweep(own_results):
+    _, df = own_results
+    again = recertify(df, "standard")
+    for column in ("prediction", "radius_l1", "radius_l2", "p_a_lower"):
+        np.testing.assert_array_equal(again[column].to_numpy(), df[column].to_numpy())
+    dssn = df[df.method == "dssn"]
+    np.testing.assert_array_equal(recertify(dssn, "dssn")["radius_l1"].to_numpy(), dssn["radius_l1"].to_numpy())
+
+
+def test_box_constrained_recertification_never_shrinks_a_radius(own_results):
+    _, df = own_results
+    l1 = df[df.method.isin(["uniform", "ssn"])]
+    plain = l1["radius_l1"].to_numpy()
+    box = recertify(l1, "box")
+    box_input = recertify(l1, "box_input")
+    certified = ~np.isnan(plain)
+    assert certified.any()
+    assert (box["radius_l1"].to_numpy()[certified] >= plain[certified]).all()
+    assert (box_input["radius_l1"].to_numpy()[certified] >= box["radius_l1"].to_numpy()[certified] - 1e-12).all()
+    assert (box["radius_l1"].to_numpy()[certified] > plain[certified]).any(), "radii above 1 should grow"
+    assert set(box["certificate"]) == {"binary_box"} and set(box_input["certificate"]) == {"binary_box_input"}
+
+
+def test_recertify_multiclass_and_alpha(own_results):
+    _, df = own_results
+    uniform = df[df.method == "uniform"]
+    multi = recertify(uniform, multiclass=True)
+    assert set(multi["certificate"]) == {"multiclass"} and multi["p_b_upper"].notna().all()
+    counts = np.stack(uniform["votes"].to_numpy())
+    top = counts[np.arange(len(counts)), uniform["selected"].to_numpy()]
+    np.testing.assert_allclose(multi["p_a_lower"], certificates.clopper_pearson_lower(top, 2000, 0.0005))
+    looser = recertify(uniform, alpha=0.05)
+    assert (looser["p_a_lower"].to_numpy() >= uniform["p_a_lower"].to_numpy()).all() and set(looser["alpha"]) == {0.05}
+
+
+def test_recertify_refusals(own_results):
+    _, df = own_results
+    with pytest.raises(ValueError, match="DSSN"):
+        recertify(df[df.method == "dssn"], "box")
+    with pytest.raises(ValueError, match="uniform and ssn rows only"):
+        recertify(df[df.method == "gaussian"], "box")
+    with pytest.raises(ValueError, match="binary only"):
+        recertify(df[df.method == "laplace"], multiclass=True)
+    with pytest.raises(ValueError, match="certificate must be one of"):
+        recertify(df, "uniform++")
+
+
+def test_plot_and_table_commands(own_results, tmp_path):
+    sweep, df = own_results
+    png = plot_curves(df[df.method != "gaussian"], tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runner = CliRunner()
+    result = runner.invoke(main, ["plot", sweep.output, "-o", str(tmp_path / "curves.svg")])
+    assert result.exit_code == 0 and (tmp_path / "curves.svg").read_text().lstrip().startswith("<?xml")
+    table = runner.invoke(main, ["table", sweep.output, "--radii", "0,0.5,1.5"])
+    assert table.exit_code == 0 and "| dssn / standard |" in table.output and "@ σ=" in table.output
+    csv = runner.invoke(main, ["table", sweep.output, "--radii", "0.5", "--format", "csv", "--certificate", "box"])
+    assert csv.exit_code == 2 and "uniform and ssn rows only" in csv.output  # gaussian rows cannot be box-certified
+    l1_only = tmp_path / "l1"
+    for path in (Path(sweep.output) / "method=uniform", Path(sweep.output) / "method=dssn"):
+        shutil.copytree(path, l1_only / path.name)
+    csv = runner.invoke(main, ["table", str(l1_only), "--radii", "0.5,1.5", "--format", "csv", "--certificate", "box"])
+    assert csv.exit_code == 0 and "uniform (box) / standard" in csv.output and csv.output.startswith("method / training,")
+    latex = runner.invoke(main, ["table", sweep.output, "--format", "latex", "--seeds"])
+    assert latex.exit_code == 0 and r"\begin{tabular}" in latex.output and "mean" in latex.output
+    bad = runner.invoke(main, ["table", sweep.output, "--radii", "half"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: --radii")
