@@ -10,13 +10,15 @@ generated on the device and votes accumulate there.
 
 Batch invariance. A network's logits can change in the last bits with the batch shape (the
 kernels block their reductions differently), which could flip a prediction whose two top logits
-are nearly equal. So a prediction whose top-two margin is within ``TIE_TOLERANCE`` (relative) is
-re-evaluated with a float64 copy of the network, where a margin under ``EXACT_TIE`` counts as a
-tie and goes to the lower class index. Outside that band the float32 argmax is kept: float32
-logits of the same input differ across batch shapes by ~1e-8 (measured, WRN-40-2 on CPU),
-three orders of magnitude inside the band, so the argmax there is the float64 network's too.
-TF32 matmuls (errors ~1e-3) are switched off while voting for that reason. The votes of an
-image are thus the same whatever the batch size, grouping or worker;
+are nearly equal. So a prediction whose top-two margin is within the near-tie band of its
+precision (``TIE_TOLERANCE``, relative) is re-evaluated in the next precision (bf16/fp16 ->
+fp32 -> a float64 copy of the network), where a margin under ``EXACT_TIE`` counts as a tie and
+goes to the lower class index. Outside the band the fast argmax is kept: float32 logits of the
+same input differ across batch shapes by ~1e-8 (measured, WRN-40-2 on CPU), three orders of
+magnitude inside the fp32 band, so the argmax there is the float64 network's too. TF32 matmuls
+(errors ~1e-3) are switched off while voting for that reason. The votes of an image are thus
+the same whatever the batch size, grouping or worker. ``precision`` (fp32 by default; bf16 and
+fp16 run the fast path under autocast) is part of the classifier and recorded with results;
 ``enable_deterministic_kernels`` additionally makes CUDA runs bit-for-bit repeatable.
 """
 
@@ -31,7 +33,12 @@ import torch
 
 from certlib.noise import DSSNNoise, SmoothingNoise, quantize
 
-TIE_TOLERANCE = 1e-5  # fast-path margin, relative to 1 + |top logit|; float32 errors measured ~1e-8
+# Near-tie band per evaluation precision, relative to 1 + |top logit|, and the precision a
+# prediction inside the band is re-evaluated in. float32 logits differ across batch shapes by
+# ~1e-8 (measured); bfloat16 (8-bit mantissa) and float16 by up to ~1e-2 and ~1e-3.
+TIE_TOLERANCE = {"bf16": 5e-2, "fp16": 1e-2, "fp32": 1e-5}
+REFINE = {"bf16": "fp32", "fp16": "fp32", "fp32": "fp64"}
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 EXACT_TIE = 1e-9  # float64 margin under which two logits count as tied
 MC_BLOCK = 1024  # samples per random-stream block; part of the stream's definition
 
@@ -69,10 +76,17 @@ def _model_device(model: torch.nn.Module, fallback: torch.device) -> torch.devic
 class _VoteCounter:
     """Evaluates the base classifier on noisy batches and accumulates per-row class counts."""
 
-    def __init__(self, model: torch.nn.Module, rows: int, num_classes: int, batch_size: int, device):
+    def __init__(self, model: torch.nn.Module, rows: int, num_classes: int, batch_size: int, device,
+                 precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if precision == "fp16" and torch.device(device).type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
         self.model = model
         self.num_classes = num_classes
         self.batch_size = batch_size
+        self.precision = precision
+        self.device_type = torch.device(device).type
         self.counts = torch.zeros(rows * num_classes, dtype=torch.int64, device=device)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pending_size = 0
@@ -94,28 +108,33 @@ class _VoteCounter:
         rows = torch.cat([r for _, r in self._pending])
         self._pending = [(xs[size:], rows[size:])] if len(xs) > size else []
         self._pending_size = len(xs) - size
-        self._vote(xs[:size], rows[:size])
+        prediction = self._predict(xs[:size], self.precision)
+        self.counts.index_add_(0, rows[:size] * self.num_classes + prediction, torch.ones_like(prediction))
 
-    def _vote(self, x: torch.Tensor, rows: torch.Tensor) -> None:
-        logits = self.model(x)
+    def _predict(self, x: torch.Tensor, precision: str) -> torch.Tensor:
+        """argmax of the logits in ``precision``; predictions inside its near-tie band are
+        re-evaluated in the next precision (bf16/fp16 -> fp32 -> fp64)."""
+        if precision == "fp64":
+            return self._exact_prediction(x)
+        with torch.autocast(self.device_type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
+            logits = self.model(x)
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}, expected (batch, {self.num_classes})")
         logits = logits.float()
         top2 = logits.topk(2, dim=1).values if self.num_classes > 1 else logits.repeat(1, 2)
-        margin = top2[:, 0] - top2[:, 1]
-        near_tie = margin <= TIE_TOLERANCE * (1 + top2[:, 0].abs())
-        status = torch.stack([near_tie.any(), ~torch.isfinite(logits).all()]).tolist()
-        if status[1]:
+        near_tie = top2[:, 0] - top2[:, 1] <= TIE_TOLERANCE[precision] * (1 + top2[:, 0].abs())
+        any_near_tie, not_finite = torch.stack([near_tie.any(), ~torch.isfinite(logits).all()]).tolist()
+        if not_finite:
             raise ValueError("the model returned NaN or infinite logits on noisy inputs; refusing to count votes")
         prediction = logits.argmax(dim=1)  # first maximum: ties go to the lower class index
-        if status[0] and self.num_classes > 1:
+        if any_near_tie and self.num_classes > 1:
             idx = near_tie.nonzero().squeeze(1)
-            prediction[idx] = self._exact_prediction(x[idx])
-        self.counts.index_add_(0, rows * self.num_classes + prediction, torch.ones_like(prediction))
+            prediction[idx] = self._predict(x[idx], REFINE[precision])
+        return prediction
 
     def _exact_prediction(self, x: torch.Tensor) -> torch.Tensor:
-        if self._model64 is None:
-            self._model64 = copy.deepcopy(self.model).double()
+        if self._model64 is None:  # a torch.compile'd model keeps the plain module in _orig_mod
+            self._model64 = copy.deepcopy(getattr(self.model, "_orig_mod", self.model)).double()
         logits = self._model64(x.double())
         top = logits.max(dim=1, keepdim=True).values
         tied = logits >= top - EXACT_TIE * (1 + top.abs())
@@ -129,7 +148,7 @@ def _layout(x: torch.Tensor) -> torch.Tensor:
 def _prepare(model, images, batch_size, device):
     device = torch.device(device) if device is not None else _model_device(model, images.device)
     model.eval()
-    # TF32's ~1e-3 relative error would exceed TIE_TOLERANCE: float32 must mean float32.
+    # TF32's ~1e-3 relative error would exceed the fp32 band: float32 must mean float32.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     if images.ndim == 4:  # channels_last convolutions run 1.4x faster on CPU and use tensor cores on GPU
@@ -151,6 +170,7 @@ def dssn_votes(
     *,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Exact DSSN vote counts: the base classifier on all L = ``noise.levels`` noisy copies of
     each image (Levine & Feizi 2021, Section 4.1).
@@ -163,7 +183,7 @@ def dssn_votes(
     x_int = quantize(images.to(device), noise.q).flatten(1)
     levels = noise.levels
     total = len(x_int) * levels
-    counter = _VoteCounter(model, len(x_int), num_classes, batch_size, device)
+    counter = _VoteCounter(model, len(x_int), num_classes, batch_size, device, precision)
     for start in range(0, total, batch_size):
         pair = torch.arange(start, min(start + batch_size, total), device=device)
         rows = pair // levels
@@ -202,6 +222,7 @@ def monte_carlo_counts(
     seed: int,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class counts of the base classifier under ``noise`` for Cohen et al.'s CERTIFY:
     (selection counts from n0 samples, estimation counts from n samples), each (N, num_classes).
@@ -223,7 +244,7 @@ def monte_carlo_counts(
     images = images.to(device)
     if not bool(torch.isfinite(images).all()) or float(images.min()) < 0 or float(images.max()) > 1:
         raise ValueError("image values must be finite and lie in [0, 1] (pixel scale)")
-    counter = _VoteCounter(model, 2 * len(images), num_classes, batch_size, device)
+    counter = _VoteCounter(model, 2 * len(images), num_classes, batch_size, device, precision)
     for noisy, j, stage in _monte_carlo_blocks(images, indices, noise, int(n0), int(n), seed, device):
         counter.add(noisy, torch.full((len(noisy),), 2 * j + stage, device=device))
     counts = counter.result()

@@ -71,6 +71,7 @@ class CertifySpec:
     alpha: float = 0.001
     multiclass: bool = False
     batch_size: int | None = None
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,7 @@ def _certify(data, path="certify") -> CertifySpec:
         alpha=_float(data.get("alpha", d.alpha), f"{path}.alpha", positive=True, below=0.5),
         multiclass=_bool(data.get("multiclass", d.multiclass), f"{path}.multiclass"),
         batch_size=_int(data.get("batch_size"), f"{path}.batch_size", 1, allow_none=True),
+        precision=_str(data.get("precision", d.precision), f"{path}.precision", ("fp32", "bf16", "fp16")),
     )
 
 
@@ -389,7 +391,7 @@ def unit_parameters(sweep: Sweep, unit: Unit) -> str:
     resumed job can tell a valid earlier shard from one computed under other parameters."""
     certify = asdict(sweep.certify)
     certify.pop("batch_size")
-    if unit.model.method == "dssn":
-        certify = {}
+    if unit.model.method == "dssn":  # exact: only the evaluation precision matters
+        certify = {"precision": certify["precision"]}
     return json.dumps({"dataset": asdict(sweep.dataset) | {"root": None}, "model": asdict(unit.model), "certify": certify,
                        "start": unit.start, "stop": unit.stop}, sort_keys=True)

@@ -97,7 +97,7 @@ class UnitRunner:
         labels = self.images.labels.numpy()[rows]
         cert = sweep.certify
         batch_size = cert.batch_size or default_batch_size(self.device, int(np.prod(images.shape[1:])))
-        smooth = Smooth(model, noise, card.num_classes, batch_size=batch_size, device=self.device)
+        smooth = Smooth(model, noise, card.num_classes, batch_size=batch_size, device=self.device, precision=cert.precision)
         started = time.perf_counter()
         result = smooth.certify(images, indices, n0=cert.n0, n=cert.n, alpha=cert.alpha, seed=key.seed,
                                 multiclass=cert.multiclass)
@@ -121,7 +121,7 @@ class UnitRunner:
             "p_a_lower": result["p_a_lower"], "p_b_upper": result["p_b_upper"],
             "radius_l1": radius if noise.norm == "l1" else nan,
             "radius_l2": radius if noise.norm == "l2" else nan,
-            "seconds": seconds / len(rows), "precision": "fp32",
+            "seconds": seconds / len(rows), "precision": cert.precision,
             "batch_size": batch_size, "worker_host": socket.gethostname(), "device": device_name(self.device),
             "model_sha256": card.weights_sha256, "library_version": certlib.__version__,
         })

@@ -186,3 +186,16 @@ def test_monte_carlo_refuses_dssn_and_bad_counts():
         monte_carlo_counts(Threshold(0.5), images, [0], DSSNNoise(0.5), 2, n0=1, n=1, seed=0)
     with pytest.raises(ValueError, match="n0"):
         monte_carlo_counts(Threshold(0.5), images, [0], UniformNoise(0.5), 2, n0=0, n=1, seed=0)
+
+
+def test_bf16_votes_are_batch_invariant_and_fp16_needs_a_gpu(cifar_images):
+    model = random_cnn(3, seed=2)
+    noise = DSSNNoise(0.25, q=255, seed=0)
+    reference = dssn_votes(model, cifar_images, noise, 10, batch_size=512, precision="bf16")
+    for batch_size in (7, 300):
+        np.testing.assert_array_equal(dssn_votes(model, cifar_images, noise, 10, batch_size=batch_size, precision="bf16"), reference)
+    assert (reference.sum(1) == noise.levels).all()
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        dssn_votes(model, cifar_images, noise, 10, precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        dssn_votes(model, cifar_images, noise, 10, precision="int8")

@@ -1,0 +1,250 @@
+"""The speed benchmark suite: every measurement side by side in one run, printed as tables.
+
+    python bench/suite.py                      # CPU (about 6 minutes on 2 cores)
+    python bench/suite.py --device cuda        # a GPU: larger batches, the full n = 100,000
+
+1. Forward ceiling: WRN-40-2's own best forward rate over batch sizes and dtypes, the limit no
+   certifier on that model can beat.
+2. DSSN exact voting at sigma 0.25, 1.0, 3.5 on CIFAR-10 images: samples/s, seconds per image,
+   efficiency (samples/s / fp32 ceiling), against the reference code's naive strategy (one image
+   at a time, 128 noisy copies per forward pass, fp32 NCHW, noise made per chunk, counts on the
+   host), and bf16 against fp32 (rate and how many votes differ).
+3. Monte Carlo CERTIFY (n0 = 64, n = 100,000) for uniform and Gaussian noise, against Cohen et
+   al.'s loop (one image at a time, noise per chunk); on a CPU n is reduced and the time per
+   image projected linearly.
+4. The whole pipeline through Ray with one worker against the bare engine on the same images
+   (overhead fraction), and with more workers (scaling efficiency).
+5. The projected time of the full DSSN Table 1 sweep (15 sigmas x 10,000 images).
+Benchmarks never assert on timing; the votes of the strategies compared are checked equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from certlib.data import load_cifar10
+from certlib.models import build_model
+from certlib.noise import DSSNNoise, GaussianNoise, UniformNoise, quantize
+from certlib.voting import default_batch_size, dssn_votes, monte_carlo_counts
+
+DEFAULT_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-batches-bin"
+TABLE1_SIGMAS = [0.15] + [0.25 * n for n in range(1, 15)]
+PAPER_DSSN_SECONDS_AT_3_5 = 0.41  # Levine & Feizi, 2080 Ti
+PAPER_UNIFORM_SECONDS = 13.44
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# --------------------------------------------------------------------------- 1. forward ceiling
+
+@torch.inference_mode()
+def forward_ceiling(model, device, batch_sizes, dtypes, repeats: int) -> tuple[dict, str]:
+    rates = {}
+    rows = []
+    for dtype in dtypes:
+        for batch in batch_sizes:
+            x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+            with autocast:
+                model(x)  # warm-up
+                times = [timed(lambda: model(x), device)[1] for _ in range(repeats)]
+            rates[(dtype, batch)] = batch / statistics.median(times)
+            rows.append([dtype, str(batch), f"{rates[(dtype, batch)]:,.0f}"])
+    return rates, table(["dtype", "batch", "samples/s (median)"], rows)
+
+
+# --------------------------------------------------------------------------- 2. DSSN
+
+@torch.inference_mode()
+def naive_dssn_votes(model, images, noise: DSSNNoise, chunk: int = 128) -> np.ndarray:
+    """The reference code's loop: per image, chunks of offsets, argmax counted on the host."""
+    votes = np.zeros((len(images), 10), dtype=np.int64)
+    for i, image in enumerate(images):
+        x_int = quantize(image[None], noise.q).flatten(1)
+        for start in range(0, noise.levels, chunk):
+            s_base = torch.arange(start, min(start + chunk, noise.levels), device=image.device)
+            noisy = noise.copies(x_int.expand(len(s_base), -1), s_base).view(-1, *image.shape)
+            votes[i] += np.bincount(model(noisy).argmax(1).cpu().numpy(), minlength=10)
+    return votes
+
+
+def dssn_section(model, reference_model, images_by_sigma, device, batch_size, ceiling):
+    rows, rates = [], {}
+    for sigma, images in images_by_sigma.items():
+        noise = DSSNNoise(sigma)
+        samples = len(images) * noise.levels
+        fp32, t32 = timed(lambda: dssn_votes(model, images, noise, 10, batch_size=batch_size), device)
+        bf16, t16 = timed(lambda: dssn_votes(model, images, noise, 10, batch_size=batch_size, precision="bf16"), device)
+        naive, tn = timed(lambda: naive_dssn_votes(reference_model, images, noise), device)
+        differing = int(np.abs(fp32 - bf16).sum() // 2)
+        naive_note = "" if np.array_equal(naive, fp32) else " *"
+        rates[sigma] = (samples / t32, samples / t16)
+        rows.append([str(sigma), str(noise.levels), str(len(images)), f"{samples / t32:,.0f}", f"{samples / t32 / ceiling:.2f}",
+                     f"{t32 / len(images):.3f}", f"{samples / tn:,.0f}{naive_note}", f"{tn / t32:.2f}x",
+                     f"{samples / t16:,.0f}", f"{differing}/{samples}"])
+    text = table(["sigma", "L", "images", "engine fp32 samples/s", "efficiency", "engine s/image", "naive samples/s",
+                  "speed-up", "engine bf16 samples/s", "votes bf16 != fp32"], rows)
+    if any(r[6].endswith("*") for r in rows):
+        text += "\n* the naive loop's plain float32 argmax differs from the engine's near-tie-repaired votes"
+    return rates, text
+
+
+# --------------------------------------------------------------------------- 3. Monte Carlo
+
+@torch.inference_mode()
+def naive_monte_carlo(model, images, noise, n0: int, n: int, chunk: int, seed: int) -> np.ndarray:
+    """Cohen et al.'s core.py loop: per image, noise drawn per chunk, counts on the host."""
+    counts = np.zeros((len(images), 10), dtype=np.int64)
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    for i, image in enumerate(images):
+        for total in (n0, n):
+            for start in range(0, total, chunk):
+                batch = image[None].expand(min(chunk, total - start), *image.shape)
+                counts[i] += np.bincount(model(noise.sample(batch, generator)).argmax(1).cpu().numpy(), minlength=10)
+    return counts
+
+
+def monte_carlo_section(model, reference_model, images, device, batch_size, n: int, ceiling):
+    rows = []
+    for noise in (UniformNoise(0.5), GaussianNoise(0.5)):
+        samples = len(images) * (64 + n)
+        _, te = timed(lambda: monte_carlo_counts(model, images, range(len(images)), noise, 10, n0=64, n=n, seed=0,
+                                                 batch_size=batch_size), device)
+        _, tn = timed(lambda: naive_monte_carlo(reference_model, images, noise, 64, n, 400, 0), device)
+        per_image = (64 + 100_000) / (samples / te)
+        rows.append([noise.name, f"{n:,}", f"{samples / te:,.0f}", f"{samples / te / ceiling:.2f}", f"{per_image:.2f}",
+                     f"{samples / tn:,.0f}", f"{tn / te:.2f}x", f"{PAPER_UNIFORM_SECONDS}"])
+    return table(["noise", "n measured", "engine samples/s", "efficiency", "s/image at n=100,000", "Cohen loop samples/s",
+                  "speed-up", "paper s/image (uniform, 2080 Ti)"], rows)
+
+
+# --------------------------------------------------------------------------- 4. pipeline
+
+def pipeline_section(cifar: Path, images: int, workers: list[int], sigma: float, arch: str) -> str:
+    import ray
+
+    from certlib.analysis import load_results
+    from certlib.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+    from certlib.smooth import Smooth
+    from cluster.driver import run_sweep
+    from cluster.spec import model_keys, parse_spec
+
+    test = load_cifar10(cifar, "test")
+    noise = DSSNNoise(sigma)
+    work = Path(tempfile.mkdtemp(prefix="certify-bench-"))
+    torch.manual_seed(0)
+    model = build_model(arch, 10, test.mean, test.std, test.input_shape)
+    template = str(work / "{method}-{training}-{sigma}-{seed}.pt")
+    card = ModelCard(architecture=arch, dataset="cifar10", class_names=test.class_names, input_shape=list(test.input_shape),
+                     mean=list(test.mean), std=list(test.std), q=255, method="dssn", sigma=sigma, lam=noise.lam,
+                     levels=noise.levels, seed=0, training="standard")
+    checkpoint = Path(template.format(method="dssn", training="standard", sigma=sigma, seed=0))
+    save_checkpoint(checkpoint, model, card)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one worker's share, as each Ray worker gets one CPU
+    bare_model, _ = load_checkpoint(checkpoint)
+    pixels = test.pixels(range(images))
+    _, bare = timed(lambda: Smooth(bare_model, noise, 10).certify(pixels), torch.device("cpu"))
+    torch.set_num_threads(threads)
+
+    rows = []
+    start = time.perf_counter()
+    ray.init(address="local", num_cpus=max(workers), include_dashboard=False, log_to_driver=False)
+    startup = time.perf_counter() - start
+    one = None
+    for k in workers:
+        spec = parse_spec({
+            "name": "bench", "output": str(work / f"out-{k}"),
+            "dataset": {"name": "cifar10", "split": "test", "root": str(cifar), "limit": images},
+            "models": {"path": template}, "methods": ["dssn"], "sigmas": [sigma],
+            "resources": {"workers": k, "cpus_per_worker": 1, "gpus_per_worker": 0, "shard_size": max(1, images // (4 * k))},
+        })
+        assert model_keys(spec)[0].checkpoint(spec) == checkpoint
+        _, wall = timed(lambda: run_sweep(spec, f"bench-{k}", log=lambda line: None), torch.device("cpu"))
+        engine = float(load_results(spec.output, columns=["seconds"])["seconds"].sum())
+        rate = images / wall
+        one = one or rate
+        rows.append([str(k), f"{wall:.1f}", f"{engine:.1f}", f"{1 - engine / (k * wall):.1%}", f"{rate:.2f}",
+                     f"{rate / (k * one):.2f}"])
+    ray.shutdown()
+    header = (f"{images} CIFAR-10 images, DSSN sigma={sigma} (L={noise.levels}), {arch}; bare engine (1 thread, no Ray): "
+              f"{bare:.1f} s; Ray start-up {startup:.1f} s (not in the walls below)\n")
+    return header + table(["workers", "sweep wall s", "certification s (all workers)", "outside certification",
+                           "images/s", "scaling efficiency"], rows)
+
+
+# --------------------------------------------------------------------------- main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cifar", type=Path, default=DEFAULT_CIFAR)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-pipeline", action="store_true", help="skip section 4 (needs Ray)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+
+    test = load_cifar10(args.cifar, "test")
+    torch.manual_seed(0)
+    model = build_model("wrn40_2", 10, test.mean, test.std, test.input_shape).to(device).eval()
+    reference_model = copy.deepcopy(model)  # NCHW, as the reference code runs it
+    batch_size = default_batch_size(device, 3 * 32 * 32)
+    name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# certify benchmark suite: {name}, torch {torch.__version__}, WRN-40-2 (random init), CIFAR-10 test images\n")
+
+    batches = [256, 1024, 2048, 4096, 8192] if gpu else [16, 32, 64, 128]
+    rates, text = forward_ceiling(model, device, batches, ["fp32", "bf16"], repeats=10 if gpu else 3)
+    ceiling32 = max(v for (d, _), v in rates.items() if d == "fp32")
+    ceiling = max(rates.values())
+    print(f"## 1. Forward ceiling (channels_last, inference mode)\n{text}\nfp32 ceiling {ceiling32:,.0f} samples/s; "
+          f"best overall {ceiling:,.0f}\n")
+
+    counts = {0.25: 8, 1.0: 4, 3.5: 2} if gpu else {0.25: 2, 1.0: 1, 3.5: 1}
+    images = {s: test.pixels(range(k)).to(device) for s, k in counts.items()}
+    dssn_rates, text = dssn_section(model, reference_model, images, device, batch_size, ceiling32)
+    print(f"## 2. DSSN exact voting (engine batch {batch_size}; efficiency = fp32 samples/s / fp32 ceiling)\n{text}\n"
+          f"paper: {PAPER_DSSN_SECONDS_AT_3_5} s/image at sigma 3.5 (2080 Ti); here "
+          f"{DSSNNoise(3.5).levels / dssn_rates[3.5][0]:.3f} s (fp32), {DSSNNoise(3.5).levels / dssn_rates[3.5][1]:.3f} s (bf16)\n")
+
+    n = 100_000 if gpu else 2_000
+    mc_images = test.pixels(range(2 if gpu else 1)).to(device)
+    print(f"## 3. Monte Carlo CERTIFY (n0 = 64; Cohen loop chunks of 400)\n"
+          f"{monte_carlo_section(model, reference_model, mc_images, device, batch_size, n, ceiling32)}\n")
+
+    if not args.skip_pipeline:
+        print("## 4. Pipeline through Ray against the bare engine (CPU workers)\n"
+              f"{pipeline_section(args.cifar, 400, [1, 2], 0.25, 'small_cnn')}\n")
+
+    total = sum(DSSNNoise(s).levels for s in TABLE1_SIGMAS) * 10_000
+    rows = [[p, f"{total / r / 3600:.2f}"] for p, r in (("fp32", dssn_rates[1.0][0]), ("bf16", dssn_rates[1.0][1]))]
+    print(f"## 5. Projected DSSN Table 1 sweep ({total:.3g} forward passes, at the sigma 1.0 rate, one device)\n"
+          + table(["precision", "hours"], rows))
+
+
+if __name__ == "__main__":
+    main()
