@@ -204,8 +204,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar", type=Path, default=DEFAULT_CIFAR)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--skip-pipeline", action="store_true", help="skip section 4 (needs Ray)")
+    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (comma-separated numbers)")
+    parser.add_argument("--pipeline-images", type=int, default=400)
+    parser.add_argument("--pipeline-workers", default="1,2", help="worker counts for section 4")
     args = parser.parse_args()
+    sections = {int(v) for v in args.sections.split(",")}
     device = torch.device(args.device)
     gpu = device.type == "cuda"
 
@@ -217,33 +220,33 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"# certify benchmark suite: {name}, torch {torch.__version__}, WRN-40-2 (random init), CIFAR-10 test images\n")
 
-    batches = [256, 1024, 2048, 4096, 8192] if gpu else [16, 32, 64, 128]
-    rates, text = forward_ceiling(model, device, batches, ["fp32", "bf16"], repeats=10 if gpu else 3)
-    ceiling32 = max(v for (d, _), v in rates.items() if d == "fp32")
-    ceiling = max(rates.values())
-    print(f"## 1. Forward ceiling (channels_last, inference mode)\n{text}\nfp32 ceiling {ceiling32:,.0f} samples/s; "
-          f"best overall {ceiling:,.0f}\n")
-
-    counts = {0.25: 8, 1.0: 4, 3.5: 2} if gpu else {0.25: 2, 1.0: 1, 3.5: 1}
-    images = {s: test.pixels(range(k)).to(device) for s, k in counts.items()}
-    dssn_rates, text = dssn_section(model, reference_model, images, device, batch_size, ceiling32)
-    print(f"## 2. DSSN exact voting (engine batch {batch_size}; efficiency = fp32 samples/s / fp32 ceiling)\n{text}\n"
-          f"paper: {PAPER_DSSN_SECONDS_AT_3_5} s/image at sigma 3.5 (2080 Ti); here "
-          f"{DSSNNoise(3.5).levels / dssn_rates[3.5][0]:.3f} s (fp32), {DSSNNoise(3.5).levels / dssn_rates[3.5][1]:.3f} s (bf16)\n")
-
-    n = 100_000 if gpu else 2_000
-    mc_images = test.pixels(range(2 if gpu else 1)).to(device)
-    print(f"## 3. Monte Carlo CERTIFY (n0 = 64; Cohen loop chunks of 400)\n"
-          f"{monte_carlo_section(model, reference_model, mc_images, device, batch_size, n, ceiling32)}\n")
-
-    if not args.skip_pipeline:
+    if sections & {1, 2, 3, 5}:
+        batches = [256, 1024, 2048, 4096, 8192] if gpu else [16, 32, 64, 128]
+        rates, text = forward_ceiling(model, device, batches, ["fp32", "bf16"], repeats=10 if gpu else 3)
+        ceiling32 = max(v for (d, _), v in rates.items() if d == "fp32")
+        print(f"## 1. Forward ceiling (channels_last, inference mode)\n{text}\nfp32 ceiling {ceiling32:,.0f} samples/s; "
+              f"best overall {max(rates.values()):,.0f}\n")
+    if sections & {2, 5}:
+        counts = {0.25: 8, 1.0: 4, 3.5: 2} if gpu else {0.25: 2, 1.0: 1, 3.5: 1}
+        images = {s: test.pixels(range(k)).to(device) for s, k in counts.items()}
+        dssn_rates, text = dssn_section(model, reference_model, images, device, batch_size, ceiling32)
+        print(f"## 2. DSSN exact voting (engine batch {batch_size}; efficiency = fp32 samples/s / fp32 ceiling)\n{text}\n"
+              f"paper: {PAPER_DSSN_SECONDS_AT_3_5} s/image at sigma 3.5 (2080 Ti); here "
+              f"{DSSNNoise(3.5).levels / dssn_rates[3.5][0]:.3f} s (fp32), {DSSNNoise(3.5).levels / dssn_rates[3.5][1]:.3f} s (bf16)\n")
+    if 3 in sections:
+        n = 100_000 if gpu else 2_000
+        mc_images = test.pixels(range(2 if gpu else 1)).to(device)
+        print(f"## 3. Monte Carlo CERTIFY (n0 = 64; Cohen loop chunks of 400)\n"
+              f"{monte_carlo_section(model, reference_model, mc_images, device, batch_size, n, ceiling32)}\n")
+    if 4 in sections:
+        workers = [int(v) for v in args.pipeline_workers.split(",")]
         print("## 4. Pipeline through Ray against the bare engine (CPU workers)\n"
-              f"{pipeline_section(args.cifar, 400, [1, 2], 0.25, 'small_cnn')}\n")
-
-    total = sum(DSSNNoise(s).levels for s in TABLE1_SIGMAS) * 10_000
-    rows = [[p, f"{total / r / 3600:.2f}"] for p, r in (("fp32", dssn_rates[1.0][0]), ("bf16", dssn_rates[1.0][1]))]
-    print(f"## 5. Projected DSSN Table 1 sweep ({total:.3g} forward passes, at the sigma 1.0 rate, one device)\n"
-          + table(["precision", "hours"], rows))
+              f"{pipeline_section(args.cifar, args.pipeline_images, workers, 0.25, 'small_cnn')}\n")
+    if 5 in sections:
+        total = sum(DSSNNoise(s).levels for s in TABLE1_SIGMAS) * 10_000
+        rows = [[p, f"{total / r / 3600:.2f}"] for p, r in (("fp32", dssn_rates[1.0][0]), ("bf16", dssn_rates[1.0][1]))]
+        print(f"## 5. Projected DSSN Table 1 sweep ({total:.3g} forward passes, at the sigma 1.0 rate, one device)\n"
+              + table(["precision", "hours"], rows))
 
 
 if __name__ == "__main__":
