@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from certlib.analysis import ANALYSIS_COLUMNS, best_certified_accuracy, load_results
-from cluster.results import ROW_SCHEMA, partition_dir, write_shard
+from certlib.schema import ROW_SCHEMA
+from cluster.results import partition_dir, write_shard
 
 SIGMAS = [0.15] + [0.25 * n for n in range(1, 15)]
 

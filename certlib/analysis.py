@@ -15,21 +15,21 @@ Conventions (as in the papers):
 from __future__ import annotations
 
 import csv
+import functools
 import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.dataset as pds
 
 from certlib import certificates
+from certlib.schema import CONFIG, PARTITION_SCHEMA
 
-PARTITION_SCHEMA = pa.schema([("method", pa.string()), ("training", pa.string()), ("sigma", pa.float64()), ("seed", pa.int64())])
-CONFIG = ("method", "training", "sigma", "seed")
 # The columns the accuracy tables need: load only these for speed on millions of rows.
-ANALYSIS_COLUMNS = ("method", "training", "sigma", "seed", "index", "label", "selected", "prediction", "radius_l1", "radius_l2")
+ANALYSIS_COLUMNS = ("method", "training", "sigma", "seed", "index", "label", "selected", "prediction", "radius_l1", "radius_l2",
+                    "alpha")
 CERTIFICATES = ("standard", "box", "box_input", "dssn")
 
 
@@ -44,9 +44,16 @@ def load_results(path: str | Path, filters=None, columns: Sequence[str] | None =
     millions of rows than the vote lists).
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no results at {path}")
-    dataset = pds.dataset(path, format="parquet", partitioning=pds.partitioning(PARTITION_SCHEMA, flavor="hive"))
+    if not path.is_dir():
+        raise FileNotFoundError(f"no results directory at {path}")
+    # Only the Parquet shards: other files (a plot, notes) may sit beside them; names starting
+    # with '.' or '_' are temporary files and failure records.
+    files = [str(f) for f in sorted(path.rglob("*.parquet"))
+             if not any(part.startswith((".", "_")) for part in f.relative_to(path).parts)]
+    if not files:
+        raise FileNotFoundError(f"no result shards under {path}")
+    dataset = pds.dataset(files, format="parquet", partition_base_dir=str(path),
+                          partitioning=pds.partitioning(PARTITION_SCHEMA, flavor="hive"))
     expression = filters
     if isinstance(filters, dict):
         expression = None
@@ -146,7 +153,7 @@ def high_probability_accuracy(df: pd.DataFrame, radii: Sequence[float], alpha: f
     """
     by = list(by)
     table = certified_accuracy(df, radii, by)
-    exact = df.groupby(by, sort=True, observed=True)["method"].first().eq("dssn").to_numpy()
+    exact = df["method"].eq("dssn").groupby([df[c] for c in by], sort=True, observed=True).all().to_numpy()
     row_alpha = (df.groupby(by, sort=True, observed=True)["alpha"].max().to_numpy() if "alpha" in df
                  else np.full(len(table), np.nan))
     rows = []
@@ -197,12 +204,17 @@ def _noise_radius(method: str, certificate: str, lam: float, scale: float, x: np
     raise ValueError(f"recertify: unknown method {method!r}")
 
 
-def _images_of(rows: pd.DataFrame, dataset_root: str | Path | None) -> np.ndarray:
-    """The rows' images in pixel scale, flattened, read from their dataset."""
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, split: str, root: str | None):
     from certlib.data import load_dataset
 
+    return load_dataset(name, split, root)
+
+
+def _images_of(rows: pd.DataFrame, dataset_root: str | Path | None) -> np.ndarray:
+    """The rows' images in pixel scale, flattened, read from their dataset."""
     (name, split), = rows[["dataset", "split"]].drop_duplicates().itertuples(index=False, name=None)
-    data = load_dataset(name, split, dataset_root)
+    data = _dataset(name, split, None if dataset_root is None else str(dataset_root))
     position = pd.Series(np.arange(len(data)), index=data.indices)
     wanted = rows["index"].to_numpy()
     missing = ~np.isin(wanted, data.indices)
@@ -227,7 +239,7 @@ def recertify(df: pd.DataFrame, certificate: str = "standard", *, multiclass: bo
     """
     if certificate not in CERTIFICATES:
         raise ValueError(f"recertify: certificate must be one of {CERTIFICATES}, got {certificate!r}")
-    out = df.copy()
+    out = df.reset_index(drop=True)  # positions below must be unique labels
     group_keys = [c for c in ("method", "training", "sigma", "seed", "certificate", "alpha", "dataset", "split") if c in out]
     for keys, rows in out.groupby(group_keys, sort=False, observed=True, dropna=False):
         params = dict(zip(group_keys, keys if isinstance(keys, tuple) else (keys,)))
@@ -262,6 +274,7 @@ def recertify(df: pd.DataFrame, certificate: str = "standard", *, multiclass: bo
         out.loc[rows.index, "alpha"] = level
         out.loc[rows.index, "certificate"] = ("multiclass" if multi else "binary") + ("" if certificate == "standard" else f"_{certificate}")
     out["correct"] = out["prediction"].to_numpy() == out["label"].to_numpy()
+    out.index = df.index
     return out
 
 
@@ -352,8 +365,8 @@ def plot_curves(df: pd.DataFrame, path: str | Path, by: Sequence[str] = ("method
         for curve in curves:
             ax.plot(grid, 100 * curve, color=color, linewidth=0.7, alpha=0.45)
         ax.plot(grid, 100 * curves.max(axis=0), color=color, linewidth=2.4, label=" / ".join(str(k) for k in keys))
-    norm = "L2" if df["radius_l1"].isna().all() else "L1"
-    ax.set_xlabel(f"{norm} radius (pixel scale [0, 1])")
+    norms = {"L2" if m == "gaussian" else "L1" for m in df["method"].unique()}
+    ax.set_xlabel(f"{' / '.join(sorted(norms))} radius (pixel scale [0, 1]){'; Gaussian rows are L2' if len(norms) > 1 else ''}")
     ax.set_ylabel("certified accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_xlim(0, grid[-1])

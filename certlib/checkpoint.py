@@ -13,8 +13,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import torch
 
 import certlib
+from certlib.atomic import atomic_write
 from certlib.models import build_model
 
 CARD_FORMAT = 1
@@ -72,6 +71,11 @@ class ModelCard:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"model card has unknown fields {unknown}: written by a newer library?")
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"model card lacks the fields {missing}")
         return cls(**data)
 
 
@@ -89,27 +93,11 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: str | Path, model: torch.nn.Module, card: ModelCard) -> ModelCard:
     """Write ``model``'s weights with ``card`` (its ``weights_sha256`` filled in) atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     card = dataclasses.replace(card, weights_sha256=weights_sha256(state), library_version=certlib.__version__)
-    atomic_torch_save({"card": card.to_json(), "state_dict": state}, path)
+    atomic_write(path, lambda handle: torch.save({"card": card.to_json(), "state_dict": state}, handle))
     return card
 
 
@@ -132,7 +120,7 @@ def _load(path: str | Path) -> dict:
 
 
 def check_card(card: ModelCard, *, method: str | None = None, sigma: float | None = None, seed: int | None = None,
-               q: int | None = None, dataset: str | None = None) -> list[str]:
+               q: int | None = None, dataset: str | None = None, training: str | None = None) -> list[str]:
     """Differences between the card and a requested certification, one readable string each.
 
     A DSSN certificate is only meaningful with the offset vector v the model was trained with,
@@ -145,6 +133,8 @@ def check_card(card: ModelCard, *, method: str | None = None, sigma: float | Non
         problems.append(f"sigma: trained at {card.sigma}, certifying at {sigma}")
     if dataset is not None and dataset != card.dataset:
         problems.append(f"dataset: trained on {card.dataset!r}, certifying on {dataset!r}")
+    if training is not None and training != card.training:
+        problems.append(f"training: the model had {card.training!r} training, the sweep expects {training!r}")
     if (method or card.method) == "dssn":
         if seed is not None and seed != card.seed:
             problems.append(f"DSSN seed: trained with v from seed {card.seed}, certifying with seed {seed}")
@@ -157,7 +147,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", ove
                     **expected) -> tuple[torch.nn.Module, ModelCard]:
     """The model (in eval mode on ``device``) and its card.
 
-    ``expected`` may name method, sigma, seed, q and dataset of the intended certification; a
+    ``expected`` may name method, sigma, seed, q, dataset and training of the intended certification; a
     mismatch raises CardMismatch naming every differing field unless ``override`` is set.
     The weights must hash to the card's SHA-256.
     """

@@ -50,9 +50,14 @@ class QuantizedDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def grid_values(self, rows) -> torch.Tensor:
+        """Integer grid values (uint8, (len(rows), C, H, W)) of the given rows."""
+        index = rows.long() if isinstance(rows, torch.Tensor) else torch.from_numpy(np.array(rows, dtype=np.int64))
+        return self.values[index]
+
     def pixels(self, rows=None) -> torch.Tensor:
         """Float images in [0, 1] (values / q) for the given rows (all when None)."""
-        v = self.values if rows is None else self.values[torch.from_numpy(np.array(rows, dtype=np.int64))]
+        v = self.grid_values(range(len(self)) if rows is None else rows)
         return v.to(torch.float32) / self.q
 
     def subset(self, rows) -> "QuantizedDataset":
@@ -153,33 +158,67 @@ def load_digits(split: str = "test") -> QuantizedDataset:
 
 # --------------------------------------------------------------------------- ImageNet
 
-def load_imagenet(root: str | Path, split: str = "val", every: int = 1, limit: int | None = None) -> QuantizedDataset:
-    """ImageNet from an ImageFolder tree ``root/<split>/<wnid>/*.JPEG``, resized to 256 and
-    center-cropped to 224 (q = 255). ``every=100`` gives Cohen et al.'s 500-image validation
-    subset (every 100th image in ImageFolder order). Only the selected images are decoded."""
+class ImageFolderImages(QuantizedDataset):
+    """ImageNet-style images decoded on demand from their files (too many to hold in memory):
+    resized to 256, center-cropped to 224, uint8 on the 1/255 grid."""
+
+    def __init__(self, split: str, files: list[str], labels: list[int], class_names: list[str], indices: np.ndarray):
+        super().__init__("imagenet", split, None, torch.tensor(labels, dtype=torch.int64), 255, class_names,
+                         IMAGENET_MEAN, IMAGENET_STD, np.asarray(indices))
+        self.files = files
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (3, 224, 224)
+
+    def grid_values(self, rows) -> torch.Tensor:
+        from PIL import Image
+        from torchvision import transforms
+
+        prep = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])
+        rows = rows.numpy() if isinstance(rows, torch.Tensor) else np.array(rows, dtype=np.int64)
+        if not len(rows):
+            return torch.zeros(0, *self.input_shape, dtype=torch.uint8)
+        return torch.stack([prep(Image.open(self.files[r]).convert("RGB")) for r in rows])
+
+    def subset(self, rows) -> "ImageFolderImages":
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise ValueError(f"subset rows must lie in [0, {len(self)}), got [{rows.min()}, {rows.max()}]")
+        return ImageFolderImages(self.split, [self.files[r] for r in rows], self.labels[rows].tolist(), self.class_names,
+                                 self.indices[rows])
+
+
+def load_imagenet(root: str | Path, split: str = "val", every: int = 1, start: int = 0,
+                  limit: int | None = None) -> ImageFolderImages:
+    """ImageNet from an ImageFolder tree ``root/<split>/<wnid>/*.JPEG`` (q = 255), images decoded
+    when used. ``every=100`` gives Cohen et al.'s 500-image validation subset (every 100th image
+    in ImageFolder order); indices refer to that order."""
     import torchvision
-    from torchvision import transforms
 
     folder = Path(root) / split
     if not folder.is_dir():
         raise FileNotFoundError(f"no ImageNet split folder {folder}")
     ds = torchvision.datasets.ImageFolder(str(folder))
-    rows = every_kth(len(ds), every, 0, limit)
-    prep = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])
-    values = torch.stack([prep(ds.loader(ds.samples[r][0]).convert("RGB")) for r in rows]) if len(rows) else torch.zeros(0, 3, 224, 224, dtype=torch.uint8)
-    labels = torch.tensor([ds.samples[r][1] for r in rows], dtype=torch.int64)
-    return QuantizedDataset("imagenet", split, values, labels, 255, list(ds.classes), IMAGENET_MEAN, IMAGENET_STD, rows)
+    rows = every_kth(len(ds), every, start, limit)
+    return ImageFolderImages(split, [ds.samples[r][0] for r in rows], [ds.samples[r][1] for r in rows], list(ds.classes), rows)
 
 
-def load_dataset(name: str, split: str = "test", root: str | Path | None = None) -> QuantizedDataset:
+def load_dataset(name: str, split: str = "test", root: str | Path | None = None, every: int = 1, start: int = 0,
+                 limit: int | None = None) -> QuantizedDataset:
     """Dataset by name: ``digits`` (offline), ``cifar10`` (root: binary or python version
-    directory), ``imagenet`` (root: ImageFolder tree with ``val``/``train``)."""
-    if name == "digits":
-        return load_digits(split)
+    directory), ``imagenet`` (root: ImageFolder tree with ``val``/``train``); optionally only
+    every k-th image from ``start``, at most ``limit`` (see ``every_kth``)."""
     if name in ("cifar10", "imagenet") and root is None:
         raise ValueError(f"dataset {name!r} needs a root directory")
-    if name == "cifar10":
-        return load_cifar10(root, split)
     if name == "imagenet":
-        return load_imagenet(root, "val" if split == "test" else split)
-    raise ValueError(f"unknown dataset {name!r}; expected digits, cifar10 or imagenet")
+        return load_imagenet(root, "val" if split == "test" else split, every, start, limit)
+    if name == "digits":
+        data = load_digits(split)
+    elif name == "cifar10":
+        data = load_cifar10(root, split)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; expected digits, cifar10 or imagenet")
+    if (every, start, limit) == (1, 0, None):
+        return data
+    return data.subset(every_kth(len(data), every, start, limit))

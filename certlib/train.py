@@ -24,14 +24,15 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from certlib.checkpoint import ModelCard, atomic_torch_save, save_checkpoint
+from certlib.atomic import atomic_write
+from certlib.checkpoint import ModelCard, save_checkpoint
 from certlib.data import QuantizedDataset
 from certlib.models import build_model
 from certlib.noise import DSSNNoise, SmoothingNoise, make_noise
@@ -49,16 +50,11 @@ PAPER_DEFAULTS = {
 }
 
 
-@dataclass
-class TrainConfig:
-    """One training run. ``seed`` seeds the weights, the data order, the noise and, for DSSN,
-    the offset vector v. None means the dataset's paper default (PAPER_DEFAULTS)."""
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """The training knobs (hyper-parameters and augmentation) shared by every run of a sweep.
+    None means the dataset's paper default (PAPER_DEFAULTS)."""
 
-    dataset: str
-    method: str
-    sigma: float
-    seed: int = 0
-    training: str = "standard"
     architecture: str | None = None
     epochs: int | None = None
     batch_size: int = 64
@@ -72,7 +68,18 @@ class TrainConfig:
     amp: bool = False
     channels_last: bool = False
     heldout_limit: int | None = 1000
-    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig(TrainSettings):
+    """One training run: the settings plus what the model is for. ``seed`` seeds the weights,
+    the data order, the noise and, for DSSN, the offset vector v."""
+
+    dataset: str
+    method: str
+    sigma: float
+    seed: int = 0
+    training: str = "standard"
 
     def resolved(self) -> "TrainConfig":
         """A copy with the dataset's paper defaults filled in, validated."""
@@ -179,7 +186,6 @@ def train_model(
         start_epoch = int(state["epoch"])
         log(f"resuming {out_path.name} after epoch {start_epoch}/{cfg.epochs}")
 
-    values = train_set.values.to(device)
     labels = train_set.labels.to(device)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     for epoch in range(start_epoch, cfg.epochs):
@@ -189,7 +195,9 @@ def train_model(
         started, total_loss, correct = time.perf_counter(), 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
-            x = augment(values[idx].float() / train_set.q, generator, cfg.crop_padding, cfg.flip)
+            # Per batch from the dataset: an ImageNet split does not fit in memory, let alone on the GPU.
+            values = train_set.grid_values(idx.cpu()).to(device)
+            x = augment(values.float() / train_set.q, generator, cfg.crop_padding, cfg.flip)
             y = labels[idx]
             with autocast:
                 noisy = noise.sample(x, generator)
@@ -211,8 +219,9 @@ def train_model(
         metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": total_loss / len(order),
                    "train_accuracy": correct / len(order), "lr": optimizer.param_groups[0]["lr"],
                    "images_per_second": len(order) / seconds}
-        atomic_torch_save({"config": config_json, "epoch": epoch + 1, "model": model.state_dict(),
-                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, state_path)
+        state = {"config": config_json, "epoch": epoch + 1, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        atomic_write(state_path, lambda handle: torch.save(state, handle))
         if sys.stderr.isatty():
             sys.stderr.write("\n")
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['loss']:.4f}  noisy train acc {100 * metrics['train_accuracy']:.2f}%  "
@@ -234,7 +243,9 @@ def train_model(
         heldout=f"{heldout_set.split}[:{len(heldout)}]",
     )
     log(f"held-out {card.heldout}: clean accuracy {100 * clean:.2f}%, noisy accuracy {100 * noisy:.2f}%")
-    return save_checkpoint(out_path, model.to(memory_format=torch.contiguous_format), card)
+    card = save_checkpoint(out_path, model.to(memory_format=torch.contiguous_format), card)
+    state_path.unlink(missing_ok=True)  # the run is complete: its resume state is no longer needed
+    return card
 
 
 

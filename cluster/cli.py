@@ -40,20 +40,29 @@ class UserError(click.ClickException):
 
 
 def user_errors(fn):
-    """Turn the library's own error types into one-line UserErrors (tracebacks with --debug)."""
+    """Turn errors into one-line UserErrors with exit code 2 (tracebacks with --debug): bad
+    specs and cards (ValueError), missing or unreadable files and unreachable clusters
+    (OSError), the Ray client's refusals (RuntimeError), a failed `ray start`."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from certlib.checkpoint import CardMismatch
-        from cluster.driver import SweepConflict
-        from cluster.spec import SpecError
-
         try:
             return fn(*args, **kwargs)
-        except (SpecError, SweepConflict, CardMismatch, FileNotFoundError, ConnectionError) as err:
+        except (ValueError, OSError, RuntimeError, subprocess.CalledProcessError) as err:
             if os.environ.get("CERTIFY_DEBUG"):
                 raise
-            raise UserError(str(err)) from None
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            raise UserError(lines[0] if lines else type(err).__name__) from None
     return wrapper
+
+
+def address_option(command):
+    return click.option("--address", help="Ray dashboard address (http://head:8265); default RAY_ADDRESS, "
+                        "else the local instance.")(command)
+
+
+def _status(value) -> str:
+    """'RUNNING' from a JobStatus, a JobInfo or a string."""
+    return str(getattr(value, "status", value)).split(".")[-1]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -107,7 +116,8 @@ def _start_local_ray() -> None:
         env=env, capture_output=True, text=True,
     )
     if started.returncode != 0:
-        raise UserError(f"could not start a local Ray instance: {(started.stderr or started.stdout).strip().splitlines()[-1]}")
+        output = (started.stderr or started.stdout or "no output").strip().splitlines() or ["no output"]
+        raise UserError(f"could not start a local Ray instance: {output[-1]}")
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -156,7 +166,8 @@ def preflight(sweep) -> None:
                 card = read_card(path)
             except ValueError as err:
                 raise SpecError(f"models.path: {err}") from None
-            problems = check_card(card, method=key.method, sigma=key.sigma, seed=key.seed, q=sweep.q, dataset=sweep.dataset.name)
+            problems = check_card(card, method=key.method, sigma=key.sigma, seed=key.seed, q=sweep.q,
+                                  dataset=sweep.dataset.name, training=key.training)
             if problems and not sweep.models.override_card:
                 raise SpecError(f"models.path: {path}: the card does not match: {problems[0]} (models.override_card: true to use it)")
     plan_sweep(sweep, len(images), log=lambda line: None)
@@ -164,40 +175,46 @@ def preflight(sweep) -> None:
 
 @main.command("submit-job")
 @click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--address", help="Ray dashboard address of a cluster (http://head:8265); default RAY_ADDRESS, else a local Ray instance.")
+@address_option
 @click.option("--wait", is_flag=True, help="Follow the job to its end and print its table.")
 @user_errors
 def submit_job(spec_file: Path, address: str | None, wait: bool) -> None:
     """Validate SPEC_FILE completely, then submit it as one Ray job."""
-    from cluster.spec import load_spec, resolve_paths
+    from cluster.spec import SpecError, load_spec, relative_paths, resolve_paths
 
     sweep = load_spec(spec_file)
     remote = _is_remote(address or os.environ.get("RAY_ADDRESS"))
-    if not remote:  # relative paths are relative to where the user runs the command
+    if remote:  # the files are the cluster's: only the spec itself can be checked here
+        relative = relative_paths(sweep)
+        if relative:
+            raise SpecError(f"{relative[0]}: give an absolute path on the cluster's shared storage for a remote cluster")
+    else:  # relative paths are relative to where the user runs the command
         sweep = resolve_paths(sweep, Path.cwd())
         preflight(sweep)
     spec_json = sweep.to_json()
     base_id = submission_id(spec_json, sweep.name)
     client = _client(address)
-    attempts = [j for j in client.list_jobs() if (j.submission_id or "") == base_id or (j.submission_id or "").startswith(base_id + "-r")]
-    running = [j for j in attempts if str(j.status).split(".")[-1] not in TERMINAL]
+    attempts = {j.submission_id: j for j in client.list_jobs()
+                if (j.submission_id or "") == base_id or (j.submission_id or "").startswith(base_id + "-r")}
+    running = [j for j in attempts.values() if _status(j) not in TERMINAL]
     if running:
         job_id = running[0].submission_id
-        click.echo(f"{job_id} is already {str(running[0].status).split('.')[-1]}; follow it with `certify status {job_id}`")
+        click.echo(f"{job_id} is already {_status(running[0])}; follow it with `certify status {job_id}`")
         if wait:
             sys.exit(_follow(client, job_id))
         return
     # A resubmission (after a cancel, a failure or a crash) is a new attempt of the same sweep:
     # its units already on disk are skipped.
-    job_id = base_id if not attempts else f"{base_id}-r{len(attempts) + 1}"
+    numbers = [1] + [int(j[len(base_id) + 2:]) for j in attempts if j[len(base_id) + 2:].isdigit()]
+    job_id = base_id if not attempts else f"{base_id}-r{max(numbers) + 1}"
     if attempts:
-        click.echo(f"resubmitting as {job_id} (attempt {len(attempts) + 1}); finished units are kept")
+        click.echo(f"resubmitting as {job_id} (attempt {max(numbers) + 1}); finished units are kept")
     python = "python" if remote else shlex.quote(sys.executable)
     spec_b64 = base64.b64encode(spec_json.encode()).decode()
     client.submit_job(
         entrypoint=f"{python} -m cluster.driver --job-id {job_id} --spec-b64 {spec_b64}",
         submission_id=job_id,
-        metadata={"certify": "1", "name": sweep.name, "output": sweep.output, "spec": spec_json[:4000]},
+        metadata={"certify": "1", "name": sweep.name, "output": sweep.output, "spec": spec_json},
     )
     click.echo(f"submitted {job_id}: {sweep.name} -> {sweep.output}")
     click.echo(f"dashboard: {address or os.environ.get('RAY_ADDRESS') or LOCAL_DASHBOARD}  |  "
@@ -214,7 +231,7 @@ def _follow(client, job_id: str) -> int:
         if len(logs) > printed:
             click.echo(logs[printed:], nl=False)
             printed = len(logs)
-        status = str(client.get_job_status(job_id)).split(".")[-1]
+        status = _status(client.get_job_status(job_id))
         if status in TERMINAL:
             logs = client.get_job_logs(job_id)
             click.echo(logs[printed:], nl=False)
@@ -244,13 +261,16 @@ def _last_progress(logs: str) -> dict | None:
 
     for line in reversed(logs.splitlines()):
         if PROGRESS_PREFIX in line:
-            return json.loads(line.split(PROGRESS_PREFIX, 1)[1])
+            try:
+                return json.loads(line.split(PROGRESS_PREFIX, 1)[1])
+            except json.JSONDecodeError:  # a line still being written
+                continue
     return None
 
 
 @main.command()
 @click.argument("job")
-@click.option("--address", help="Ray dashboard address (default RAY_ADDRESS, else the local instance).")
+@address_option
 @user_errors
 def status(job: str, address: str | None) -> None:
     """Status and progress of JOB (a job id or a sweep name)."""
@@ -259,7 +279,7 @@ def status(job: str, address: str | None) -> None:
     client = _client(address)
     job_id = _resolve_job(client, job)
     info = client.get_job_info(job_id)
-    click.echo(f"{job_id}: {str(info.status).split('.')[-1]}  ({(info.metadata or {}).get('name')} -> {(info.metadata or {}).get('output')})")
+    click.echo(f"{job_id}: {_status(info)}  ({(info.metadata or {}).get('name')} -> {(info.metadata or {}).get('output')})")
     progress = _last_progress(client.get_job_logs(job_id))
     if progress is None:
         click.echo("no progress reported yet")
@@ -270,7 +290,7 @@ def status(job: str, address: str | None) -> None:
 
 
 @main.command("list")
-@click.option("--address", help="Ray dashboard address (default RAY_ADDRESS, else the local instance).")
+@address_option
 @user_errors
 def list_jobs(address: str | None) -> None:
     """The certify jobs on the cluster."""
@@ -280,12 +300,12 @@ def list_jobs(address: str | None) -> None:
         click.echo("no certify jobs")
     for j in jobs:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime((j.start_time or 0) / 1000))
-        click.echo(f"{j.submission_id}  {str(j.status).split('.')[-1]:<9}  {started}  {(j.metadata or {}).get('output')}")
+        click.echo(f"{j.submission_id}  {_status(j):<9}  {started}  {(j.metadata or {}).get('output')}")
 
 
 @main.command()
 @click.argument("job")
-@click.option("--address", help="Ray dashboard address (default RAY_ADDRESS, else the local instance).")
+@address_option
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
 @user_errors
 def logs(job: str, address: str | None, follow: bool) -> None:
@@ -299,14 +319,16 @@ def logs(job: str, address: str | None, follow: bool) -> None:
 
 @main.command()
 @click.argument("job")
-@click.option("--address", help="Ray dashboard address (default RAY_ADDRESS, else the local instance).")
+@address_option
 @user_errors
 def cancel(job: str, address: str | None) -> None:
     """Stop JOB; finished units stay, and resubmitting the spec resumes it."""
     client = _client(address)
     job_id = _resolve_job(client, job)
-    client.stop_job(job_id)
-    click.echo(f"stopping {job_id}; resubmit its spec to resume")
+    if client.stop_job(job_id):
+        click.echo(f"stopping {job_id}; resubmit its spec to resume")
+    else:
+        click.echo(f"{job_id} has already ended ({_status(client.get_job_status(job_id))})")
 
 
 # --------------------------------------------------------------------------- table, plot
@@ -318,6 +340,14 @@ def _floats(text: str | None) -> list[float] | None:
         return sorted(float(v) for v in text.replace(",", " ").split())
     except ValueError:
         raise UserError(f"--radii: give numbers separated by commas, got {text!r}") from None
+
+
+def recertify_options(command):
+    """--certificate and --dataset-root, shared by table and plot."""
+    command = click.option("--dataset-root", help="Dataset directory for --certificate box_input (CIFAR-10, ImageNet).")(command)
+    return click.option("--certificate", type=click.Choice(["stored", "standard", "box", "box_input"]), default="stored",
+                        show_default=True, help="Re-certify the Monte Carlo rows from their stored counts first "
+                        "(box: Voracek & Hein uniform++/split++; box_input: their Theorem 2.8 with the images).")(command)
 
 
 def _read_results(results: Path, certificate: str, dataset_root: str | None):
@@ -347,20 +377,22 @@ def _read_results(results: Path, certificate: str, dataset_root: str | None):
 @click.option("--by", default="method,training", show_default=True, help="Columns that name a table row.")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "latex"]), default="markdown", show_default=True)
 @click.option("--seeds", is_flag=True, help="Levine & Feizi Table 3: the envelope per seed with mean, std and max-min.")
-@click.option("--certificate", type=click.Choice(["stored", "standard", "box", "box_input"]), default="stored", show_default=True,
-              help="Re-certify the Monte Carlo rows from their stored counts first (box: Voracek & Hein uniform++/split++).")
-@click.option("--dataset-root", help="Dataset directory for --certificate box_input (CIFAR-10, ImageNet).")
+@recertify_options
 @user_errors
 def table(results: Path, radii: str | None, by: str, fmt: str, seeds: bool, certificate: str, dataset_root: str | None) -> None:
     """Best certified accuracy over the sigma grid, as in Levine & Feizi Table 1."""
     from certlib.analysis import best_certified_accuracy, format_envelope, format_seed_table, seed_table
 
     df = _read_results(results, certificate, dataset_root)
-    radii_list = _floats(radii) or [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    from cluster.spec import Sweep
+
+    radii_list = _floats(radii) or list(Sweep.radii)
     columns = [c.strip() for c in by.split(",") if c.strip()]
     unknown = [c for c in columns if c not in df.columns]
     if unknown:
         raise UserError(f"--by: no column {unknown[0]!r} in the results")
+    if "sigma" in columns or (seeds and "seed" in columns):
+        raise UserError("--by: sigma (and with --seeds, seed) is what the table chooses over, not a row name")
     if seeds:
         click.echo(format_seed_table(seed_table(df, radii_list, columns), columns, fmt=fmt))
     else:
@@ -371,9 +403,7 @@ def table(results: Path, radii: str | None, by: str, fmt: str, seeds: bool, cert
 @click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG or SVG file.")
 @click.option("--by", default="method,training", show_default=True, help="Columns that name a curve family.")
-@click.option("--certificate", type=click.Choice(["stored", "standard", "box", "box_input"]), default="stored", show_default=True,
-              help="Re-certify the Monte Carlo rows from their stored counts first.")
-@click.option("--dataset-root", help="Dataset directory for --certificate box_input.")
+@recertify_options
 @user_errors
 def plot(results: Path, output: Path, by: str, certificate: str, dataset_root: str | None) -> None:
     """Certified accuracy against radius: one curve per sigma, the envelope bold."""

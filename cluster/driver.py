@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from certlib.checkpoint import read_card
 from cluster.results import existing_shards, shard_path, shard_state
 from cluster.spec import ModelKey, Sweep, SpecError, Unit, expand, model_keys, unit_parameters
 from cluster.worker import UnitRunner, select_images
@@ -74,21 +75,32 @@ def plan_sweep(sweep: Sweep, num_images: int, log=print) -> Plan:
             if mine:
                 raise SweepConflict(f"output: {path} was written with another shard size or image selection; "
                                     "use a new output directory")
+    weights = {}
+    for key in keys:
+        checkpoint = key.checkpoint(sweep)
+        weights[key] = read_card(checkpoint).weights_sha256 if checkpoint.is_file() else None
     pending, skipped = [], 0
     for path, unit in expected.items():
-        state = shard_state(path, unit_parameters(sweep, unit), unit.size)
+        sha = weights[unit.model]
+        if sha is None:
+            if path.exists():
+                raise SweepConflict(f"output: {path} was computed with a model that is no longer at models.path; "
+                                    "use a new output directory")
+            state = "missing"
+        else:
+            state = shard_state(path, unit_parameters(sweep, unit, sha), unit.size)
         if state == "valid":
             skipped += 1
         elif state == "computed with other parameters":
-            raise SweepConflict(f"output: {path} holds results computed with other parameters "
-                                "(dataset selection or certification settings); use a new output directory")
+            raise SweepConflict(f"output: {path} holds results computed with other parameters or another model "
+                                "(image selection, certification settings or weights); use a new output directory")
         else:
             if state != "missing":
                 log(f"recomputing {unit.unit_id}: its file {state}")
             pending.append(unit)
     to_train = []
     for key in dict.fromkeys(u.model for u in pending):
-        if not key.checkpoint(sweep).is_file():
+        if weights[key] is None:
             if sweep.models.train is None:
                 raise SweepConflict(f"models.path: no checkpoint {key.checkpoint(sweep)} for {key.label}, "
                                     "and no models.train section to train it")
@@ -161,22 +173,30 @@ def _worker_count(sweep: Sweep, tasks: int) -> tuple[int, float]:
     per_gpu = (1.0 if gpus else 0.0) if per_gpu == "auto" else float(per_gpu)
     if per_gpu > gpus:
         raise SweepConflict(f"resources.gpus_per_worker: {per_gpu} GPUs per worker, but the cluster has {gpus:g}")
+    capacity = int(gpus // per_gpu) if per_gpu else int(resources.get("CPU", 1) // sweep.resources.cpus_per_worker)
+    if capacity < 1:
+        raise SweepConflict(f"resources.cpus_per_worker: {sweep.resources.cpus_per_worker:g} CPUs per worker, "
+                            f"but the cluster has {resources.get('CPU', 0):g}")
     workers = sweep.resources.workers
-    if workers == "auto":
-        workers = int(gpus // per_gpu) if per_gpu else int(resources.get("CPU", 1) // sweep.resources.cpus_per_worker)
-    return max(1, min(int(workers), tasks)), per_gpu
+    # More workers than fit would wait for resources forever, holding their units.
+    workers = capacity if workers == "auto" else min(int(workers), capacity)
+    return max(1, min(workers, tasks)), per_gpu
+
+
+def _failure_name(task: Task) -> str:
+    k = task.key
+    return task.unit.unit_id if task.unit else f"train-{k.method}-{k.training}-s{k.sigma}-seed{k.seed}"
 
 
 def _record_failure(sweep: Sweep, task: Task, error: str) -> None:
     folder = Path(sweep.output) / FAILURES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    name = task.unit.unit_id if task.unit else f"train-{task.key.method}-{task.key.training}-s{task.key.sigma}-seed{task.key.seed}"
-    (folder / f"{name}.json").write_text(json.dumps({"task": task.name, "attempts": task.attempts, "error": error}, indent=2))
+    record = {"task": task.name, "attempts": task.attempts + 1, "error": error}
+    (folder / f"{_failure_name(task)}.json").write_text(json.dumps(record, indent=2))
 
 
 def _clear_failure(sweep: Sweep, task: Task) -> None:
-    if task.unit:
-        (Path(sweep.output) / FAILURES_DIR / f"{task.unit.unit_id}.json").unlink(missing_ok=True)
+    (Path(sweep.output) / FAILURES_DIR / f"{_failure_name(task)}.json").unlink(missing_ok=True)
 
 
 def _error_line(err: BaseException) -> str:
@@ -230,9 +250,8 @@ def run_sweep(sweep: Sweep, job_id: str, log=print) -> Progress:
     def fail(task: Task, error: str) -> None:
         progress.failures.append(f"{task.name}: {error}")
         _record_failure(sweep, task, error)
-        log(f"FAILED {task.name} after {task.attempts + 1} attempt(s): {error}")
+        log(f"FAILED {task.name}: {error}" + (f" (after {task.attempts + 1} attempts)" if task.attempts else ""))
         if task.kind == "train":
-            progress.models_to_train -= 1
             for orphan in waiting.pop(task.key, []):
                 fail(orphan, f"its model could not be trained ({error})")
         else:
@@ -248,7 +267,9 @@ def run_sweep(sweep: Sweep, job_id: str, log=print) -> Progress:
             slot, task = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
-            except RayActorError as err:  # the worker process or its node died: replace it, retry
+            except RayTaskError as err:  # the unit itself raised: deterministic, no retry
+                fail(task, _error_line(err))
+            except RayError as err:  # the worker process or its node died, or the result was lost: retry
                 ray.kill(actors[slot], no_restart=True)
                 actors[slot] = new_actor()
                 if task.attempts >= sweep.resources.max_retries:
@@ -257,16 +278,14 @@ def run_sweep(sweep: Sweep, job_id: str, log=print) -> Progress:
                     task.attempts += 1
                     log(f"worker died during {task.name}; retrying (attempt {task.attempts + 1})")
                     queue.appendleft(task)
-            except RayTaskError as err:  # the unit itself raised: deterministic, no retry
-                fail(task, _error_line(err))
             else:
+                _clear_failure(sweep, task)
                 if task.kind == "train":
                     progress.models_trained += 1
                     log(f"trained {task.key.label} in {result['seconds']:.1f} s "
                         f"(held-out clean {100 * result['clean_accuracy']:.2f}%, noisy {100 * result['noisy_accuracy']:.2f}%)")
                     queue.extend(waiting.pop(task.key, []))
                 else:
-                    _clear_failure(sweep, task)
                     progress.done += result["images"]
                     progress.images_this_run += result["images"]
                     progress.units_done += 1
@@ -287,11 +306,15 @@ def run_sweep(sweep: Sweep, job_id: str, log=print) -> Progress:
 
 
 def print_table(sweep: Sweep, log=print) -> None:
-    from certlib.analysis import best_certified_accuracy, format_envelope, load_results
+    """The sweep's best-certified-accuracy table (its own configurations only)."""
+    from certlib.analysis import ANALYSIS_COLUMNS, best_certified_accuracy, format_envelope, load_results
 
+    filters = {"method": list(sweep.methods), "training": list(sweep.training), "sigma": list(sweep.sigmas),
+               "seed": list(sweep.seeds)}
     try:
-        df = load_results(sweep.output)
-    except FileNotFoundError:
+        df = load_results(sweep.output, filters=filters, columns=ANALYSIS_COLUMNS)
+    except (OSError, ValueError) as err:
+        log(f"no table: {err}")
         return
     if len(df):
         log("best certified accuracy over sigma (certified % (clean % @ sigma)):")
@@ -309,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, SweepConflict, FileNotFoundError) as err:
         print(f"error: {err}", flush=True)
         return 2
+    if progress.failures:
+        print("the table covers the images certified so far: some units failed", flush=True)
     print_table(sweep, log=lambda line: print(line, flush=True))
     if progress.failures:
         print(f"{len(progress.failures)} task(s) failed:", flush=True)

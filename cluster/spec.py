@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from certlib.noise import NOISES, DSSNNoise
-from certlib.train import PAPER_DEFAULTS, TRAINING_MODES
+from certlib.train import PAPER_DEFAULTS, TRAINING_MODES, TrainSettings
 
 DATASET_Q = {"digits": 16, "cifar10": 255, "imagenet": 255}
 DATASET_SPLITS = {"digits": ("train", "test"), "cifar10": ("train", "test"), "imagenet": ("train", "val")}
@@ -41,26 +41,9 @@ class DatasetSpec:
 
 
 @dataclass(frozen=True)
-class TrainSpec:
-    architecture: str | None = None
-    epochs: int | None = None
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    stability_weight: float = 6.0
-    crop_padding: int | None = None
-    flip: bool | None = None
-    amp: bool = False
-    channels_last: bool = False
-    heldout_limit: int | None = 1000
-
-
-@dataclass(frozen=True)
 class ModelsSpec:
     path: str  # template with {method} {training} {sigma} {seed} (and {dataset})
-    train: TrainSpec | None = None
+    train: TrainSettings | None = None
     override_card: bool = False
 
 
@@ -105,7 +88,10 @@ class Sweep:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(_lists(self.to_dict()), sort_keys=True)
+        data = _lists(self.to_dict())
+        if data["models"]["train"] is None:  # "train:" present, even empty, means "train with defaults"
+            del data["models"]["train"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Sweep":
@@ -122,7 +108,7 @@ def _check_keys(data: Any, cls, path: str) -> dict:
     if not isinstance(data, dict):
         raise SpecError(f"{path or 'spec'}: must be a mapping, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(map(str, set(data) - known))
     if unknown:
         raise SpecError(f"{_where(path, unknown[0])}: unknown key (expected one of {', '.join(sorted(known))})")
     return data
@@ -173,6 +159,13 @@ def _list(value, where: str, item, allow_empty: bool = False) -> tuple:
     return items
 
 
+def _seed(value, where: str) -> int:
+    seed = _int(value, where, 0)
+    if seed >= 2**32:  # numpy's RandomState, which draws DSSN's offset vector, takes 32-bit seeds
+        raise SpecError(f"{where}: must be < 2**32, got {seed}")
+    return seed
+
+
 def _dataset(data, path="dataset") -> DatasetSpec:
     data = _check_keys(data, DatasetSpec, path)
     if "name" not in data:
@@ -191,15 +184,15 @@ def _dataset(data, path="dataset") -> DatasetSpec:
     )
 
 
-def _train(data, path="models.train") -> TrainSpec:
-    data = _check_keys(data or {}, TrainSpec, path)
-    d = TrainSpec()
+def _train(data, path="models.train") -> TrainSettings:
+    data = _check_keys({} if data is None else data, TrainSettings, path)
+    d = TrainSettings()
     arch = data.get("architecture")
     if arch is not None:
         from certlib.models import ARCHITECTURES
 
         arch = _str(arch, f"{path}.architecture", sorted(ARCHITECTURES))
-    return TrainSpec(
+    return TrainSettings(
         architecture=arch,
         epochs=_int(data.get("epochs"), f"{path}.epochs", 1, allow_none=True),
         batch_size=_int(data.get("batch_size", d.batch_size), f"{path}.batch_size", 1),
@@ -221,17 +214,17 @@ def _models(data, path="models") -> ModelsSpec:
     template = _str(data.get("path"), f"{path}.path")
     try:
         template.format(method="m", training="t", sigma=1.0, seed=0, dataset="d")
-    except (KeyError, IndexError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - any formatting failure is a bad template
         raise SpecError(f"{path}.path: bad template ({err}); use the fields {{method}} {{training}} {{sigma}} {{seed}} {{dataset}}") from None
     missing = [f for f in MODEL_FIELDS if "{" + f + "}" not in template]
     if missing:
         raise SpecError(f"{path}.path: the template must contain {{{missing[0]}}} so that every model has its own file")
-    train = _train(data["train"]) if data.get("train") is not None else None
+    train = _train(data["train"]) if "train" in data else None
     return ModelsSpec(template, train, _bool(data.get("override_card", False), f"{path}.override_card"))
 
 
 def _certify(data, path="certify") -> CertifySpec:
-    data = _check_keys(data or {}, CertifySpec, path)
+    data = _check_keys({} if data is None else data, CertifySpec, path)
     d = CertifySpec()
     return CertifySpec(
         n0=_int(data.get("n0", d.n0), f"{path}.n0", 1),
@@ -244,7 +237,7 @@ def _certify(data, path="certify") -> CertifySpec:
 
 
 def _resources(data, path="resources") -> ResourcesSpec:
-    data = _check_keys(data or {}, ResourcesSpec, path)
+    data = _check_keys({} if data is None else data, ResourcesSpec, path)
     d = ResourcesSpec()
     workers = data.get("workers", d.workers)
     if workers != "auto":
@@ -279,6 +272,10 @@ def parse_spec(data: Any) -> Sweep:
             except ValueError as err:
                 raise SpecError(f"sigmas[{i}]: {err}") from None
     training = _list(data.get("training", ["standard"]), "training", lambda v, w: _str(v, w, TRAINING_MODES))
+    certify = _certify(data.get("certify"))
+    if certify.multiclass and "laplace" in methods:
+        raise SpecError("certify.multiclass: the Laplace certificate is binary only (Zhang et al. Corollary 1); "
+                        "certify laplace in a sweep of its own")
     radii = _list(data.get("radii", list(Sweep.radii)), "radii", lambda v, w: _float(v, w, minimum=0))
     sweep = Sweep(
         name=name,
@@ -287,9 +284,9 @@ def parse_spec(data: Any) -> Sweep:
         models=_models(data["models"]),
         methods=methods,
         sigmas=sigmas,
-        seeds=_list(data.get("seeds", [0]), "seeds", lambda v, w: _int(v, w, 0)),
+        seeds=_list(data.get("seeds", [0]), "seeds", _seed),
         training=training,
-        certify=_certify(data.get("certify")),
+        certify=certify,
         radii=tuple(sorted(radii)),
         resources=_resources(data.get("resources")),
     )
@@ -304,7 +301,9 @@ def load_spec(path: str | Path) -> Sweep:
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read the spec ({err.__class__.__name__})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -315,17 +314,23 @@ def load_spec(path: str | Path) -> Sweep:
         raise SpecError(f"{path}: {err}") from None
 
 
+def relative_paths(sweep: Sweep) -> list[str]:
+    """The spec fields holding relative paths (a remote cluster cannot know what they mean)."""
+    candidates = {"output": sweep.output, "models.path": sweep.models.path, "dataset.root": sweep.dataset.root}
+    return [key for key, value in candidates.items() if value is not None and not Path(value).expanduser().is_absolute()]
+
+
 def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
     """The sweep with its relative file paths (output, models.path, dataset.root) made
     absolute against ``base``: a job's driver runs in another working directory."""
     def absolute(p: str | None) -> str | None:
         return None if p is None else str((base / Path(p).expanduser()).resolve()) if not Path(p).expanduser().is_absolute() else str(Path(p).expanduser())
 
-    data = sweep.to_dict()
+    data = json.loads(sweep.to_json())
     data["output"] = absolute(data["output"])
     data["models"]["path"] = absolute(data["models"]["path"])
     data["dataset"]["root"] = absolute(data["dataset"]["root"])
-    return parse_spec(_lists(data))
+    return parse_spec(data)
 
 
 def _lists(data):
@@ -386,12 +391,13 @@ def expand(sweep: Sweep, num_images: int) -> list[Unit]:
     return [Unit(key, start, min(start + size, num_images)) for key in model_keys(sweep) for start in range(0, num_images, size)]
 
 
-def unit_parameters(sweep: Sweep, unit: Unit) -> str:
-    """The JSON of everything that determines a unit's rows; stored in its Parquet file so a
-    resumed job can tell a valid earlier shard from one computed under other parameters."""
+def unit_parameters(sweep: Sweep, unit: Unit, model_sha256: str) -> str:
+    """The JSON of everything that determines a unit's rows, the model's weights included;
+    stored in its Parquet file so a resumed job can tell a valid earlier shard from one
+    computed under other parameters or with another model."""
     certify = asdict(sweep.certify)
     certify.pop("batch_size")
     if unit.model.method == "dssn":  # exact: only the evaluation precision matters
         certify = {"precision": certify["precision"]}
     return json.dumps({"dataset": asdict(sweep.dataset) | {"root": None}, "model": asdict(unit.model), "certify": certify,
-                       "start": unit.start, "stop": unit.stop}, sort_keys=True)
+                       "start": unit.start, "stop": unit.stop, "model_sha256": model_sha256}, sort_keys=True)

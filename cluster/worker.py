@@ -8,7 +8,6 @@ certlib's.
 from __future__ import annotations
 
 import dataclasses
-import os
 import platform
 import socket
 import time
@@ -18,7 +17,7 @@ import torch
 
 import certlib
 from certlib.checkpoint import load_checkpoint
-from certlib.data import QuantizedDataset, every_kth, load_dataset
+from certlib.data import QuantizedDataset, load_dataset
 from certlib.noise import DSSNNoise, make_noise
 from certlib.smooth import Smooth
 from certlib.voting import default_batch_size
@@ -30,8 +29,7 @@ from cluster.spec import ModelKey, Sweep, Unit, unit_parameters
 def select_images(sweep: Sweep) -> QuantizedDataset:
     """The images the sweep certifies: its split, every k-th from ``start``, at most ``limit``."""
     ds = sweep.dataset
-    data = load_dataset(ds.name, ds.split, ds.root)
-    return data.subset(every_kth(len(data), ds.every, ds.start, ds.limit))
+    return load_dataset(ds.name, ds.split, ds.root, ds.every, ds.start, ds.limit)
 
 
 def device_name(device: torch.device) -> str:
@@ -50,9 +48,6 @@ class UnitRunner:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._images: QuantizedDataset | None = None
         self._model: tuple[str, torch.nn.Module, object] | None = None
-
-    def pid(self) -> int:
-        return os.getpid()
 
     @property
     def images(self) -> QuantizedDataset:
@@ -82,7 +77,7 @@ class UnitRunner:
             self._model = None  # free the previous replica before loading the next
             model, card = load_checkpoint(path, device=self.device, override=self.sweep.models.override_card,
                                           method=key.method, sigma=key.sigma, seed=key.seed, q=self.sweep.q,
-                                          dataset=self.sweep.dataset.name)
+                                          dataset=self.sweep.dataset.name, training=key.training)
             self._model = (path, model, card)
         return self._model[1], self._model[2]
 
@@ -125,5 +120,5 @@ class UnitRunner:
             "batch_size": batch_size, "worker_host": socket.gethostname(), "device": device_name(self.device),
             "model_sha256": card.weights_sha256, "library_version": certlib.__version__,
         })
-        write_shard(shard_path(sweep.output, unit), table, unit_parameters(sweep, unit))
+        write_shard(shard_path(sweep.output, unit), table, unit_parameters(sweep, unit, card.weights_sha256))
         return {"unit_id": unit.unit_id, "model": key.label, "images": len(rows), "seconds": seconds}

@@ -44,7 +44,8 @@ def paper_as_results(paper: pd.DataFrame, out) -> None:
         "radius_l1": np.where(certified, published, np.nan), "radius_l2": np.nan,
         "votes": [list(v) if e else None for v, e in zip(votes, exact)],
         "selection_votes": [None if e else list(v) for v, e in zip(votes, exact)],
-        "p_a_lower": paper["prob_lower_published"], "seconds": paper["seconds_per_image_published"], "device": "2080 Ti",
+        "p_a_lower": paper["prob_lower_published"], "alpha": np.where(exact, np.nan, 0.001),
+        "seconds": paper["seconds_per_image_published"], "device": "2080 Ti",
     })
     pq.write_to_dataset(pa.Table.from_pandas(frame, preserve_index=False), out, partition_cols=["method", "training", "sigma", "seed"])
 

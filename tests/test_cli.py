@@ -65,6 +65,10 @@ BAD_SPECS = [
     (with_("output", KeyError), "output: missing"),
     (with_("training", ["adversarial"]), "training[0]: must be one of"),
     (with_("models.train", {"epochs": 0}), "models.train.epochs: must be >= 1"),
+    ({**with_("methods", ["laplace"]), "certify": {"multiclass": True}}, "certify.multiclass: the Laplace certificate is binary only"),
+    (with_("models.path", "models/{method}-{training}-{sigma}-{seed[0]}.pt"), "models.path: bad template"),
+    (with_("seeds", [2**33]), "seeds[0]: must be < 2**32"),
+    (with_("certify", []), "certify: must be a mapping"),
 ]
 
 
@@ -98,6 +102,12 @@ def test_a_checkpoint_whose_card_does_not_match_is_refused(tmp_path, monkeypatch
     assert result.exit_code == 2
     assert "sigma: trained at 0.25, certifying at 0.5" in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_relative_paths_are_refused_for_a_remote_cluster(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["submit-job", str(write_spec(tmp_path, GOOD)), "--address", "http://head.example:8265"])
+    assert result.exit_code == 2 and "output: give an absolute path on the cluster's shared storage" in result.output
 
 
 def test_submission_ids_are_deterministic():

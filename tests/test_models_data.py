@@ -71,3 +71,20 @@ def test_every_kth_subset():
     assert every_kth(10, 3, 1, limit=2).tolist() == [1, 4]
     with pytest.raises(ValueError):
         every_kth(10, 0)
+
+
+def test_imagenet_folder_is_read_lazily_with_every_kth(tmp_path):
+    from PIL import Image
+
+    from certlib.data import load_dataset
+
+    for wnid in ("n01", "n02"):
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (300, 260), color=(10 * i, 100, 200)).save(tmp_path / "val" / wnid / f"{i}.png")
+    data = load_dataset("imagenet", "test", tmp_path, every=3)
+    assert len(data) == 4 and data.indices.tolist() == [0, 3, 6, 9] and data.labels.tolist() == [0, 0, 1, 1]
+    assert data.input_shape == (3, 224, 224) and data.q == 255
+    x = data.pixels([1])
+    assert x.shape == (1, 3, 224, 224) and float(x[0, 0, 0, 0]) == pytest.approx(30 / 255)
+    assert data.subset([2]).indices.tolist() == [6]

@@ -5,6 +5,7 @@ batching and the number of workers."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import signal
 import subprocess
@@ -165,6 +166,13 @@ def test_an_output_directory_of_another_sweep_is_refused(ray_session, tmp_path, 
     other = parse_spec({**_as_yaml(sweep), "dataset": {**_as_yaml(sweep)["dataset"], "every": 5}})
     with pytest.raises(SweepConflict, match="other parameters"):
         run_sweep(other, "job-3", log=quiet)
+    key = model_keys(sweep)[0]
+    random_checkpoint(key.checkpoint(sweep), cifar_test, key.method, key.sigma, key.seed + 1)  # other weights, same place
+    from certlib.checkpoint import load_checkpoint, save_checkpoint, read_card
+    model, card = load_checkpoint(key.checkpoint(sweep), override=True)
+    save_checkpoint(key.checkpoint(sweep), model, dataclasses.replace(card, seed=key.seed))
+    with pytest.raises(SweepConflict, match="another model"):
+        run_sweep(sweep, "job-4", log=quiet)
 
 
 def _as_yaml(sweep):

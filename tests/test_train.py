@@ -126,7 +126,7 @@ def test_save_checkpoint_is_atomic(digits, tmp_path):
     card = train_model(TrainConfig("digits", "uniform", 0.5, epochs=1), path, *digits, log=quiet)
     model, _ = load_checkpoint(path)
     save_checkpoint(path, model, card)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.state"]  # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # no temporary files, no resume state left
 
 
 def test_resume_after_interruption_gives_the_same_weights(digits, tmp_path):
@@ -142,12 +142,13 @@ def test_resume_after_interruption_gives_the_same_weights(digits, tmp_path):
 
     with pytest.raises(Interrupted):
         train_model(config, tmp_path / "b.pt", *digits, log=quiet, on_epoch=stop_after_two)
+    with pytest.raises(ValueError, match="different training configuration"):
+        train_model(TrainConfig("digits", "dssn", 0.5, seed=5, epochs=3), tmp_path / "b.pt", *digits, log=quiet)
     lines = []
     resumed = train_model(config, tmp_path / "b.pt", *digits, log=lines.append)
     assert lines[0].startswith("resuming b.pt after epoch 2/3")
     assert resumed.weights_sha256 == straight.weights_sha256
-    with pytest.raises(ValueError, match="different training configuration"):
-        train_model(TrainConfig("digits", "dssn", 0.5, seed=5, epochs=3), tmp_path / "b.pt", *digits, log=quiet)
+    assert not (tmp_path / "b.pt.state").exists()
 
 
 def test_bad_training_configs_are_refused(digits, tmp_path):
