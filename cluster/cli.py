@@ -180,6 +180,7 @@ def preflight(sweep) -> None:
 @user_errors
 def submit_job(spec_file: Path, address: str | None, wait: bool) -> None:
     """Validate SPEC_FILE completely, then submit it as one Ray job."""
+    from cluster.driver import SPEC_VARIABLE
     from cluster.spec import SpecError, load_spec, relative_paths, resolve_paths
 
     sweep = load_spec(spec_file)
@@ -210,9 +211,9 @@ def submit_job(spec_file: Path, address: str | None, wait: bool) -> None:
     if attempts:
         click.echo(f"resubmitting as {job_id} (attempt {max(numbers) + 1}); finished units are kept")
     python = "python" if remote else shlex.quote(sys.executable)
-    spec_b64 = base64.b64encode(spec_json.encode()).decode()
     client.submit_job(
-        entrypoint=f"{python} -m cluster.driver --job-id {job_id} --spec-b64 {spec_b64}",
+        entrypoint=f"{python} -m cluster.driver --job-id {job_id}",
+        runtime_env={"env_vars": {SPEC_VARIABLE: base64.b64encode(spec_json.encode()).decode()}},
         submission_id=job_id,
         metadata={"certify": "1", "name": sweep.name, "output": sweep.output, "spec": spec_json},
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from cluster.spec import ModelKey, Sweep, SpecError, Unit, expand, model_keys, u
 from cluster.worker import UnitRunner, select_images
 
 PROGRESS_PREFIX = "[certify-progress] "
+SPEC_VARIABLE = "CERTIFY_SPEC_B64"  # the job's validated sweep, base64 JSON, in its environment
 PROGRESS_EVERY = 5.0  # seconds between progress lines in the log
 PROGRESS_JSON_EVERY = 30.0  # seconds between machine-readable progress records (for `certify status`)
 FAILURES_DIR = "_failures"
@@ -324,8 +326,11 @@ def print_table(sweep: Sweep, log=print) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="certify: run a sweep as a Ray job's driver")
     parser.add_argument("--job-id", required=True)
-    parser.add_argument("--spec-b64", required=True, help="the validated sweep as base64 JSON")
+    parser.add_argument("--spec-b64", default=os.environ.get(SPEC_VARIABLE),
+                        help=f"the validated sweep as base64 JSON (default: ${SPEC_VARIABLE})")
     args = parser.parse_args(argv)
+    if not args.spec_b64:
+        parser.error(f"no sweep: pass --spec-b64 or set {SPEC_VARIABLE}")
     try:
         sweep = Sweep.from_json(base64.b64decode(args.spec_b64).decode())
         progress = run_sweep(sweep, args.job_id, log=lambda line: print(line, flush=True))
