@@ -67,6 +67,12 @@ def load_results(path: str | Path, filters=None, columns: Sequence[str] | None =
 
 # --------------------------------------------------------------------------- accuracy tables
 
+def _groups(frame: pd.DataFrame, by: Sequence[str], sort: bool = True):
+    """(key tuple, rows) for each value of the ``by`` columns (NaN values form groups too)."""
+    for keys, group in frame.groupby(list(by), sort=sort, observed=True, dropna=False):
+        yield (keys if isinstance(keys, tuple) else (keys,)), group
+
+
 def _radius(df: pd.DataFrame) -> np.ndarray:
     radius = df["radius_l1"].to_numpy(dtype=np.float64, na_value=np.nan) if "radius_l1" in df else np.full(len(df), np.nan)
     if "radius_l2" in df:
@@ -111,8 +117,7 @@ def best_certified_accuracy(df: pd.DataFrame, radii: Sequence[float], by: Sequen
     by = list(by)
     per_config = certified_accuracy(df, radii, by + [over])
     rows = []
-    for keys, group in per_config.groupby(by, sort=True, observed=True):
-        keys = keys if isinstance(keys, tuple) else (keys,)
+    for keys, group in _groups(per_config, by):
         group = group.sort_values(over)
         for r in radii:
             best = group.iloc[int(np.argmax(group[float(r)].to_numpy()))]  # first maximum: the smallest value
@@ -241,8 +246,8 @@ def recertify(df: pd.DataFrame, certificate: str = "standard", *, multiclass: bo
         raise ValueError(f"recertify: certificate must be one of {CERTIFICATES}, got {certificate!r}")
     out = df.reset_index(drop=True)  # positions below must be unique labels
     group_keys = [c for c in ("method", "training", "sigma", "seed", "certificate", "alpha", "dataset", "split") if c in out]
-    for keys, rows in out.groupby(group_keys, sort=False, observed=True, dropna=False):
-        params = dict(zip(group_keys, keys if isinstance(keys, tuple) else (keys,)))
+    for keys, rows in _groups(out, group_keys, sort=False):
+        params = dict(zip(group_keys, keys))
         method = params["method"]
         if method == "dssn":
             if certificate not in ("standard", "dssn"):
@@ -308,8 +313,7 @@ def format_envelope(table: pd.DataFrame, by: Sequence[str] = ("method", "trainin
     radii = sorted(table["radius"].unique())
     symbol = "σ" if over == "sigma" else over
     lines = []
-    for keys, group in table.groupby(by, sort=True, observed=True):
-        keys = keys if isinstance(keys, tuple) else (keys,)
+    for keys, group in _groups(table, by):
         cells = {row.radius: _cell(row.certified_accuracy, row.clean_accuracy, getattr(row, over), symbol)
                  for row in group.itertuples(index=False)}
         lines.append([" / ".join(str(k) for k in keys)] + [cells.get(r, "") for r in radii])
@@ -323,8 +327,7 @@ def format_seed_table(table: pd.DataFrame, by: Sequence[str] = ("method", "train
     radii = sorted(table["radius"].unique())
     symbol = "σ" if over == "sigma" else over
     lines = []
-    for keys, group in table.groupby(by, sort=True, observed=True):
-        keys = keys if isinstance(keys, tuple) else (keys,)
+    for keys, group in _groups(table, by):
         order = [s for s in group["seed"].unique() if s not in ("mean", "std", "max-min")] + ["mean", "std", "max-min"]
         for seed in order:
             rows = group[group["seed"] == seed].set_index("radius")
@@ -358,8 +361,7 @@ def plot_curves(df: pd.DataFrame, path: str | Path, by: Sequence[str] = ("method
     per_config = certified_accuracy(df, grid, by + [over])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (keys, group) in enumerate(per_config.groupby(by, sort=True, observed=True)):
-        keys = keys if isinstance(keys, tuple) else (keys,)
+    for i, (keys, group) in enumerate(_groups(per_config, by)):
         color = colors[i % len(colors)]
         curves = group[[float(r) for r in grid]].to_numpy()
         for curve in curves:
