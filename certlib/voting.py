@@ -109,7 +109,9 @@ class _VoteCounter:
         self._pending = [(xs[size:], rows[size:])] if len(xs) > size else []
         self._pending_size = len(xs) - size
         prediction = self._predict(xs[:size], self.precision)
-        self.counts.index_add_(0, rows[:size] * self.num_classes + prediction, torch.ones_like(prediction))
+        # unique + assignment rather than index_add_: CUDA's deterministic mode refuses atomic adds.
+        cells, votes = torch.unique(rows[:size] * self.num_classes + prediction, return_counts=True)
+        self.counts[cells] += votes
 
     def _predict(self, x: torch.Tensor, precision: str) -> torch.Tensor:
         """argmax of the logits in ``precision``; predictions inside its near-tie band are

@@ -55,6 +55,7 @@ class CertifySpec:
     multiclass: bool = False
     batch_size: int | None = None
     precision: str = "fp32"
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,7 @@ def _certify(data, path="certify") -> CertifySpec:
         multiclass=_bool(data.get("multiclass", d.multiclass), f"{path}.multiclass"),
         batch_size=_int(data.get("batch_size"), f"{path}.batch_size", 1, allow_none=True),
         precision=_str(data.get("precision", d.precision), f"{path}.precision", ("fp32", "bf16", "fp16")),
+        deterministic=_bool(data.get("deterministic", d.deterministic), f"{path}.deterministic"),
     )
 
 
@@ -397,6 +399,7 @@ def unit_parameters(sweep: Sweep, unit: Unit, model_sha256: str) -> str:
     computed under other parameters or with another model."""
     certify = asdict(sweep.certify)
     certify.pop("batch_size")
+    certify.pop("deterministic")  # repeatability of kernels; the votes are the same either way
     if unit.model.method == "dssn":  # exact: only the evaluation precision matters
         certify = {"precision": certify["precision"]}
     return json.dumps({"dataset": asdict(sweep.dataset) | {"root": None}, "model": asdict(unit.model), "certify": certify,

@@ -20,7 +20,7 @@ from certlib.checkpoint import load_checkpoint
 from certlib.data import QuantizedDataset, load_dataset
 from certlib.noise import DSSNNoise, make_noise
 from certlib.smooth import Smooth
-from certlib.voting import default_batch_size
+from certlib.voting import default_batch_size, enable_deterministic_kernels
 from certlib.train import TrainConfig, train_model
 from cluster.results import rows_table, shard_path, write_shard
 from cluster.spec import ModelKey, Sweep, Unit, unit_parameters
@@ -45,6 +45,8 @@ class UnitRunner:
         self.sweep = Sweep.from_json(sweep_json)
         self.job_id = job_id
         torch.set_num_threads(max(1, int(threads)))
+        if self.sweep.certify.deterministic:
+            enable_deterministic_kernels()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._images: QuantizedDataset | None = None
         self._model: tuple[str, torch.nn.Module, object] | None = None

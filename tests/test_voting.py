@@ -199,3 +199,19 @@ def test_bf16_votes_are_batch_invariant_and_fp16_needs_a_gpu(cifar_images):
         dssn_votes(model, cifar_images, noise, 10, precision="fp16")
     with pytest.raises(ValueError, match="precision must be one of"):
         dssn_votes(model, cifar_images, noise, 10, precision="int8")
+
+
+def test_votes_are_unchanged_under_deterministic_kernels():
+    from certlib.voting import enable_deterministic_kernels
+
+    images = load_digits("test").pixels(range(4))
+    model = random_cnn(1, seed=3)
+    noise = DSSNNoise(0.25, q=16, seed=1)
+    expected = dssn_votes(model, images, noise, 10, batch_size=16)
+    try:
+        enable_deterministic_kernels()
+        np.testing.assert_array_equal(dssn_votes(model, images, noise, 10, batch_size=16), expected)
+        counts = monte_carlo_counts(model, images, range(4), UniformNoise(0.25), 10, n0=8, n=64, seed=0)
+        assert (counts[1].sum(1) == 64).all()
+    finally:
+        torch.use_deterministic_algorithms(False)
