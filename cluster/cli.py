@@ -77,9 +77,10 @@ def main(debug: bool) -> None:
 
 # --------------------------------------------------------------------------- Ray connection
 
-def _client(address: str | None):
+def _client(address: str | None, start: bool = False):
     """A JobSubmissionClient for ``address`` (or RAY_ADDRESS); without either, the embedded local
-    Ray instance, started (dashboard on 127.0.0.1, token authentication on) when none runs."""
+    Ray instance, started (dashboard on 127.0.0.1, token authentication on) when none runs and
+    ``start`` is set."""
     from ray.job_submission import JobSubmissionClient
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -93,7 +94,10 @@ def _client(address: str | None):
             raise UserError(f"cannot reach the Ray cluster at {url}: {str(err).splitlines()[0]}") from None
     try:
         return JobSubmissionClient(LOCAL_DASHBOARD)
-    except Exception:  # noqa: BLE001 - nothing listens yet: start the embedded instance
+    except Exception:  # noqa: BLE001 - nothing listens yet
+        if not start:
+            raise UserError(f"no local Ray instance at {LOCAL_DASHBOARD} (submit a job to start one, "
+                            "or pass --address / set RAY_ADDRESS)") from None
         _start_local_ray()
         return JobSubmissionClient(LOCAL_DASHBOARD)
 
@@ -194,7 +198,7 @@ def submit_job(spec_file: Path, address: str | None, wait: bool) -> None:
         preflight(sweep)
     spec_json = sweep.to_json()
     base_id = submission_id(spec_json, sweep.name)
-    client = _client(address)
+    client = _client(address, start=True)
     attempts = {j.submission_id: j for j in client.list_jobs()
                 if (j.submission_id or "") == base_id or (j.submission_id or "").startswith(base_id + "-r")}
     running = [j for j in attempts.values() if _status(j) not in TERMINAL]

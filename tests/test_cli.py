@@ -195,3 +195,16 @@ def test_a_spec_without_train_section_keeps_none_through_the_round_trip():
 
     sweep = parse_spec(with_("models.train", KeyError))
     assert sweep.models.train is None and Sweep.from_json(sweep.to_json()).models.train is None
+
+
+def test_status_commands_never_start_a_cluster(monkeypatch):
+    import cluster.cli as cli
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cli, "LOCAL_DASHBOARD", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(cli, "_start_local_ray", lambda: pytest.fail("a status command started Ray"))
+    for args in (["list"], ["status", "x"], ["logs", "x"], ["cancel", "x"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "no local Ray instance" in result.output
+    unreachable = CliRunner().invoke(main, ["list", "--address", "http://127.0.0.1:9"])
+    assert unreachable.exit_code == 2 and unreachable.output.startswith("error: cannot reach the Ray cluster")
