@@ -20,11 +20,7 @@ from pathlib import Path
 
 import click
 
-# Ray's token authentication: clients send ~/.ray/auth_token when the mode is "token". Ray reads
-# the mode once, when it is first imported, so this must precede every import of ray.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-import certlib  # noqa: E402
+import certlib
 
 LOCAL_DASHBOARD = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -347,6 +343,17 @@ def _floats(text: str | None) -> list[float] | None:
         raise UserError(f"--radii: give numbers separated by commas, got {text!r}") from None
 
 
+def _default_radii(results: Path) -> list[float]:
+    """The radii of the sweep that wrote ``results`` (its _sweep.json), else 0, 0.5, ..., 4."""
+    from cluster.driver import SWEEP_FILE
+    from cluster.spec import Sweep
+
+    try:
+        return list(Sweep.from_json((results / SWEEP_FILE).read_text()).radii)
+    except (OSError, ValueError):
+        return list(Sweep.radii)
+
+
 def recertify_options(command):
     """--certificate and --dataset-root, shared by table and plot."""
     command = click.option("--dataset-root", help="Dataset directory for --certificate box_input (CIFAR-10, ImageNet).")(command)
@@ -378,7 +385,7 @@ def _read_results(results: Path, certificate: str, dataset_root: str | None):
 
 @main.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--radii", help="Radii, comma-separated (default 0, 0.5, ..., 4).")
+@click.option("--radii", help="Radii, comma-separated (default: the sweep's radii, else 0, 0.5, ..., 4).")
 @click.option("--by", default="method,training", show_default=True, help="Columns that name a table row.")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "latex"]), default="markdown", show_default=True)
 @click.option("--seeds", is_flag=True, help="Levine & Feizi Table 3: the envelope per seed with mean, std and max-min.")
@@ -389,9 +396,7 @@ def table(results: Path, radii: str | None, by: str, fmt: str, seeds: bool, cert
     from certlib.analysis import best_certified_accuracy, format_envelope, format_seed_table, seed_table
 
     df = _read_results(results, certificate, dataset_root)
-    from cluster.spec import Sweep
-
-    radii_list = _floats(radii) or list(Sweep.radii)
+    radii_list = _floats(radii) or _default_radii(results)
     columns = [c.strip() for c in by.split(",") if c.strip()]
     unknown = [c for c in columns if c not in df.columns]
     if unknown:

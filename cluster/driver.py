@@ -22,6 +22,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from certlib.atomic import atomic_write
 from certlib.checkpoint import read_card
 from cluster.results import existing_shards, shard_path, shard_state
 from cluster.spec import ModelKey, Sweep, SpecError, Unit, expand, model_keys, unit_parameters
@@ -32,6 +33,7 @@ SPEC_VARIABLE = "CERTIFY_SPEC_B64"  # the job's validated sweep, base64 JSON, in
 PROGRESS_EVERY = 5.0  # seconds between progress lines in the log
 PROGRESS_JSON_EVERY = 30.0  # seconds between machine-readable progress records (for `certify status`)
 FAILURES_DIR = "_failures"
+SWEEP_FILE = "_sweep.json"
 
 
 class SweepConflict(ValueError):
@@ -215,6 +217,8 @@ def run_sweep(sweep: Sweep, job_id: str, log=print) -> Progress:
         ray.init(address="auto", log_to_driver=True)
     Path(sweep.output).mkdir(parents=True, exist_ok=True)
     images = select_images(sweep)
+    # The spec beside its results: `certify table` takes its radii from it.
+    atomic_write(Path(sweep.output) / SWEEP_FILE, lambda handle: handle.write(sweep.to_json().encode()))
     plan = plan_sweep(sweep, len(images), log)
     by_model: dict[str, list[int]] = {k.label: [plan.images_per_model, plan.images_per_model] for k in model_keys(sweep)}
     for unit in plan.pending:

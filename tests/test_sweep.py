@@ -76,6 +76,7 @@ def test_one_row_per_image_and_configuration(ray_session, tmp_path, cifar10_dir,
     assert set(df.columns) >= {"job_id", "unit_id", "radius_l1", "p_a_lower", "model_sha256", "worker_host", "device", "seconds"}
     # plain pandas reads the Hive layout too, partition columns included
     assert len(pd.read_parquet(sweep.output)) == 80
+    assert (Path(sweep.output) / "_sweep.json").read_text() == sweep.to_json()
 
 
 def test_results_do_not_depend_on_shards_batches_or_workers(ray_session, tmp_path, cifar10_dir, cifar_test):
