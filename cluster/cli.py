@@ -43,6 +43,9 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:  # the reader went away (`certify logs x | head`): not an error
+            sys.stderr.close()
+            sys.exit(0)
         except (ValueError, OSError, RuntimeError, subprocess.CalledProcessError) as err:
             if os.environ.get("CERTIFY_DEBUG"):
                 raise
