@@ -104,8 +104,11 @@ class _VoteCounter:
         return self.counts.view(-1, self.num_classes).cpu().numpy()
 
     def _flush(self, size: int) -> None:
-        xs = torch.cat([x for x, _ in self._pending])
-        rows = torch.cat([r for _, r in self._pending])
+        if len(self._pending) == 1:  # the DSSN engine adds whole batches: no copy needed
+            xs, rows = self._pending[0]
+        else:
+            xs = torch.cat([x for x, _ in self._pending])
+            rows = torch.cat([r for _, r in self._pending])
         self._pending = [(xs[size:], rows[size:])] if len(xs) > size else []
         self._pending_size = len(xs) - size
         prediction = self._predict(xs[:size], self.precision)

@@ -85,11 +85,8 @@ class Sweep:
     def q(self) -> int:
         return DATASET_Q[self.dataset.name]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def to_json(self) -> str:
-        data = _lists(self.to_dict())
+        data = _lists(asdict(self))
         if data["models"]["train"] is None:  # "train:" present, even empty, means "train with defaults"
             del data["models"]["train"]
         return json.dumps(data, sort_keys=True)
@@ -326,7 +323,7 @@ def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
     """The sweep with its relative file paths (output, models.path, dataset.root) made
     absolute against ``base``: a job's driver runs in another working directory."""
     def absolute(p: str | None) -> str | None:
-        return None if p is None else str((base / Path(p).expanduser()).resolve()) if not Path(p).expanduser().is_absolute() else str(Path(p).expanduser())
+        return None if p is None else str(base / Path(p).expanduser())  # an absolute p stays as it is
 
     data = json.loads(sweep.to_json())
     data["output"] = absolute(data["output"])
