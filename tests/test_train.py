@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,9 +13,11 @@ import certlib.train as train_module
 from certlib.certificates import dssn_radius
 from certlib.checkpoint import CardMismatch, load_checkpoint, read_card, save_checkpoint
 from certlib.data import load_cifar10, load_digits
+from certlib.models import build_model
 from certlib.noise import DSSNNoise
 from certlib.smooth import Smooth
 from certlib.train import TrainConfig, augment, stability_loss, train_model
+from tests.conftest import random_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +130,22 @@ def test_save_checkpoint_is_atomic(digits, tmp_path):
     model, _ = load_checkpoint(path)
     save_checkpoint(path, model, card)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # no temporary files, no resume state left
+
+
+@pytest.mark.parametrize(
+    "arch,shape", [("wrn40_2", (3, 32, 32)), ("resnet110", (3, 32, 32)), ("resnet50", (3, 64, 64)), ("small_cnn", (1, 8, 8))]
+)
+def test_every_architecture_round_trips_through_a_checkpoint(arch, shape, tmp_path):
+    # BatchNorm's 0-dim num_batches_tracked once made hashing fail after the last training epoch.
+    data = SimpleNamespace(name="cifar10", num_classes=10, class_names=[str(c) for c in range(10)], q=255,
+                           mean=[0.5] * shape[0], std=[0.25] * shape[0], input_shape=shape)
+    path = random_checkpoint(tmp_path / "m.pt", data, "dssn", 0.5, seed=3, architecture=arch)
+    model, card = load_checkpoint(path, method="dssn", sigma=0.5, seed=3)
+    torch.manual_seed(3)
+    original = build_model(arch, 10, data.mean, data.std, shape).state_dict()
+    assert card.architecture == arch and model.state_dict().keys() == original.keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
 
 
 def test_resume_after_interruption_gives_the_same_weights(digits, tmp_path):
