@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 import certlib
-from certlib.checkpoint import load_checkpoint
+from certlib.atomic import exclusive_lock
+from certlib.checkpoint import load_checkpoint, read_card
 from certlib.data import QuantizedDataset, load_dataset
 from certlib.noise import DSSNNoise, make_noise
 from certlib.smooth import Smooth
@@ -58,18 +59,29 @@ class UnitRunner:
         return self._images
 
     def train(self, key: ModelKey) -> dict:
-        """Train the model of ``key`` with the sweep's models.train settings; writes its checkpoint."""
+        """Train the model of ``key`` with the sweep's models.train settings; writes its checkpoint.
+
+        Jobs that share a checkpoint path (the paper specs share the DSSN models) train it
+        once: the first holds a lock on it, the others wait and then use its checkpoint."""
         sweep = self.sweep
-        settings = dataclasses.asdict(sweep.models.train)
-        config = TrainConfig(dataset=sweep.dataset.name, method=key.method, sigma=key.sigma, seed=key.seed,
-                             training=key.training, **settings)
-        train_split = "train"
-        heldout_split = "val" if sweep.dataset.name == "imagenet" else "test"
-        train_set = load_dataset(sweep.dataset.name, train_split, sweep.dataset.root)
-        heldout = load_dataset(sweep.dataset.name, heldout_split, sweep.dataset.root)
+        path = key.checkpoint(sweep)
+
+        def log(line: str) -> None:
+            print(f"[train {key.label}] {line}", flush=True)
+
         started = time.perf_counter()
-        card = train_model(config, key.checkpoint(sweep), train_set, heldout, device=self.device,
-                           log=lambda line: print(f"[train {key.label}] {line}", flush=True))
+        with exclusive_lock(path, on_wait=lambda: log(f"waiting: another process is training {path}")):
+            if path.exists():
+                card = read_card(path)
+                log(f"{path} was trained meanwhile by another process; using it")
+            else:
+                settings = dataclasses.asdict(sweep.models.train)
+                config = TrainConfig(dataset=sweep.dataset.name, method=key.method, sigma=key.sigma, seed=key.seed,
+                                     training=key.training, **settings)
+                heldout_split = "val" if sweep.dataset.name == "imagenet" else "test"
+                train_set = load_dataset(sweep.dataset.name, "train", sweep.dataset.root)
+                heldout = load_dataset(sweep.dataset.name, heldout_split, sweep.dataset.root)
+                card = train_model(config, path, train_set, heldout, device=self.device, log=log)
         return {"model": key.label, "seconds": time.perf_counter() - started, "clean_accuracy": card.clean_accuracy,
                 "noisy_accuracy": card.noisy_accuracy}
 
@@ -94,7 +106,8 @@ class UnitRunner:
         labels = self.images.labels.numpy()[rows]
         cert = sweep.certify
         batch_size = cert.batch_size or default_batch_size(self.device, int(np.prod(images.shape[1:])))
-        smooth = Smooth(model, noise, card.num_classes, batch_size=batch_size, device=self.device, precision=cert.precision)
+        smooth = Smooth(model, noise, card.num_classes, batch_size=batch_size, device=self.device, precision=cert.precision,
+                        compile=cert.compile)
         started = time.perf_counter()
         result = smooth.certify(images, indices, n0=cert.n0, n=cert.n, alpha=cert.alpha, seed=key.seed,
                                 multiclass=cert.multiclass)

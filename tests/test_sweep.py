@@ -27,13 +27,14 @@ from tests.conftest import random_checkpoint
 
 
 def cifar_sweep(tmp_path: Path, cifar10_dir: Path, *, output: str = "out", methods=("dssn", "uniform"), limit: int = 24,
-                shard_size: int = 8, batch_size: int | None = None, workers: int = 2, n: int = 200, sigmas=(0.25,), seeds=(0,)):
+                shard_size: int = 8, batch_size: int | None = None, workers: int = 2, n: int = 200, sigmas=(0.25,), seeds=(0,),
+                compile: bool = False):
     return parse_spec({
         "name": "test-sweep", "output": str(tmp_path / output),
         "dataset": {"name": "cifar10", "split": "test", "root": str(cifar10_dir), "every": 7, "start": 3, "limit": limit},
         "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
         "methods": list(methods), "sigmas": list(sigmas), "seeds": list(seeds),
-        "certify": {"n0": 16, "n": n, "alpha": 0.001, "batch_size": batch_size},
+        "certify": {"n0": 16, "n": n, "alpha": 0.001, "batch_size": batch_size, "compile": compile},
         "resources": {"workers": workers, "cpus_per_worker": 1, "gpus_per_worker": 0, "shard_size": shard_size, "max_retries": 2},
     })
 
@@ -79,9 +80,9 @@ def test_one_row_per_image_and_configuration(ray_session, tmp_path, cifar10_dir,
     assert (Path(sweep.output) / "_sweep.json").read_text() == sweep.to_json()
 
 
-def test_results_do_not_depend_on_shards_batches_or_workers(ray_session, tmp_path, cifar10_dir, cifar_test):
+def test_results_do_not_depend_on_shards_batches_workers_or_compilation(ray_session, tmp_path, cifar10_dir, cifar_test):
     a = cifar_sweep(tmp_path, cifar10_dir, output="a", shard_size=5, batch_size=64, workers=1, limit=12)
-    b = cifar_sweep(tmp_path, cifar10_dir, output="b", shard_size=12, batch_size=1000, workers=2, limit=12)
+    b = cifar_sweep(tmp_path, cifar10_dir, output="b", shard_size=12, batch_size=1000, workers=2, limit=12, compile=True)
     make_models(a, cifar_test)
     run_sweep(a, "job-a", log=quiet)
     run_sweep(b, "job-b", log=quiet)
@@ -180,3 +181,41 @@ def _as_yaml(sweep):
     import json
 
     return json.loads(sweep.to_json())
+
+
+def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
+    import torch
+
+    import cluster.worker as worker
+
+    sweep = parse_spec({
+        "name": "shared-model", "output": str(tmp_path / "out"), "dataset": {"name": "digits"},
+        "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt"), "train": {"epochs": 1}},
+        "methods": ["dssn"], "sigmas": [0.5],
+    })
+    key = model_keys(sweep)[0]
+    trained = []
+
+    def slow_train_model(*args, **kwargs):
+        trained.append(args[1])
+        time.sleep(1.0)  # long enough for the other job to find the checkpoint locked
+        return real_train_model(*args, **kwargs)
+
+    real_train_model = worker.train_model
+    monkeypatch.setattr(worker, "train_model", slow_train_model)
+    runners = [worker.UnitRunner(sweep.to_json(), f"job-{i}", threads=torch.get_num_threads()) for i in range(2)]
+    results = [None, None]
+
+    def train(i):
+        results[i] = runners[i].train(key)
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+    threads[0].start()
+    time.sleep(0.3)
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert trained == [key.checkpoint(sweep)]
+    assert results[0]["clean_accuracy"] == results[1]["clean_accuracy"] is not None
+    out = capsys.readouterr().out
+    assert "waiting: another process is training" in out and "was trained meanwhile by another process" in out
