@@ -21,13 +21,15 @@ class Smooth:
     ABSTAIN = certificates.ABSTAIN
 
     def __init__(self, model: torch.nn.Module, noise: SmoothingNoise, num_classes: int,
-                 *, batch_size: int | None = None, device: torch.device | str | None = None, precision: str = "fp32"):
+                 *, batch_size: int | None = None, device: torch.device | str | None = None, precision: str = "fp32",
+                 compile: bool = False):
         self.model = model
         self.noise = noise
         self.num_classes = int(num_classes)
         self.batch_size = batch_size
         self.device = device
         self.precision = precision
+        self.compile = compile
 
     def certify(self, images: torch.Tensor, indices=None, *, n0: int = 64, n: int = 100_000,
                 alpha: float = 0.001, seed: int = 0, multiclass: bool = False) -> dict[str, np.ndarray]:
@@ -43,13 +45,14 @@ class Smooth:
         indices = np.arange(len(images)) if indices is None else np.asarray(indices)
         if isinstance(self.noise, DSSNNoise):
             votes = dssn_votes(self.model, images, self.noise, self.num_classes,
-                               batch_size=self.batch_size, device=self.device, precision=self.precision)
+                               batch_size=self.batch_size, device=self.device, precision=self.precision,
+                               compile=self.compile)
             prediction, radius = certificates.dssn_radius(votes, self.noise.levels, self.noise.q)
             nan = np.full(len(votes), np.nan)
             return {"prediction": prediction, "selected": prediction, "radius": radius, "votes": votes,
                     "p_a_lower": nan, "p_b_upper": nan}
         counts0, counts = monte_carlo_counts(self.model, images, indices, self.noise, self.num_classes,
                                              n0=n0, n=n, seed=seed, batch_size=self.batch_size, device=self.device,
-                                             precision=self.precision)
+                                             precision=self.precision, compile=self.compile)
         result = certificates.monte_carlo_certify(counts0, counts, alpha, self.noise.certified_radius, multiclass)
         return {**result, "counts_selection": counts0, "counts": counts}

@@ -56,6 +56,7 @@ class CertifySpec:
     batch_size: int | None = None
     precision: str = "fp32"
     deterministic: bool = False
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,7 @@ def _certify(data, path="certify") -> CertifySpec:
         batch_size=_int(data.get("batch_size"), f"{path}.batch_size", 1, allow_none=True),
         precision=_str(data.get("precision", d.precision), f"{path}.precision", ("fp32", "bf16", "fp16")),
         deterministic=_bool(data.get("deterministic", d.deterministic), f"{path}.deterministic"),
+        compile=_bool(data.get("compile", d.compile), f"{path}.compile"),
     )
 
 
@@ -396,7 +398,9 @@ def unit_parameters(sweep: Sweep, unit: Unit, model_sha256: str) -> str:
     computed under other parameters or with another model."""
     certify = asdict(sweep.certify)
     certify.pop("batch_size")
-    certify.pop("deterministic")  # repeatability of kernels; the votes are the same either way
+    # Kernel repeatability and compilation: the votes are the same either way (near-tie band).
+    certify.pop("deterministic")
+    certify.pop("compile")
     if unit.model.method == "dssn":  # exact: only the evaluation precision matters
         certify = {"precision": certify["precision"]}
     return json.dumps({"dataset": asdict(sweep.dataset) | {"root": None}, "model": asdict(unit.model), "certify": certify,
