@@ -2,13 +2,16 @@
 
     python bench/suite.py                      # CPU (about 6 minutes on 2 cores)
     python bench/suite.py --device cuda        # a GPU: larger batches, the full n = 100,000
+    python bench/suite.py --checkpoint bench/.models/wrn40_2-dssn-1.0.pt   # a trained network
 
-1. Forward ceiling: WRN-40-2's own best forward rate over batch sizes and dtypes, the limit no
-   certifier on that model can beat.
+1. Forward ceiling: WRN-40-2's own best forward rate over batch sizes and dtypes, eager and
+   compiled, the limit no certifier on that model can beat.
 2. DSSN exact voting at sigma 0.25, 1.0, 3.5 on CIFAR-10 images: samples/s, seconds per image,
-   efficiency (samples/s / fp32 ceiling), against the reference code's naive strategy (one image
-   at a time, 128 noisy copies per forward pass, fp32 NCHW, noise made per chunk, counts on the
-   host), and bf16 against fp32 (rate and how many votes differ).
+   efficiency (samples/s / the ceiling of the same precision and compilation), against the
+   reference code's naive strategy (one image at a time, 128 noisy copies per forward pass, fp32
+   NCHW, noise made per chunk, counts on the host); each engine variant (fp32/bf16, eager or
+   torch.compile) with the share of samples its near-tie band refined and how many votes differ
+   from fp32.
 3. Monte Carlo CERTIFY (n0 = 64, n = 100,000) for uniform and Gaussian noise, against Cohen et
    al.'s loop (one image at a time, noise per chunk); on a CPU n is reduced and the time per
    image projected linearly.
@@ -30,10 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from certlib.checkpoint import load_checkpoint
 from certlib.data import load_cifar10
 from certlib.models import build_model
 from certlib.noise import DSSNNoise, GaussianNoise, UniformNoise, quantize
-from certlib.voting import default_batch_size, dssn_votes, monte_carlo_counts
+from certlib.voting import (PRECISIONS, REFINE, TIE_TOLERANCE, default_batch_size, disable_tf32, dssn_votes,
+                            monte_carlo_counts)
 
 DEFAULT_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-batches-bin"
 TABLE1_SIGMAS = [0.15] + [0.25 * n for n in range(1, 15)]
@@ -59,22 +64,40 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+# Engine variants compared in sections 2, 3 and 5: (evaluation precision, torch.compile).
+VARIANTS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
+
+
+def variant_name(precision: str, compiled: bool) -> str:
+    return precision + (" compiled" if compiled else "")
+
+
 # --------------------------------------------------------------------------- 1. forward ceiling
 
 @torch.inference_mode()
-def forward_ceiling(model, device, batch_sizes, dtypes, repeats: int) -> tuple[dict, str]:
-    rates = {}
-    rows = []
-    for dtype in dtypes:
+def forward_rate(model, x, precision: str, device, repeats: int) -> float:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        model(x)  # warm-up (and compilation)
+        times = [timed(lambda: model(x), device)[1] for _ in range(repeats)]
+    return len(x) / statistics.median(times)
+
+
+def forward_ceiling(model, device, batch_sizes, engine_batch: int, repeats: int) -> tuple[dict, str]:
+    """Eager rates over batch sizes and dtypes; compiled rates at the engine's batch size (each
+    batch shape is a compilation). Compiling here also keeps compilation out of the engines'
+    timings below (same model, shape and precision: a cache hit), as a worker compiles once."""
+    rates, rows = {}, []
+    compiled = torch.compile(model, dynamic=False)
+    for precision in ("fp32", "bf16"):
         for batch in batch_sizes:
             x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-            with autocast:
-                model(x)  # warm-up
-                times = [timed(lambda: model(x), device)[1] for _ in range(repeats)]
-            rates[(dtype, batch)] = batch / statistics.median(times)
-            rows.append([dtype, str(batch), f"{rates[(dtype, batch)]:,.0f}"])
-    return rates, table(["dtype", "batch", "samples/s (median)"], rows)
+            rates[(precision, False, batch)] = forward_rate(model, x, precision, device, repeats)
+        x = torch.rand(engine_batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+        rates[(precision, True, engine_batch)] = forward_rate(compiled, x, precision, device, repeats)
+    for (precision, is_compiled, batch), rate in rates.items():
+        rows.append([variant_name(precision, is_compiled), str(batch), f"{rate:,.0f}"])
+    ceilings = {(p, c): max(v for (p2, c2, _), v in rates.items() if (p2, c2) == (p, c)) for p, c in VARIANTS}
+    return ceilings, table(["forward", "batch", "samples/s (median)"], rows)
 
 
 # --------------------------------------------------------------------------- 2. DSSN
@@ -92,25 +115,68 @@ def naive_dssn_votes(model, images, noise: DSSNNoise, chunk: int = 128) -> np.nd
     return votes
 
 
-def dssn_section(model, reference_model, images_by_sigma, device, batch_size, ceiling):
+def refined_share(stats: dict, precision: str, samples: int) -> str:
+    """Share of the samples the near-tie band sent from ``precision`` to the next precision."""
+    return f"{stats[REFINE[precision]] / samples:.2%}"
+
+
+def dssn_section(model, reference_model, images_by_sigma, device, batch_size, ceilings):
     rows, rates = [], {}
     for sigma, images in images_by_sigma.items():
         noise = DSSNNoise(sigma)
         samples = len(images) * noise.levels
-        fp32, t32 = timed(lambda: dssn_votes(model, images, noise, 10, batch_size=batch_size), device)
-        bf16, t16 = timed(lambda: dssn_votes(model, images, noise, 10, batch_size=batch_size, precision="bf16"), device)
         naive, tn = timed(lambda: naive_dssn_votes(reference_model, images, noise), device)
-        differing = int(np.abs(fp32 - bf16).sum() // 2)
-        naive_note = "" if np.array_equal(naive, fp32) else " *"
-        rates[sigma] = (samples / t32, samples / t16)
-        rows.append([str(sigma), str(noise.levels), str(len(images)), f"{samples / t32:,.0f}", f"{samples / t32 / ceiling:.2f}",
-                     f"{t32 / len(images):.3f}", f"{samples / tn:,.0f}{naive_note}", f"{tn / t32:.2f}x",
-                     f"{samples / t16:,.0f}", f"{differing}/{samples}"])
-    text = table(["sigma", "L", "images", "engine fp32 samples/s", "efficiency", "engine s/image", "naive samples/s",
-                  "speed-up", "engine bf16 samples/s", "votes bf16 != fp32"], rows)
-    if any(r[6].endswith("*") for r in rows):
+        reference = None
+        for precision, compiled in VARIANTS:
+            stats = {}
+            votes, t = timed(lambda: dssn_votes(model, images, noise, 10, batch_size=batch_size, precision=precision,
+                                                compile=compiled, stats=stats), device)
+            reference = votes if reference is None else reference
+            rate = samples / t
+            rates[(sigma, precision, compiled)] = rate
+            rows.append([str(sigma), str(noise.levels), str(len(images)), variant_name(precision, compiled), f"{rate:,.0f}",
+                         f"{rate / ceilings[(precision, compiled)]:.2f}", f"{t / len(images):.3f}",
+                         refined_share(stats, precision, samples), f"{int(np.abs(votes - reference).sum() // 2)}/{samples}",
+                         f"{tn / t:.2f}x"])
+        note = "" if np.array_equal(naive, reference) else " *"
+        rows.append([str(sigma), str(noise.levels), str(len(images)), "naive loop (fp32)" + note, f"{samples / tn:,.0f}",
+                     f"{samples / tn / ceilings[('fp32', False)]:.2f}", f"{tn / len(images):.3f}", "-", "-", "1.00x"])
+    text = table(["sigma", "L", "images", "engine", "samples/s", "efficiency (vs its own ceiling)", "s/image",
+                  "refined in the next precision", "votes != fp32", "speed-up vs naive"], rows)
+    if any(r[3].endswith("*") for r in rows):
         text += "\n* the naive loop's plain float32 argmax differs from the engine's near-tie-repaired votes"
     return rates, text
+
+
+@torch.inference_mode()
+def band_check(model, images, noise: DSSNNoise, device, batch_size: int) -> str:
+    """Is each precision's near-tie band wide enough on this device and network? The worst
+    |logit - float64 logit| / (1 + |top float64 logit|) over all noisy copies of ``images``,
+    evaluated at two batch sizes (eager) or the engine's (compiled). A prediction outside the
+    band is kept only if it equals the float64 network's, which holds while headroom =
+    band / (2 x worst error) > 1."""
+    x_int = quantize(images, noise.q).flatten(1)
+    pair = torch.arange(len(images) * noise.levels, device=device)
+    x = noise.copies(x_int[pair // noise.levels], pair % noise.levels).view(-1, *images.shape[1:])
+    model64 = copy.deepcopy(model).double()
+    reference = torch.cat([model64(chunk.double()) for chunk in x.split(batch_size)])
+    scale = 1 + reference.max(dim=1).values.abs()
+    compiled = torch.compile(model, dynamic=False)
+    precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    rows = []
+    for precision in precisions:
+        for is_compiled in (False, True):
+            net = compiled if is_compiled else model
+            worst = 0.0
+            for batch in ([batch_size] if is_compiled else [batch_size, 7]):
+                chunks = [c for c in x.split(batch) if len(c) == batch] if is_compiled else x.split(batch)
+                with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
+                    logits = torch.cat([net(c.contiguous(memory_format=torch.channels_last)).float() for c in chunks])
+                error = (logits.double() - reference[:len(logits)]).abs().max(dim=1).values / scale[:len(logits)]
+                worst = max(worst, float(error.max()))
+            band = TIE_TOLERANCE[precision]
+            rows.append([variant_name(precision, is_compiled), f"{worst:.2e}", f"{band:.0e}", f"{band / (2 * worst):,.0f}"])
+    return table(["evaluation", "worst relative logit error vs float64", "near-tie band", "headroom"], rows)
 
 
 # --------------------------------------------------------------------------- 3. Monte Carlo
@@ -128,18 +194,25 @@ def naive_monte_carlo(model, images, noise, n0: int, n: int, chunk: int, seed: i
     return counts
 
 
-def monte_carlo_section(model, reference_model, images, device, batch_size, n: int, ceiling):
+def monte_carlo_section(model, reference_model, images, device, batch_size, n: int, ceilings):
     rows = []
     for noise in (UniformNoise(0.5), GaussianNoise(0.5)):
         samples = len(images) * (64 + n)
-        _, te = timed(lambda: monte_carlo_counts(model, images, range(len(images)), noise, 10, n0=64, n=n, seed=0,
-                                                 batch_size=batch_size), device)
         _, tn = timed(lambda: naive_monte_carlo(reference_model, images, noise, 64, n, 400, 0), device)
-        per_image = (64 + 100_000) / (samples / te)
-        rows.append([noise.name, f"{n:,}", f"{samples / te:,.0f}", f"{samples / te / ceiling:.2f}", f"{per_image:.2f}",
-                     f"{samples / tn:,.0f}", f"{tn / te:.2f}x", f"{PAPER_UNIFORM_SECONDS}"])
-    return table(["noise", "n measured", "engine samples/s", "efficiency", "s/image at n=100,000", "Cohen loop samples/s",
-                  "speed-up", "paper s/image (uniform, 2080 Ti)"], rows)
+        for precision, compiled in VARIANTS:
+            stats = {}
+            _, te = timed(lambda: monte_carlo_counts(model, images, range(len(images)), noise, 10, n0=64, n=n, seed=0,
+                                                     batch_size=batch_size, precision=precision, compile=compiled,
+                                                     stats=stats), device)
+            rate = samples / te
+            rows.append([noise.name, variant_name(precision, compiled), f"{n:,}", f"{rate:,.0f}",
+                         f"{rate / ceilings[(precision, compiled)]:.2f}", f"{(64 + 100_000) / rate:.2f}",
+                         refined_share(stats, precision, samples), f"{tn / te:.2f}x"])
+        rows.append([noise.name, "Cohen loop (fp32, chunks of 400)", f"{n:,}", f"{samples / tn:,.0f}",
+                     f"{samples / tn / ceilings[('fp32', False)]:.2f}", f"{(64 + 100_000) / (samples / tn):.2f}", "-", "1.00x"])
+    return table(["noise", "engine", "n measured", "samples/s", "efficiency (vs its own ceiling)", "s/image at n=100,000",
+                  "refined in the next precision", "speed-up vs Cohen loop"], rows) + \
+        f"\npaper: {PAPER_UNIFORM_SECONDS} s/image (uniform, n = 100,000, 2080 Ti)"
 
 
 # --------------------------------------------------------------------------- 4. pipeline
@@ -203,6 +276,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar", type=Path, default=DEFAULT_CIFAR)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--checkpoint", type=Path, help="a trained CIFAR-10 WRN-40-2 (bench/train_quick.py); default: random init")
     parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (comma-separated numbers)")
     parser.add_argument("--pipeline-images", type=int, default=400)
     parser.add_argument("--pipeline-workers", default="1,2", help="worker counts for section 4")
@@ -212,40 +286,52 @@ def main() -> None:
     gpu = device.type == "cuda"
 
     test = load_cifar10(args.cifar, "test")
-    torch.manual_seed(0)
-    model = build_model("wrn40_2", 10, test.mean, test.std, test.input_shape).to(device).eval()
+    if args.checkpoint:
+        model, card = load_checkpoint(args.checkpoint, device=device, dataset="cifar10")
+        if card.architecture != "wrn40_2":
+            raise SystemExit(f"{args.checkpoint}: a {card.architecture}; the suite measures WRN-40-2")
+        described = (f"WRN-40-2 trained with {card.method} sigma={card.sigma} for {card.epochs_done} epochs "
+                     f"(held-out noisy accuracy {card.noisy_accuracy:.1%})")
+    else:
+        torch.manual_seed(0)
+        model = build_model("wrn40_2", 10, test.mean, test.std, test.input_shape).to(device).eval()
+        described = "WRN-40-2 (random init)"
     reference_model = copy.deepcopy(model)  # NCHW, as the reference code runs it
+    model.to(memory_format=torch.channels_last)
+    disable_tf32()  # as the engines run: the ceiling must not use TF32 either, and compiled code guards on it
     batch_size = default_batch_size(device, 3 * 32 * 32)
     name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# certify benchmark suite: {name}, torch {torch.__version__}, WRN-40-2 (random init), CIFAR-10 test images\n")
+    print(f"# certify benchmark suite: {name}, torch {torch.__version__}, {described}, CIFAR-10 test images\n")
 
     if sections & {1, 2, 3, 5}:
         batches = [256, 1024, 2048, 4096, 8192] if gpu else [16, 32, 64, 128]
-        rates, text = forward_ceiling(model, device, batches, ["fp32", "bf16"], repeats=10 if gpu else 3)
-        ceiling32 = max(v for (d, _), v in rates.items() if d == "fp32")
-        print(f"## 1. Forward ceiling (channels_last, inference mode)\n{text}\nfp32 ceiling {ceiling32:,.0f} samples/s; "
-              f"best overall {max(rates.values()):,.0f}\n")
+        ceilings, text = forward_ceiling(model, device, batches, batch_size, repeats=10 if gpu else 3)
+        print(f"## 1. Forward ceiling (channels_last, inference mode)\n{text}\n"
+              + ", ".join(f"{variant_name(*v)} ceiling {r:,.0f}" for v, r in ceilings.items()) + " samples/s\n")
     if sections & {2, 5}:
-        counts = {0.25: 8, 1.0: 4, 3.5: 2} if gpu else {0.25: 2, 1.0: 1, 3.5: 1}
+        counts = {0.25: 8, 1.0: 4, 3.5: 2} if gpu else {0.25: 4, 1.0: 1, 3.5: 1}
         images = {s: test.pixels(range(k)).to(device) for s, k in counts.items()}
-        dssn_rates, text = dssn_section(model, reference_model, images, device, batch_size, ceiling32)
-        print(f"## 2. DSSN exact voting (engine batch {batch_size}; efficiency = fp32 samples/s / fp32 ceiling)\n{text}\n"
-              f"paper: {PAPER_DSSN_SECONDS_AT_3_5} s/image at sigma 3.5 (2080 Ti); here "
-              f"{DSSNNoise(3.5).levels / dssn_rates[3.5][0]:.3f} s (fp32), {DSSNNoise(3.5).levels / dssn_rates[3.5][1]:.3f} s (bf16)\n")
+        dssn_rates, text = dssn_section(model, reference_model, images, device, batch_size, ceilings)
+        best = max(VARIANTS, key=lambda v: dssn_rates[(3.5, *v)])
+        print(f"## 2. DSSN exact voting (engine batch {batch_size}; naive loop: one image, 128 offsets per forward)\n{text}\n"
+              f"paper: {PAPER_DSSN_SECONDS_AT_3_5} s/image at sigma 3.5 (2080 Ti); here, fastest engine "
+              f"({variant_name(*best)}): {DSSNNoise(3.5).levels / dssn_rates[(3.5, *best)]:.3f} s\n")
+        print(f"### Near-tie bands on this device (all {DSSNNoise(1.0).levels * len(images[1.0])} noisy copies at sigma 1.0)\n"
+              f"{band_check(model, images[1.0], DSSNNoise(1.0), device, batch_size)}\n")
     if 3 in sections:
         n = 100_000 if gpu else 2_000
         mc_images = test.pixels(range(2 if gpu else 1)).to(device)
-        print(f"## 3. Monte Carlo CERTIFY (n0 = 64; Cohen loop chunks of 400)\n"
-              f"{monte_carlo_section(model, reference_model, mc_images, device, batch_size, n, ceiling32)}\n")
+        print(f"## 3. Monte Carlo CERTIFY (n0 = 64)\n"
+              f"{monte_carlo_section(model, reference_model, mc_images, device, batch_size, n, ceilings)}\n")
     if 4 in sections:
         workers = [int(v) for v in args.pipeline_workers.split(",")]
         print("## 4. Pipeline through Ray against the bare engine (CPU workers)\n"
               f"{pipeline_section(args.cifar, args.pipeline_images, workers, 0.25, 'small_cnn')}\n")
     if 5 in sections:
         total = sum(DSSNNoise(s).levels for s in TABLE1_SIGMAS) * 10_000
-        rows = [[p, f"{total / r / 3600:.2f}"] for p, r in (("fp32", dssn_rates[1.0][0]), ("bf16", dssn_rates[1.0][1]))]
+        rows = [[variant_name(*v), f"{total / dssn_rates[(1.0, *v)] / 3600:.2f}"] for v in VARIANTS]
         print(f"## 5. Projected DSSN Table 1 sweep ({total:.3g} forward passes, at the sigma 1.0 rate, one device)\n"
-              + table(["precision", "hours"], rows))
+              + table(["engine", "hours"], rows))
 
 
 if __name__ == "__main__":
