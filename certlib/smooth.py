@@ -8,28 +8,29 @@ import numpy as np
 import torch
 
 from certlib import certificates
+from certlib.cascade import Cascade
 from certlib.noise import DSSNNoise, SmoothingNoise
-from certlib.voting import dssn_votes, monte_carlo_counts
+from certlib.voting import dssn_votes, make_cascade, monte_carlo_counts
 
 
 class Smooth:
     """g(x) = the class the base classifier ``model`` returns most often under ``noise``.
 
-    ``model`` maps pixel-scale images (B, C, H, W) in [0, 1] to logits (B, num_classes).
+    ``model`` maps pixel-scale images (B, C, H, W) in [0, 1] to logits (B, num_classes); or it
+    is a ``Cascade`` around such a model, built once and reused across calls (a worker's). The
+    engine options (``batch_size``, ``device``, ``precision``, ``compile``; see
+    ``certlib.cascade``) build the cascade of a plain module; they change speed, never a vote.
     """
 
     ABSTAIN = certificates.ABSTAIN
 
-    def __init__(self, model: torch.nn.Module, noise: SmoothingNoise, num_classes: int,
-                 *, batch_size: int | None = None, device: torch.device | str | None = None, precision: str = "fp32",
-                 compile: bool = False):
+    def __init__(self, model: torch.nn.Module | Cascade, noise: SmoothingNoise, num_classes: int,
+                 *, batch_size: int | None = None, device: torch.device | str | None = None, precision: str | None = None,
+                 compile: bool | str | None = None):
         self.model = model
         self.noise = noise
         self.num_classes = int(num_classes)
-        self.batch_size = batch_size
-        self.device = device
-        self.precision = precision
-        self.compile = compile
+        self.options = dict(batch_size=batch_size, device=device, precision=precision, compile=compile)
 
     def certify(self, images: torch.Tensor, indices=None, *, n0: int = 64, n: int = 100_000,
                 alpha: float = 0.001, seed: int = 0, multiclass: bool = False) -> dict[str, np.ndarray]:
@@ -43,16 +44,13 @@ class Smooth:
         counts_selection/counts (Monte Carlo), p_a_lower, p_b_upper.
         """
         indices = np.arange(len(images)) if indices is None else np.asarray(indices)
+        cascade = make_cascade(self.model, images, self.num_classes, **self.options)
         if isinstance(self.noise, DSSNNoise):
-            votes = dssn_votes(self.model, images, self.noise, self.num_classes,
-                               batch_size=self.batch_size, device=self.device, precision=self.precision,
-                               compile=self.compile)
+            votes = dssn_votes(cascade, images, self.noise, self.num_classes)
             prediction, radius = certificates.dssn_radius(votes, self.noise.levels, self.noise.q)
             nan = np.full(len(votes), np.nan)
             return {"prediction": prediction, "selected": prediction, "radius": radius, "votes": votes,
                     "p_a_lower": nan, "p_b_upper": nan}
-        counts0, counts = monte_carlo_counts(self.model, images, indices, self.noise, self.num_classes,
-                                             n0=n0, n=n, seed=seed, batch_size=self.batch_size, device=self.device,
-                                             precision=self.precision, compile=self.compile)
+        counts0, counts = monte_carlo_counts(cascade, images, indices, self.noise, self.num_classes, n0=n0, n=n, seed=seed)
         result = certificates.monte_carlo_certify(counts0, counts, alpha, self.noise.certified_radius, multiclass)
         return {**result, "counts_selection": counts0, "counts": counts}

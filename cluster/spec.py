@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from certlib.cascade import PRECISIONS
 from certlib.noise import NOISES, DSSNNoise
 from certlib.train import PAPER_DEFAULTS, TRAINING_MODES, TrainSettings
 
@@ -54,9 +55,9 @@ class CertifySpec:
     alpha: float = 0.001
     multiclass: bool = False
     batch_size: int | None = None
-    precision: str = "fp32"
+    precision: str = "auto"
     deterministic: bool = False
-    compile: bool = False
+    compile: bool | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,12 @@ def _float(value, where: str, *, positive: bool = False, minimum: float | None =
 def _bool(value, where: str) -> bool:
     if not isinstance(value, bool):
         raise SpecError(f"{where}: must be true or false, got {value!r}")
+    return value
+
+
+def _auto_or_bool(value, where: str) -> bool | str:
+    if value != "auto" and not isinstance(value, bool):
+        raise SpecError(f"{where}: must be true, false or auto, got {value!r}")
     return value
 
 
@@ -231,9 +238,9 @@ def _certify(data, path="certify") -> CertifySpec:
         alpha=_float(data.get("alpha", d.alpha), f"{path}.alpha", positive=True, below=0.5),
         multiclass=_bool(data.get("multiclass", d.multiclass), f"{path}.multiclass"),
         batch_size=_int(data.get("batch_size"), f"{path}.batch_size", 1, allow_none=True),
-        precision=_str(data.get("precision", d.precision), f"{path}.precision", ("fp32", "bf16", "fp16")),
+        precision=_str(data.get("precision", d.precision), f"{path}.precision", PRECISIONS),
         deterministic=_bool(data.get("deterministic", d.deterministic), f"{path}.deterministic"),
-        compile=_bool(data.get("compile", d.compile), f"{path}.compile"),
+        compile=_auto_or_bool(data.get("compile", d.compile), f"{path}.compile"),
     )
 
 
@@ -397,11 +404,11 @@ def unit_parameters(sweep: Sweep, unit: Unit, model_sha256: str) -> str:
     stored in its Parquet file so a resumed job can tell a valid earlier shard from one
     computed under other parameters or with another model."""
     certify = asdict(sweep.certify)
-    certify.pop("batch_size")
-    # Kernel repeatability and compilation: the votes are the same either way (near-tie band).
-    certify.pop("deterministic")
-    certify.pop("compile")
-    if unit.model.method == "dssn":  # exact: only the evaluation precision matters
-        certify = {"precision": certify["precision"]}
+    # How the votes are computed does not change them (the precision cascade): batch size,
+    # precision, kernels and compilation are recorded in the rows, not part of a shard's identity.
+    for how in ("batch_size", "precision", "deterministic", "compile"):
+        certify.pop(how)
+    if unit.model.method == "dssn":  # exact: none of the Monte Carlo parameters matter
+        certify = {}
     return json.dumps({"dataset": asdict(sweep.dataset) | {"root": None}, "model": asdict(unit.model), "certify": certify,
                        "start": unit.start, "stop": unit.stop, "model_sha256": model_sha256}, sort_keys=True)

@@ -17,11 +17,12 @@ import torch
 
 import certlib
 from certlib.atomic import exclusive_lock
+from certlib.cascade import Cascade, enable_deterministic_kernels
 from certlib.checkpoint import load_checkpoint, read_card
 from certlib.data import QuantizedDataset, load_dataset
 from certlib.noise import DSSNNoise, make_noise
 from certlib.smooth import Smooth
-from certlib.voting import default_batch_size, enable_deterministic_kernels
+from certlib.voting import default_batch_size
 from certlib.train import TrainConfig, train_model
 from cluster.results import rows_table, shard_path, write_shard
 from cluster.spec import ModelKey, Sweep, Unit, unit_parameters
@@ -50,7 +51,7 @@ class UnitRunner:
             enable_deterministic_kernels()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._images: QuantizedDataset | None = None
-        self._model: tuple[str, torch.nn.Module, object] | None = None
+        self._model: tuple[str, Cascade, object] | None = None
 
     @property
     def images(self) -> QuantizedDataset:
@@ -85,29 +86,34 @@ class UnitRunner:
         return {"model": key.label, "seconds": time.perf_counter() - started, "clean_accuracy": card.clean_accuracy,
                 "noisy_accuracy": card.noisy_accuracy}
 
-    def _load(self, key: ModelKey):
+    def _load(self, key: ModelKey) -> tuple[Cascade, object]:
+        """The model of ``key`` behind its precision cascade, kept across this worker's units:
+        the folded and compiled network, the float64 reference and the spot check are paid by
+        the first unit of each model only."""
         path = str(key.checkpoint(self.sweep))
         if self._model is None or self._model[0] != path:
             self._model = None  # free the previous replica before loading the next
             model, card = load_checkpoint(path, device=self.device, override=self.sweep.models.override_card,
                                           method=key.method, sigma=key.sigma, seed=key.seed, q=self.sweep.q,
                                           dataset=self.sweep.dataset.name, training=key.training)
-            self._model = (path, model, card)
+            cert = self.sweep.certify
+            batch_size = cert.batch_size or default_batch_size(self.device, int(np.prod(card.input_shape)))
+            cascade = Cascade(model, card.num_classes, batch_size, device=self.device, precision=cert.precision,
+                              compile=cert.compile)
+            self._model = (path, cascade, card)
         return self._model[1], self._model[2]
 
     def certify(self, unit: Unit) -> dict:
         """Certify the unit's images and write its Parquet shard atomically."""
         sweep, key = self.sweep, unit.model
-        model, card = self._load(key)
+        cascade, card = self._load(key)
         noise = make_noise(key.method, key.sigma, q=sweep.q, seed=key.seed)
         rows = np.arange(unit.start, unit.stop)
         images = self.images.pixels(rows)
         indices = self.images.indices[rows]
         labels = self.images.labels.numpy()[rows]
         cert = sweep.certify
-        batch_size = cert.batch_size or default_batch_size(self.device, int(np.prod(images.shape[1:])))
-        smooth = Smooth(model, noise, card.num_classes, batch_size=batch_size, device=self.device, precision=cert.precision,
-                        compile=cert.compile)
+        smooth = Smooth(cascade, noise, card.num_classes)
         started = time.perf_counter()
         result = smooth.certify(images, indices, n0=cert.n0, n=cert.n, alpha=cert.alpha, seed=key.seed,
                                 multiclass=cert.multiclass)
@@ -131,8 +137,8 @@ class UnitRunner:
             "p_a_lower": result["p_a_lower"], "p_b_upper": result["p_b_upper"],
             "radius_l1": radius if noise.norm == "l1" else nan,
             "radius_l2": radius if noise.norm == "l2" else nan,
-            "seconds": seconds / len(rows), "precision": cert.precision,
-            "batch_size": batch_size, "worker_host": socket.gethostname(), "device": device_name(self.device),
+            "seconds": seconds / len(rows), "precision": cascade.name,
+            "batch_size": cascade.batch_size, "worker_host": socket.gethostname(), "device": device_name(self.device),
             "model_sha256": card.weights_sha256, "library_version": certlib.__version__,
         })
         write_shard(shard_path(sweep.output, unit), table, unit_parameters(sweep, unit, card.weights_sha256))

@@ -69,7 +69,7 @@ BAD_SPECS = [
     (with_("models.path", "models/{method}-{training}-{sigma}-{seed[0]}.pt"), "models.path: bad template"),
     (with_("seeds", [2**33]), "seeds[0]: must be < 2**32"),
     (with_("certify", []), "certify: must be a mapping"),
-    (with_("certify.compile", "yes"), "certify.compile: must be true or false"),
+    (with_("certify.compile", "yes"), "certify.compile: must be true, false or auto"),
 ]
 
 

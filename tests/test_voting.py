@@ -14,7 +14,8 @@ from certlib.certificates import dssn_radius
 from certlib.data import load_cifar10, load_digits
 from certlib.noise import DSSNNoise, GaussianNoise, LaplaceNoise, UniformNoise, SplitIndependentNoise
 from certlib.smooth import Smooth
-from certlib.voting import EXACT_TIE, dssn_votes, monte_carlo_counts
+from certlib.cascade import EXACT_TIE
+from certlib.voting import dssn_votes, monte_carlo_counts
 
 
 def random_cnn(in_channels: int, num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
@@ -188,21 +189,8 @@ def test_monte_carlo_refuses_dssn_and_bad_counts():
         monte_carlo_counts(Threshold(0.5), images, [0], UniformNoise(0.5), 2, n0=0, n=1, seed=0)
 
 
-def test_bf16_votes_are_batch_invariant_and_fp16_needs_a_gpu(cifar_images):
-    model = random_cnn(3, seed=2)
-    noise = DSSNNoise(0.25, q=255, seed=0)
-    reference = dssn_votes(model, cifar_images, noise, 10, batch_size=512, precision="bf16")
-    for batch_size in (7, 300):
-        np.testing.assert_array_equal(dssn_votes(model, cifar_images, noise, 10, batch_size=batch_size, precision="bf16"), reference)
-    assert (reference.sum(1) == noise.levels).all()
-    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-        dssn_votes(model, cifar_images, noise, 10, precision="fp16")
-    with pytest.raises(ValueError, match="precision must be one of"):
-        dssn_votes(model, cifar_images, noise, 10, precision="int8")
-
-
 def test_votes_are_unchanged_under_deterministic_kernels():
-    from certlib.voting import enable_deterministic_kernels
+    from certlib.cascade import enable_deterministic_kernels
 
     images = load_digits("test").pixels(range(4))
     model = random_cnn(1, seed=3)
@@ -236,41 +224,3 @@ def test_compiled_engine_gives_the_eager_votes(cifar_images):
     for a, b in zip(compiled, eager):
         np.testing.assert_array_equal(a, b)
     assert counters["frames"]["ok"] > 0  # the network did go through torch.compile
-
-
-class Constant(torch.nn.Module):
-    """Logits all equal: every prediction is an exact tie."""
-
-    def forward(self, x):
-        return x.flatten(1)[:, :1].expand(-1, 3) * 0
-
-
-def test_stats_count_the_samples_refined_in_each_precision(cifar_images):
-    noise = DSSNNoise(0.25, q=255, seed=0)
-    samples = len(cifar_images) * noise.levels
-    stats = {}
-    votes = dssn_votes(random_cnn(3, seed=5), cifar_images, noise, 10, batch_size=256, stats=stats)
-    assert stats["fp32"] == samples and stats["fp64"] < samples and (votes.sum(1) == noise.levels).all()
-    stats = {}
-    votes = dssn_votes(Constant(), cifar_images, noise, 3, batch_size=256, precision="bf16", stats=stats)
-    assert stats == {"bf16": samples, "fp16": 0, "fp32": samples, "fp64": samples}
-    assert (votes[:, 0] == noise.levels).all()  # ties go to the lower class index
-    counts = monte_carlo_counts(Constant(), cifar_images[:2], [0, 1], UniformNoise(0.5), 3, n0=8, n=40, seed=0, stats=stats)
-    assert stats["fp32"] == samples + 2 * 48 and (counts[1][:, 0] == 40).all()
-
-
-class OffInFloat32(torch.nn.Module):
-    """A network whose float32 evaluation is off by 1e-3 (as TF32 would be) but whose float64
-    evaluation is exact: the fp32 band (1e-4) cannot make its votes batch-invariant."""
-
-    def forward(self, x):
-        logits = torch.stack([x.flatten(1).mean(1), 0.5 - x.flatten(1).mean(1)], dim=1)
-        return logits + 1e-3 * logits.abs() if logits.dtype == torch.float32 else logits
-
-
-def test_an_evaluation_less_precise_than_its_band_is_refused():
-    images = torch.full((1, 1, 2, 2), 0.75)
-    with pytest.raises(RuntimeError, match=r"fp32 logits on this device differ from the float64 network's by \d\.\de-04 \(relative\), more than half the near-tie band 1e-04"):
-        dssn_votes(OffInFloat32(), images, DSSNNoise(0.5, q=16), 2)
-    with pytest.raises(RuntimeError, match="near-tie band"):
-        monte_carlo_counts(OffInFloat32(), images, [0], UniformNoise(0.5), 2, n0=4, n=8, seed=0)
