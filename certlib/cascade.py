@@ -84,13 +84,6 @@ def cascade_levels(first: str, device_type: str) -> tuple[str, ...]:
     return tuple(level for level in chain if level != "tf32" or device_type == "cuda")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Native bf16 arithmetic on this CPU (AVX512-BF16 or AMX), where bf16 convolutions run
-    about twice as fast as float32 (measured: 598 vs 330 samples/s, WRN-40-2, 2 cores)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-
-
 def cuda_has_fast_fp16(device: torch.device) -> bool:
     """Tensor cores (compute capability 7.0 and later) or the P100's fp16 units (6.0)."""
     major, minor = torch.cuda.get_device_capability(device)
@@ -99,12 +92,14 @@ def cuda_has_fast_fp16(device: torch.device) -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The first level of the cascade for ``precision`` on ``device``. ``auto``: fp16 on a GPU
-    with fast fp16, bf16 on a CPU with native bf16, fp32 otherwise."""
+    with fast fp16, fp32 otherwise. On a CPU, bf16 first was slower than fp32 where it mattered:
+    with a trained WRN-40-2, 48-74% of its samples fell in its band, as bf16's error (1.2e-2)
+    needs a wide one, and their fp32 re-evaluation cost more than bf16 saved (bench/NOTES.md)."""
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "fp16" if cuda_has_fast_fp16(device) else "fp32"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if device.type == "cuda" and cuda_has_fast_fp16(device):
+        return "fp16"
+    return "fp32"
 
 
 def resolve_compile(compile: bool | str, device: torch.device) -> bool:
@@ -215,6 +210,7 @@ class Cascade:
 
     # ----------------------------------------------------------------------- evaluation
 
+    @torch.inference_mode()
     def logits(self, level: str, x: torch.Tensor) -> torch.Tensor:
         """float32 logits (B, num_classes) of ``x`` evaluated at ``level`` (not fp64)."""
         spec = LEVELS[level]
@@ -228,12 +224,14 @@ class Cascade:
             raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}, expected (batch, {self.num_classes})")
         return logits.float()
 
+    @torch.inference_mode()
     def reference_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the unfolded network in float64, the reference every level answers to."""
         if self._reference is None:  # built once: a float64 copy per call cost 7% of a GPU engine's time
             self._reference = copy.deepcopy(getattr(self.model, "_orig_mod", self.model)).double()
         return self._reference(x.double())
 
+    @torch.inference_mode()
     def exact_prediction(self, x: torch.Tensor) -> torch.Tensor:
         """argmax of the float64 logits; a margin under ``EXACT_TIE`` goes to the lower class."""
         logits = self.reference_logits(x)
@@ -267,6 +265,7 @@ class Cascade:
 
     # ----------------------------------------------------------------------- spot check
 
+    @torch.inference_mode()
     def check(self, x: torch.Tensor) -> None:
         """The band's premise on this device, once per cascade: each level's logits of the first
         samples of ``x`` against the float64 network's. A level whose error exceeds half its

@@ -44,11 +44,11 @@ def test_every_band_is_at_least_four_times_its_measured_error():
 
 def test_auto_picks_the_fast_precision_of_the_device(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(cascade_module, "cpu_has_fast_bf16", lambda: True)
-    assert resolve_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(cascade_module, "cpu_has_fast_bf16", lambda: False)
-    assert resolve_precision("auto", cpu) == "fp32"
-    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(cascade_module, "cuda_has_fast_fp16", lambda device: True)
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    monkeypatch.setattr(cascade_module, "cuda_has_fast_fp16", lambda device: False)
+    assert resolve_precision("auto", torch.device("cuda")) == "fp32"
     assert resolve_compile("auto", cpu) is False and resolve_compile("auto", torch.device("cuda")) is True
     with pytest.raises(ValueError, match="compile must be"):
         resolve_compile("yes", cpu)
