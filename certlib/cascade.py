@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -43,7 +44,10 @@ from dataclasses import dataclass
 
 import torch
 
-EXACT_TIE = 1e-9  # float64 margin (relative) under which two logits count as tied
+# float64 margin (relative) up to which two logits count as tied. Float64 logits can move by
+# ~1e-16 with the batch's make-up, so a margin within that of this cut could still flip: odds
+# of ~1e-7 per sample inside the fp32 band, and none outside it.
+EXACT_TIE = 1e-9
 BAND_CHECK_SAMPLES = 8  # samples compared with the float64 network when a cascade starts
 NOT_FINITE = "the model returned NaN or infinite logits on noisy inputs; refusing to count votes"
 
@@ -115,8 +119,8 @@ def resolve_compile(compile: bool | str, device: torch.device) -> bool:
 
 def disable_tf32() -> None:
     """Make float32 mean float32 on CUDA: TF32's ~1e-3 relative error would exceed the fp32
-    band. Cascades call it (their tf32 level turns TF32 on for its own calls only); call it
-    before timing or compiling a model outside them, as torch.compile guards on these flags."""
+    band. A cascade calls it when built and after each call of its tf32 level; call it before
+    timing or compiling a model outside one, as torch.compile guards on the matmul flag."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
@@ -133,12 +137,13 @@ def enable_deterministic_kernels() -> None:
 
 @contextlib.contextmanager
 def _tf32(enabled: bool) -> Iterator[None]:
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    # Set, never read: reading the legacy flags raises once torch's newer fp32_precision API has
+    # been used. Outside a tf32 level TF32 is off, as the cascade's other levels need.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        disable_tf32()
 
 
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
@@ -178,7 +183,8 @@ class Cascade:
     ``resolve_precision``); the rest follow ``cascade_levels``. ``compile``: run the first level
     through ``torch.compile`` for the static shape (``batch_size``, sample), ``auto`` on GPUs.
     Holds the folded fast network, its compiled form, the float64 reference and which levels
-    passed the spot check, so later engine calls pay none of them again.
+    passed the spot check, so later engine calls pay none of them again. Puts ``model`` in eval
+    mode; a model with nothing to fold is also switched to channels_last in place.
     """
 
     def __init__(self, model: torch.nn.Module, num_classes: int, batch_size: int, *,
@@ -199,6 +205,7 @@ class Cascade:
         self._compiled_fast = None
         self._reference: torch.nn.Module | None = None
         self._checked = False
+        disable_tf32()
 
     @property
     def name(self) -> str:
@@ -232,12 +239,13 @@ class Cascade:
         return self._reference(x.double())
 
     @torch.inference_mode()
-    def exact_prediction(self, x: torch.Tensor) -> torch.Tensor:
-        """argmax of the float64 logits; a margin under ``EXACT_TIE`` goes to the lower class."""
+    def exact_prediction(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """argmax of the float64 logits, a margin up to ``EXACT_TIE`` going to the lower class,
+        and whether every logit was finite (a 0-dim bool on the device: no synchronization)."""
         logits = self.reference_logits(x)
         top = logits.max(dim=1, keepdim=True).values
         tied = logits >= top - EXACT_TIE * (1 + top.abs())
-        return tied.to(torch.uint8).argmax(dim=1)  # the first maximum: the lowest class within the tie
+        return tied.to(torch.uint8).argmax(dim=1), torch.isfinite(logits).all()  # argmax: the first of the tie
 
     def fast_network(self) -> torch.nn.Module:
         if self._fast is None:
@@ -268,28 +276,33 @@ class Cascade:
     @torch.inference_mode()
     def check(self, x: torch.Tensor) -> None:
         """The band's premise on this device, once per cascade: each level's logits of the first
-        samples of ``x`` against the float64 network's. A level whose error exceeds half its
-        band is refused, or dropped under ``precision="auto"`` (the next level takes its
-        samples, so no vote changes)."""
+        samples of ``x`` against the float64 network's. An argmax outside a band of width b
+        (relative to the fast top logit) is the float64 one while the error e (relative to the
+        float64 top logit) satisfies b (1 - e) >= 2 e, i.e. e <= b / (2 + b). A level that
+        fails is left out with a warning (the next level takes its samples, so no vote
+        changes), except the requested first level, which is refused unless ``precision`` is
+        auto."""
         if self._checked:
             return
         sample = x[:BAND_CHECK_SAMPLES]
         exact = self.reference_logits(sample)
+        if not bool(torch.isfinite(exact).all()):
+            raise ValueError(NOT_FINITE)
         scale = 1 + exact.max(dim=1).values.abs()
         kept = []
         for level in self.levels[:-1]:
             logits = self.logits(level, sample).double()
-            if not bool(torch.isfinite(logits).all() and torch.isfinite(exact).all()):
-                raise ValueError(NOT_FINITE)
-            error = float(((logits - exact).abs().max(dim=1).values / scale).max())
-            if 2 * error <= self.band(level):
+            error = float(((logits - exact).abs().max(dim=1).values / scale).max().nan_to_num(nan=math.inf))
+            allowed = self.band(level) / (2 + self.band(level))
+            if error <= allowed:
                 kept.append(level)
                 continue
             message = (f"{level} logits on this device differ from the float64 network's by {error:.1e} (relative), "
-                       f"more than half the near-tie band {self.band(level):.0e}: votes could depend on the batching")
-            if not self.auto:
+                       f"more than the {allowed:.1e} its near-tie band {self.band(level):.0e} allows: "
+                       "votes could depend on the batching")
+            if level == self.levels[0] and not self.auto:
                 raise RuntimeError(message + "; refusing to count them")
-            warnings.warn(message + f"; precision auto leaves {level} out of the cascade", stacklevel=2)
+            warnings.warn(message + f"; leaving {level} out of the cascade", stacklevel=2)
             if level == self.levels[0]:
                 self.compiled = False  # compilation is for the first level only
         self.levels = (*kept, self.levels[-1])

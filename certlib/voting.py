@@ -148,7 +148,7 @@ class _Tally:
     def _first_level(self, x: torch.Tensor, rows: torch.Tensor) -> None:
         if self.queues is None:
             self.cascade.check(x)
-            capacity = QUEUE_BATCHES * self.batch_size
+            capacity = max(2, QUEUE_BATCHES) * self.batch_size  # a drained queue (< 1 batch) takes a batch
             self.queues = {level: _Queue(capacity, self.batch_size, self.sample_shape, self.cascade.device)
                            for level in self.cascade.levels[1:]}
         self._evaluate(self.cascade.levels[0], x, rows)
@@ -156,16 +156,18 @@ class _Tally:
     def _evaluate(self, level: str, x: torch.Tensor, rows: torch.Tensor) -> None:
         self.evaluated[level] += len(x)
         if level == "fp64":
-            self._count(rows, self.cascade.exact_prediction(x))
+            prediction, finite = self.cascade.exact_prediction(x)
+            torch.logical_or(self.not_finite, ~finite, out=self.not_finite)
+            self._count(rows, prediction)
             return
         logits = self.cascade.logits(level, x)
-        torch.logical_or(self.not_finite, ~torch.isfinite(logits).all(), out=self.not_finite)
         prediction = logits.argmax(dim=1)  # the first maximum: ties go to the lower class index
         if self.num_classes == 1:
             self._count(rows, prediction)
             return
         top2 = logits.topk(2, dim=1).values
         near_tie = top2[:, 0] - top2[:, 1] <= self.cascade.band(level) * (1 + top2[:, 0].abs())
+        near_tie |= ~torch.isfinite(logits).all(dim=1)  # an overflow (fp16) is for a wider type to decide
         self._count(torch.where(near_tie, self.handed_on, rows), prediction)
         successor = self.cascade.levels[self.cascade.levels.index(level) + 1]
         queue = self.queues[successor]
@@ -287,7 +289,7 @@ def monte_carlo_counts(
         raise ValueError(f"{len(images)} images but {len(indices)} indices")
     cascade = make_cascade(classifier, images, num_classes, batch_size=batch_size, device=device, precision=precision,
                            compile=compile)
-    images = images.to(cascade.device)
+    images = images.to(cascade.device, torch.float32)  # the noisy samples and the queues are float32
     if not bool(torch.isfinite(images).all()) or float(images.min()) < 0 or float(images.max()) > 1:
         raise ValueError("image values must be finite and lie in [0, 1] (pixel scale)")
     tally = _Tally(cascade, 2 * len(images), tuple(images.shape[1:]))
