@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -123,16 +122,6 @@ def disable_tf32() -> None:
     timing or compiling a model outside one, as torch.compile guards on the matmul flag."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-
-
-def enable_deterministic_kernels() -> None:
-    """Force deterministic kernels (cuDNN, cuBLAS, scatter) and full float32 matmuls on CUDA,
-    so that repeated runs give bit-identical logits. Call before the first CUDA operation."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    disable_tf32()
 
 
 @contextlib.contextmanager

@@ -19,6 +19,9 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DIGITS_MEAN, DIGITS_STD = (0.305,), (0.38,)
 SPLITS = ("train", "test")
+# Per dataset, known without reading it: the input shape (C, H, W) models see and the class count.
+INPUT_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "imagenet": (3, 224, 224)}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "imagenet": 1000}
 
 
 @dataclass

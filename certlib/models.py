@@ -22,6 +22,15 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial dimensions, (N, C, H, W) -> (N, C, 1, 1). AdaptiveAvgPool2d(1)
+    computes the same, but its CUDA backward accumulates with atomics, which deterministic
+    training refuses; the mean's backward is a broadcast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1), keepdim=True)
+
+
 # --------------------------------------------------------------------------- WRN-40-2
 
 class _WideBlock(nn.Module):
@@ -55,7 +64,7 @@ class WideResNet(nn.Module):
         for group, stride in zip(range(3), (1, 2, 2)):
             for i in range(n):
                 layers.append(_WideBlock(widths[group] if i == 0 else widths[group + 1], widths[group + 1], stride if i == 0 else 1))
-        layers += [nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers += [nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True), GlobalAvgPool(), nn.Flatten()]
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(widths[3], num_classes)
 
@@ -96,7 +105,7 @@ class CifarResNet(nn.Module):
             for i in range(n):
                 layers.append(_BasicBlock(cin, cout, stride if i == 0 else 1))
                 cin = cout
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers += [GlobalAvgPool(), nn.Flatten()]
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(64, num_classes)
 
@@ -126,7 +135,9 @@ class SmallCNN(nn.Module):
 def _resnet50(num_classes: int, in_channels: int) -> nn.Module:
     if in_channels != 3:
         raise ValueError("resnet50 expects 3 input channels")
-    return torchvision.models.resnet50(weights=None, num_classes=num_classes)
+    model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
+    model.avgpool = GlobalAvgPool()
+    return model
 
 
 ARCHITECTURES = {

@@ -52,6 +52,12 @@ class SmoothingNoise(ABC):
     def sample(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One noisy copy of each image of ``x`` (pixel scale [0, 1])."""
 
+    def sample_grid(self, values: torch.Tensor, q: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One noisy float32 copy of each image given by its integer grid values (pixel value
+        = value / q), as training draws them: no check that the values lie on the grid and
+        no host synchronization, so it can run inside a CUDA graph."""
+        return self.sample(values.to(torch.float32) / q, generator)
+
     @abstractmethod
     def certified_radius(self, p_a_lower, p_b_upper=None) -> np.ndarray:
         """Radius in ``self.norm`` from probability bounds; NaN where it must abstain."""
@@ -240,6 +246,12 @@ class DSSNNoise(SmoothingNoise):
         x_int = quantize(x, self.q).flatten(1)
         s_base = torch.randint(self.levels, (x.shape[0],), generator=generator, device=x.device)
         return self.copies(x_int, s_base, x.dtype).view(x.shape)
+
+    def sample_grid(self, values, q, generator=None):
+        if q != self.q:
+            raise ValueError(f"DSSN noise built for q={self.q} cannot sample images on the 1/{q} grid")
+        s_base = torch.randint(self.levels, (values.shape[0],), generator=generator, device=values.device)
+        return self.copies(values.flatten(1).to(torch.int32), s_base).view(values.shape)
 
     def certified_radius(self, p_a_lower, p_b_upper=None):
         raise TypeError("DSSN certifies exactly from its votes: use certificates.dssn_radius(votes, levels, q)")

@@ -12,9 +12,17 @@ Defaults follow Levine & Feizi Table 2 / Voracek & Hein 3.1: SGD, lr 0.1, Nester
 and horizontal flip; ImageNet: ResNet-50, 30 epochs. Every knob can be overridden.
 
 Training is resumable at epoch granularity: the state after each epoch is written atomically
-next to the output (``<out>.state``), and all randomness of epoch e comes from generators
-seeded by (seed, e), so an interrupted run that resumes ends with the same weights as an
-uninterrupted one (bit for bit on a CPU).
+next to the output (``<out>.state``), and all randomness of epoch e comes from a generator
+seeded by (seed, e). Reproducibility: on a CPU, runs and interrupted-then-resumed runs give
+bit-identical weights. On a GPU they do with ``deterministic=True`` (deterministic cuDNN and
+cuBLAS kernels, on the same GPU model and software); by default cuDNN autotunes its kernels,
+some of which sum in a varying order, so weights agree in distribution, not in their bits.
+
+Speed (``certlib.train_step``, ``certlib.batches``): a split that fits on the device (CIFAR-10)
+lives there and batches are gathered, cropped, flipped and noised on it; on a GPU the whole
+step is replayed as a CUDA graph. A split that does not fit (ImageNet) is decoded by DataLoader
+worker processes into pinned memory. Nothing inside an epoch waits for the device: the loss
+and accuracy are summed there and read once per epoch.
 """
 
 from __future__ import annotations
@@ -23,22 +31,28 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from certlib.atomic import atomic_write
+from certlib.batches import LoadedBatches, ResidentBatches, fits_on_device
 from certlib.checkpoint import ModelCard, save_checkpoint
 from certlib.data import QuantizedDataset
+from certlib.determinism import deterministic_kernels
 from certlib.models import build_model
 from certlib.noise import DSSNNoise, SmoothingNoise, make_noise
+from certlib.train_step import GraphedStep, TrainStep
 from certlib.voting import stream_seed
 
 TRAINING_MODES = ("standard", "stability")
+DATA_PLACEMENTS = ("auto", "device", "loader")
+# How a run executes, not what it computes: free to change between an interruption and its resume.
+EXECUTION_SETTINGS = ("deterministic", "cuda_graph", "data", "loader_workers")
 # Random-stream stages of stream_seed (0 and 1 are certification's selection and estimation).
 _TRAIN_STREAM, _HELDOUT_STREAM = 2, 3
 
@@ -68,6 +82,10 @@ class TrainSettings:
     amp: bool = False
     channels_last: bool = False
     heldout_limit: int | None = 1000
+    deterministic: bool = False
+    cuda_graph: bool | str = "auto"
+    data: str = "auto"
+    loader_workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,45 +112,26 @@ class TrainConfig(TrainSettings):
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
         if not cfg.lr > 0 or cfg.weight_decay < 0 or cfg.stability_weight < 0:
             raise ValueError("lr must be > 0; weight_decay and stability_weight >= 0")
+        if cfg.data not in DATA_PLACEMENTS:
+            raise ValueError(f"data must be one of {DATA_PLACEMENTS}, got {cfg.data!r}")
+        if cfg.cuda_graph not in ("auto", True, False):
+            raise ValueError(f"cuda_graph must be true, false or 'auto', got {cfg.cuda_graph!r}")
+        if cfg.loader_workers is not None and cfg.loader_workers < 0:
+            raise ValueError(f"loader_workers must be >= 0, got {cfg.loader_workers}")
         return cfg
-
-
-def stability_loss(logits_1: torch.Tensor, logits_2: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
-    """Stability training loss (Li et al. 2019; Voracek & Hein Sec. 3.1), batch mean:
-    -log f(x + d1)_y + weight * KL(f(x + d1) || f(x + d2)), f the softmax of the logits."""
-    log_p1, log_p2 = F.log_softmax(logits_1, dim=1), F.log_softmax(logits_2, dim=1)
-    kl = (log_p1.exp() * (log_p1 - log_p2)).sum(dim=1)
-    return F.nll_loss(log_p1, targets) + weight * kl.mean()
-
-
-def augment(x: torch.Tensor, generator: torch.Generator, padding: int, flip: bool) -> torch.Tensor:
-    """Random crop with zero padding and optional horizontal flip, per image; values stay on
-    the dataset's grid (padding is 0, a grid value)."""
-    b, c, h, w = x.shape
-    if padding:
-        padded = F.pad(x, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
-        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        x = padded[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
-    if flip:
-        mirrored = torch.rand(b, generator=generator, device=x.device) < 0.5
-        x = torch.where(mirrored[:, None, None, None], x.flip(-1), x)
-    return x
 
 
 def _accuracy(model, data: QuantizedDataset, noise: SmoothingNoise | None, device, batch_size: int, seed: int) -> float:
     generator = torch.Generator(device=device).manual_seed(stream_seed(seed, 0, _HELDOUT_STREAM, 0))
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(data), batch_size):
-            x = data.pixels(range(start, min(start + batch_size, len(data)))).to(device)
-            if noise is not None:
-                x = noise.sample(x, generator)
-            correct += int((model(x).argmax(1).cpu() == data.labels[start:start + len(x)]).sum())
-    return correct / max(1, len(data))
+            stop = min(start + batch_size, len(data))
+            values = data.grid_values(range(start, stop)).to(device)
+            x = values.to(torch.float32) / data.q if noise is None else noise.sample_grid(values, data.q, generator)
+            correct += (model(x).argmax(1) == data.labels[start:stop].to(device)).sum()
+    return int(correct) / max(1, len(data))
 
 
 def _progress(epoch: int, epochs: int, done: int, total: int) -> None:
@@ -140,6 +139,65 @@ def _progress(epoch: int, epochs: int, done: int, total: int) -> None:
         filled = int(30 * done / total)
         sys.stderr.write(f"\repoch {epoch + 1}/{epochs} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}")
         sys.stderr.flush()
+
+
+def _batches(cfg: "TrainConfig", train_set: QuantizedDataset, device: torch.device,
+             step: TrainStep) -> tuple[ResidentBatches | LoadedBatches, GraphedStep | None]:
+    """The epoch's batch source and, where it pays, the step as a CUDA graph (module docstring)."""
+    resident = fits_on_device(train_set, device) if cfg.data == "auto" else cfg.data == "device"
+    if resident and train_set.values is None:
+        raise ValueError("data: 'device' needs the split in memory; an image folder streams through DataLoader "
+                         "workers (data: auto or loader)")
+    if cfg.cuda_graph is True and (device.type != "cuda" or not resident):
+        raise ValueError("cuda_graph: true needs a CUDA device and the training split on it (data: auto or device)")
+    if not resident:
+        workers = max(1, torch.get_num_threads()) if cfg.loader_workers is None else cfg.loader_workers
+        return LoadedBatches(train_set, device, cfg.batch_size, workers), None
+    batches = ResidentBatches(train_set, device, cfg.batch_size)
+    if cfg.cuda_graph is False or device.type != "cuda" or batches.full_batches == 0:
+        return batches, None
+    try:
+        return batches, GraphedStep(step, batches)
+    except RuntimeError as err:  # an operation the graph cannot hold: the same step, eagerly
+        if cfg.cuda_graph is True:
+            raise
+        warnings.warn(f"training without a CUDA graph: capture failed ({str(err).splitlines()[0]})", stacklevel=2)
+        return batches, None
+
+
+def _run_epoch(step: TrainStep, batches: ResidentBatches | LoadedBatches, graphed: GraphedStep | None,
+               order: torch.Tensor, epoch: int, epochs: int) -> None:
+    """Every step of one epoch, in ``order``; returns without waiting for the device."""
+    total = len(order)
+    if isinstance(batches, LoadedBatches):
+        done = 0
+        for values, labels in batches.epoch(order):
+            step(values, labels)
+            done += len(labels)
+            _progress(epoch, epochs, done, total)
+        return
+    batches.start_epoch(order)
+    for i in range(batches.full_batches):
+        graphed.replay() if graphed is not None else step(*batches.next_batch())
+        if i % 50 == 0:
+            _progress(epoch, epochs, (i + 1) * batches.batch_size, total)
+    last = batches.last_batch()
+    if last is not None:
+        step(*last)
+    _progress(epoch, epochs, total, total)
+
+
+def _load_state(state_path: Path, config_json: str, device, model, optimizer, scheduler) -> int:
+    """Epochs already done by an interrupted run of this configuration (its state restored)."""
+    if not state_path.is_file():
+        return 0
+    state = torch.load(state_path, map_location=device, weights_only=True)
+    if state["config"] != config_json:
+        raise ValueError(f"{state_path} belongs to a different training configuration; remove it to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"])
 
 
 def train_model(
@@ -155,9 +213,11 @@ def train_model(
     """Train a base classifier under ``config``'s noise and write its checkpoint to ``out_path``.
 
     Resumes from ``<out_path>.state`` when an earlier run of the same configuration was
-    interrupted. ``on_epoch`` receives each epoch's metrics (epoch, loss, train_accuracy, lr,
-    images_per_second). Returns the model card written with the weights, including the clean
-    and noisy accuracy on ``heldout_set`` (at most ``heldout_limit`` images).
+    interrupted. ``on_epoch`` receives each epoch's metrics (epoch, epochs, loss,
+    train_accuracy, lr, images, seconds, images_per_second). Returns the model card written with
+    the weights, including the clean and noisy accuracy on ``heldout_set`` (at most
+    ``heldout_limit`` images). ``config.deterministic`` gives bit-identical weights on a GPU too
+    (module docstring); the process's kernel settings are restored afterwards.
     """
     cfg = config.resolved()
     if train_set.name != cfg.dataset or heldout_set.name != cfg.dataset:
@@ -166,73 +226,55 @@ def train_model(
     out_path = Path(out_path)
     state_path = out_path.with_name(out_path.name + ".state")
     noise = make_noise(cfg.method, cfg.sigma, q=train_set.q, seed=cfg.seed)
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.architecture, train_set.num_classes, train_set.mean, train_set.std, train_set.input_shape).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    start_epoch = 0
     config_json = json_config(cfg)
-    if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        if state["config"] != config_json:
-            raise ValueError(f"{state_path} belongs to a different training configuration; remove it to start over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
-        log(f"resuming {out_path.name} after epoch {start_epoch}/{cfg.epochs}")
 
-    labels = train_set.labels.to(device)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
-    for epoch in range(start_epoch, cfg.epochs):
-        generator = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, epoch, _TRAIN_STREAM, 0))
-        order = torch.randperm(len(labels), generator=generator, device=device)
+    with deterministic_kernels(cfg.deterministic):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.architecture, train_set.num_classes, train_set.mean, train_set.std,
+                            train_set.input_shape).to(device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                    weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+        start_epoch = _load_state(state_path, config_json, device, model, optimizer, scheduler)
+        if start_epoch:
+            log(f"resuming {out_path.name} after epoch {start_epoch}/{cfg.epochs}")
+        generator = torch.Generator(device=device)
+        step = TrainStep(model, optimizer, noise, train_set.q, generator, training=cfg.training,
+                         stability_weight=cfg.stability_weight, crop_padding=cfg.crop_padding, flip=cfg.flip,
+                         amp=cfg.amp, channels_last=cfg.channels_last)
         model.train()
-        started, total_loss, correct = time.perf_counter(), 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            # Per batch from the dataset: an ImageNet split does not fit in memory, let alone on the GPU.
-            values = train_set.grid_values(idx.cpu()).to(device)
-            x = augment(values.float() / train_set.q, generator, cfg.crop_padding, cfg.flip)
-            y = labels[idx]
-            with autocast:
-                noisy = noise.sample(x, generator)
-                if cfg.channels_last:
-                    noisy = noisy.contiguous(memory_format=torch.channels_last)
-                logits = model(noisy)
-                if cfg.training == "stability":
-                    loss = stability_loss(logits, model(noise.sample(x, generator)), y, cfg.stability_weight)
-                else:
-                    loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-            _progress(epoch, cfg.epochs, start + len(idx), len(order))
-        scheduler.step()
-        seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": total_loss / len(order),
-                   "train_accuracy": correct / len(order), "lr": optimizer.param_groups[0]["lr"],
-                   "images_per_second": len(order) / seconds}
-        state = {"config": config_json, "epoch": epoch + 1, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        atomic_write(state_path, lambda handle: torch.save(state, handle))
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")
-        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['loss']:.4f}  noisy train acc {100 * metrics['train_accuracy']:.2f}%  "
-            f"lr {metrics['lr']:.4g}  {metrics['images_per_second']:.0f} img/s")
-        if on_epoch is not None:
-            on_epoch(metrics)
+        batches, graphed = _batches(cfg, train_set, device, step)
+        for epoch in range(start_epoch, cfg.epochs):
+            started = time.perf_counter()
+            model.train()
+            if graphed is not None:
+                graphed.capture()  # before seeding: the graph bakes in this epoch's learning rate
+            generator.manual_seed(stream_seed(cfg.seed, epoch, _TRAIN_STREAM, 0))
+            order = torch.randperm(len(train_set), generator=generator, device=device)
+            _run_epoch(step, batches, graphed, order, epoch, cfg.epochs)
+            total_loss, correct = step.read_metrics()  # the epoch's one wait for the device
+            scheduler.step()
+            seconds = time.perf_counter() - started
+            metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": total_loss / len(order),
+                       "train_accuracy": correct / len(order), "lr": optimizer.param_groups[0]["lr"],
+                       "images": len(order), "seconds": seconds, "images_per_second": len(order) / seconds}
+            state = {"config": config_json, "epoch": epoch + 1, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            atomic_write(state_path, lambda handle: torch.save(state, handle))
+            if sys.stderr.isatty():
+                sys.stderr.write("\n")
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['loss']:.4f}  noisy train acc "
+                f"{100 * metrics['train_accuracy']:.2f}%  lr {metrics['lr']:.4g}  {metrics['images_per_second']:.0f} img/s")
+            if on_epoch is not None:
+                on_epoch(metrics)
+        del graphed, batches  # the graph's memory pool and the resident split
 
-    heldout = heldout_set if cfg.heldout_limit is None else heldout_set.subset(np.arange(min(len(heldout_set), cfg.heldout_limit)))
-    eval_batch = 4 * cfg.batch_size
-    clean = _accuracy(model, heldout, None, device, eval_batch, cfg.seed)
-    noisy = _accuracy(model, heldout, noise, device, eval_batch, cfg.seed)
+        heldout = heldout_set if cfg.heldout_limit is None else heldout_set.subset(np.arange(min(len(heldout_set), cfg.heldout_limit)))
+        eval_batch = 4 * cfg.batch_size
+        clean = _accuracy(model, heldout, None, device, eval_batch, cfg.seed)
+        noisy = _accuracy(model, heldout, noise, device, eval_batch, cfg.seed)
     described = noise.describe()
     card = ModelCard(
         architecture=cfg.architecture, dataset=cfg.dataset, class_names=list(train_set.class_names),
@@ -248,7 +290,26 @@ def train_model(
     return card
 
 
+def step_flops(config: TrainConfig) -> float:
+    """Floating-point operations of one training step of ``config`` (forward and backward, about
+    3x the forward, for every noisy copy of every image of a batch), counted by torch's
+    FlopCounterMode on a model built on the meta device (no memory, no data)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from certlib.data import INPUT_SHAPES, NUM_CLASSES
+
+    cfg = config.resolved()
+    shape = INPUT_SHAPES[cfg.dataset]
+    with torch.device("meta"):
+        model = build_model(cfg.architecture, NUM_CLASSES[cfg.dataset], [0.5] * shape[0], [0.25] * shape[0], shape)
+        with FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, *shape))
+    copies = 2 if cfg.training == "stability" else 1
+    return 3.0 * counter.get_total_flops() * copies * cfg.batch_size
+
 
 def json_config(cfg: TrainConfig) -> str:
-    """The configuration as canonical JSON: a resumed run must match it exactly."""
-    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    """What the run computes, as canonical JSON: a resumed run must match it exactly (the
+    execution settings may differ)."""
+    computed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_SETTINGS}
+    return json.dumps(computed, sort_keys=True)

@@ -278,7 +278,7 @@ def _last_progress(logs: str) -> dict | None:
 @user_errors
 def status(job: str, address: str | None) -> None:
     """Status and progress of JOB (a job id or a sweep name)."""
-    from cluster.driver import describe_progress
+    from cluster.driver import describe_progress, describe_training
 
     client = _client(address)
     job_id = _resolve_job(client, job)
@@ -289,6 +289,12 @@ def status(job: str, address: str | None) -> None:
         click.echo("no progress reported yet")
         return
     click.echo(describe_progress(progress) + f"  (as of {progress['elapsed_seconds']:.0f} s into the run)")
+    training = progress.get("training", {})
+    if any(entry["state"] != "done" for entry in training.values()):
+        click.echo("training:")
+        for label, entry in sorted(training.items()):
+            click.echo(f"  {describe_training(label, entry)}")
+    click.echo("certified images per model:")
     for label, (model_done, model_total) in sorted(progress["by_model"].items()):
         click.echo(f"  {label}: {model_done}/{model_total}")
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -20,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
 from certlib.atomic import atomic_write
 from certlib.checkpoint import read_card
 from cluster.results import existing_shards, shard_path, shard_state
+from certlib.train import TrainConfig, TrainSettings, step_flops
 from cluster.spec import ModelKey, Sweep, SpecError, Unit, expand, model_keys, unit_parameters
 from cluster.worker import UnitRunner, select_images
 
@@ -114,7 +117,8 @@ def plan_sweep(sweep: Sweep, num_images: int, log=print) -> Plan:
 
 @dataclass
 class Progress:
-    """Images certified out of the total, per model and overall, with rate and ETA."""
+    """Images certified out of the total, per model and overall, and the models still to train,
+    with rates and an ETA that counts both."""
 
     total: int
     done: int
@@ -127,28 +131,88 @@ class Progress:
     started: float = field(default_factory=time.time)
     images_this_run: int = 0
     failures: list[str] = field(default_factory=list)
+    # Per model to train: {"state": queued|training|done|failed} plus, once an epoch is done,
+    # the worker's latest epoch metrics and when they arrived ("reported").
+    training: dict[str, dict] = field(default_factory=dict)
+    train_slots: int = 1
+
+    def training_seconds_left(self, now: float) -> float | None:
+        """Wall time the remaining training needs on ``train_slots`` parallel workers; None
+        while no model has finished an epoch to measure it by."""
+        running, queued, per_model = [], 0, []
+        for info in self.training.values():
+            if "epoch" in info:
+                epoch_seconds = info["images"] / max(info["images_per_second"], 1e-9)
+                per_model.append(info["epochs"] * epoch_seconds)
+            if info["state"] == "queued":
+                queued += 1
+            elif info["state"] == "training":
+                if "epoch" not in info:
+                    queued += 1  # started, not measured yet: counted as a whole model
+                else:
+                    left = (info["epochs"] - info["epoch"]) * info["images"] / max(info["images_per_second"], 1e-9)
+                    running.append(max(0.0, left - (now - info["reported"])))
+        if not running and not queued:
+            return 0.0
+        if queued and not per_model:
+            return None
+        whole = sum(per_model) / len(per_model) if per_model else 0.0
+        return (sum(running) + queued * whole) / max(1, self.train_slots)
 
     def snapshot(self) -> dict:
-        elapsed = max(time.time() - self.started, 1e-9)
+        now = time.time()
+        elapsed = max(now - self.started, 1e-9)
         rate = self.images_this_run / elapsed
         remaining = self.total - self.done
+        certify_left = 0.0 if remaining == 0 else (remaining / rate if rate > 0 else None)
+        training_left = self.training_seconds_left(now)
+        eta = None if certify_left is None or training_left is None else training_left + certify_left
+        training = {}
+        for label, info in self.training.items():
+            entry = {"state": info["state"]}
+            if "epoch" in info:
+                left = (info["epochs"] - info["epoch"]) * info["images"] / max(info["images_per_second"], 1e-9)
+                entry |= {"epoch": info["epoch"], "epochs": info["epochs"],
+                          "images_per_second": round(info["images_per_second"], 1),
+                          "eta_seconds": round(max(0.0, left - (now - info["reported"])), 1) if info["state"] == "training" else 0.0}
+            training[label] = entry
         return {
             "images_done": self.done, "images_total": self.total, "images_per_second": round(rate, 3),
-            "eta_seconds": round(remaining / rate, 1) if rate > 0 else None,
+            "eta_seconds": None if eta is None else round(eta, 1),
+            "training_eta_seconds": None if training_left is None else round(training_left, 1),
             "units_done": self.units_done, "units_total": self.units_total, "units_failed": self.units_failed,
             "models_trained": self.models_trained, "models_to_train": self.models_to_train,
-            "elapsed_seconds": round(elapsed, 1), "by_model": self.by_model,
+            "elapsed_seconds": round(elapsed, 1), "by_model": self.by_model, "training": training,
         }
 
 
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def describe_progress(snap: dict) -> str:
-    """One human line: images, rate, ETA, units, failures, trained models."""
-    eta = snap["eta_seconds"]
-    eta = "?" if eta is None else f"{int(eta) // 60}m{int(eta) % 60:02d}s"
+    """One human line: images, rate, ETA (training included), units, failures, trained models."""
+    training = snap.get("training", {})
+    running = sum(1 for t in training.values() if t["state"] == "training")
+    train_part = f"models trained {snap['models_trained']}/{snap['models_to_train']}"
+    if snap["models_trained"] < snap["models_to_train"]:
+        train_part += f" ({running} training, training ETA {format_seconds(snap.get('training_eta_seconds'))})"
     return (f"progress: {snap['images_done']}/{snap['images_total']} images "
             f"({100 * snap['images_done'] / max(snap['images_total'], 1):.1f}%), {snap['images_per_second']:.1f} images/s, "
-            f"ETA {eta}, units {snap['units_done']}/{snap['units_total']} ({snap['units_failed']} failed), "
-            f"models trained {snap['models_trained']}/{snap['models_to_train']}")
+            f"ETA {format_seconds(snap['eta_seconds'])}, units {snap['units_done']}/{snap['units_total']} "
+            f"({snap['units_failed']} failed), {train_part}")
+
+
+def describe_training(label: str, entry: dict) -> str:
+    """One line per model to train: its state, epoch, images/s and ETA."""
+    if "epoch" not in entry:
+        return f"{label}: {entry['state']}"
+    line = f"{label}: {entry['state']}, epoch {entry['epoch']}/{entry['epochs']}, {entry['images_per_second']:,.0f} images/s"
+    return line + (f", ETA {format_seconds(entry['eta_seconds'])}" if entry["state"] == "training" else "")
 
 
 class _Metrics:
@@ -170,21 +234,106 @@ class _Metrics:
         self.rate.set(snap["images_per_second"], tags=self.tags)
 
 
-def _worker_count(sweep: Sweep, tasks: int) -> tuple[int, float]:
-    resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0.0)
-    per_gpu = sweep.resources.gpus_per_worker
-    per_gpu = (1.0 if gpus else 0.0) if per_gpu == "auto" else float(per_gpu)
-    if per_gpu > gpus:
-        raise SweepConflict(f"resources.gpus_per_worker: {per_gpu} GPUs per worker, but the cluster has {gpus:g}")
-    capacity = int(gpus // per_gpu) if per_gpu else int(resources.get("CPU", 1) // sweep.resources.cpus_per_worker)
-    if capacity < 1:
-        raise SweepConflict(f"resources.cpus_per_worker: {sweep.resources.cpus_per_worker:g} CPUs per worker, "
-                            f"but the cluster has {resources.get('CPU', 0):g}")
-    workers = sweep.resources.workers
-    # More workers than fit would wait for resources forever, holding their units.
-    workers = capacity if workers == "auto" else min(int(workers), capacity)
-    return max(1, min(workers, tasks)), per_gpu
+# A training step below about this many floating-point operations does not fill a GPU: a
+# WRN-40-2 step at batch 256 (5.03e11, step_flops) ran 1.9x the images/s of one at batch 64
+# under a CUDA graph on an H100 (31.5k vs 16.7k, issue 11), so units that small share a GPU
+# (at most MAX_PACKED each).
+FILL_STEP_FLOPS = 5.1e11
+MAX_PACKED = 4
+
+
+def training_gpu_share(sweep: Sweep) -> float:
+    """GPUs per training worker: the spec's ``resources.gpus_per_train_worker``, or for ``auto``
+    1/k with k = FILL_STEP_FLOPS / (the costliest training step of the sweep), 1 <= k <= MAX_PACKED."""
+    setting = sweep.resources.gpus_per_train_worker
+    if setting != "auto":
+        return float(setting)
+    settings = dataclasses.asdict(sweep.models.train or TrainSettings())
+    flops = max(step_flops(TrainConfig(dataset=sweep.dataset.name, method="gaussian", sigma=1.0, training=mode, **settings))
+                for mode in sweep.training)
+    return 1.0 / max(1, min(MAX_PACKED, int(FILL_STEP_FLOPS // flops)))
+
+
+@dataclass
+class _Slot:
+    kind: str  # "train" or "certify"
+    actor: object
+    task: Task | None = None
+
+
+class _Pool:
+    """Ray actors of two kinds, created while the cluster's GPUs and CPUs allow: training
+    workers (a share of a GPU each, several per GPU when a step does not fill one) and
+    certification workers. A task waits for an idle worker of its kind; an idle worker whose
+    kind has no queued work makes room for the other kind."""
+
+    def __init__(self, sweep: Sweep, job_id: str):
+        resources = ray.cluster_resources()
+        self.gpus, self.cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+        certify_gpus = sweep.resources.gpus_per_worker
+        certify_gpus = (1.0 if self.gpus else 0.0) if certify_gpus == "auto" else float(certify_gpus)
+        train_gpus = training_gpu_share(sweep) if self.gpus and sweep.models.train is not None else 0.0
+        for key, need in (("gpus_per_worker", certify_gpus), ("gpus_per_train_worker", train_gpus)):
+            if need > self.gpus:
+                raise SweepConflict(f"resources.{key}: {need:g} GPUs per worker, but the cluster has {self.gpus:g}")
+        cpus = sweep.resources.cpus_per_worker
+        if cpus > self.cpus:
+            raise SweepConflict(f"resources.cpus_per_worker: {cpus:g} CPUs per worker, but the cluster has {self.cpus:g}")
+        self.need = {"train": (cpus, train_gpus), "certify": (cpus, certify_gpus)}
+        self.cap = 10**9 if sweep.resources.workers == "auto" else int(sweep.resources.workers)
+        threads = max(1, int(cpus))
+        # Two threads per actor: the driver asks a training worker for its epoch metrics mid-run.
+        self.factory = {kind: ray.remote(UnitRunner).options(num_cpus=c, num_gpus=g, max_concurrency=2)
+                        for kind, (c, g) in self.need.items()}
+        self.args = (sweep.to_json(), job_id, threads)
+        self.slots: list[_Slot] = []
+
+    def describe(self) -> str:
+        return ", ".join(f"{kind}: {c:g} CPU, {g:g} GPU per worker" for kind, (c, g) in self.need.items())
+
+    def _fits(self, kind: str) -> bool:
+        cpus, gpus = self.need[kind]
+        used_cpus = sum(self.need[s.kind][0] for s in self.slots)
+        used_gpus = sum(self.need[s.kind][1] for s in self.slots)
+        count = sum(1 for s in self.slots if s.kind == kind)
+        return count < self.cap and used_cpus + cpus <= self.cpus + 1e-9 and used_gpus + gpus <= self.gpus + 1e-9
+
+    def _new(self, kind: str) -> _Slot:
+        slot = _Slot(kind, self.factory[kind].remote(*self.args))
+        self.slots.append(slot)
+        return slot
+
+    def idle(self, task: Task, queued_kinds: set[str]) -> _Slot | None:
+        """An idle worker for ``task``: an existing one, a new one where resources allow, or one
+        made room for by retiring idle workers of a kind with nothing queued."""
+        slot = next((s for s in self.slots if s.kind == task.kind and s.task is None), None)
+        if slot is None and not self._fits(task.kind):
+            for spare in [s for s in self.slots if s.task is None and s.kind not in queued_kinds]:
+                self.retire(spare)
+                if self._fits(task.kind):
+                    break
+        if slot is None and (self._fits(task.kind) or not self.slots):
+            slot = self._new(task.kind)
+        return slot
+
+    def retire(self, slot: _Slot) -> None:
+        ray.kill(slot.actor, no_restart=True)
+        self.slots.remove(slot)
+
+    def replace(self, slot: _Slot) -> None:
+        """A new worker in place of one whose process died."""
+        ray.kill(slot.actor, no_restart=True)
+        slot.actor, slot.task = self.factory[slot.kind].remote(*self.args), None
+
+    def capacity(self, kind: str) -> int:
+        """How many workers of ``kind`` the cluster holds at once."""
+        cpus, gpus = self.need[kind]
+        fit = [math.floor(self.cpus / cpus + 1e-9)] + ([math.floor(self.gpus / gpus + 1e-9)] if gpus else [])
+        return max(1, min([self.cap, *fit]))
+
+    def shutdown(self) -> None:
+        for slot in list(self.slots):
+            self.retire(slot)
 
 
 def _failure_name(task: Task) -> str:
@@ -238,18 +387,11 @@ def run_sweep(sweep: Sweep, job_id: str, log=print) -> Progress:
         task = Task("certify", unit.model, unit)
         (waiting[unit.model] if unit.model in training else queue).append(task)
 
-    workers, gpus = _worker_count(sweep, len(plan.to_train) + len(plan.pending))
-    cpus = sweep.resources.cpus_per_worker
-    actor_class = ray.remote(UnitRunner).options(num_cpus=cpus, num_gpus=gpus)
-    sweep_json = sweep.to_json()
-
-    def new_actor():
-        return actor_class.remote(sweep_json, job_id, max(1, int(cpus)))
-
-    actors = [new_actor() for _ in range(workers)]
-    log(f"{workers} workers ({cpus:g} CPU, {gpus:g} GPU each)")
-    idle = list(range(workers))
-    in_flight: dict[ray.ObjectRef, tuple[int, Task]] = {}
+    pool = _Pool(sweep, job_id)
+    log(f"workers ({pool.describe()})")
+    progress.training = {k.label: {"state": "queued"} for k in plan.to_train}
+    progress.train_slots = pool.capacity("train")
+    in_flight: dict[ray.ObjectRef, _Slot] = {}
     metrics = _Metrics(job_id)
     last_report = last_json = 0.0
 
@@ -258,47 +400,63 @@ def run_sweep(sweep: Sweep, job_id: str, log=print) -> Progress:
         _record_failure(sweep, task, error)
         log(f"FAILED {task.name}: {error}" + (f" (after {task.attempts + 1} attempts)" if task.attempts else ""))
         if task.kind == "train":
+            progress.training[task.key.label]["state"] = "failed"
             for orphan in waiting.pop(task.key, []):
                 fail(orphan, f"its model could not be trained ({error})")
         else:
             progress.units_failed += 1
 
+    def dispatch() -> None:
+        pending = list(queue)
+        queue.clear()
+        for i, task in enumerate(pending):
+            slot = pool.idle(task, {t.kind for t in pending[i:]})
+            if slot is None:
+                queue.append(task)
+                continue
+            slot.task = task
+            if task.kind == "train":
+                progress.training[task.key.label]["state"] = "training"
+                in_flight[slot.actor.train.remote(task.key)] = slot
+            else:
+                in_flight[slot.actor.certify.remote(task.unit)] = slot
+
+    def finish(slot: _Slot, ref: ray.ObjectRef) -> None:
+        task, slot.task = slot.task, None
+        try:
+            result = ray.get(ref)
+        except RayTaskError as err:  # the unit itself raised: deterministic, no retry
+            fail(task, _error_line(err))
+        except RayError as err:  # the worker process or its node died, or the result was lost: retry
+            pool.replace(slot)
+            if task.attempts >= sweep.resources.max_retries:
+                fail(task, f"worker died ({_error_line(err)})")
+            else:
+                task.attempts += 1
+                log(f"worker died during {task.name}; retrying (attempt {task.attempts + 1})")
+                queue.appendleft(task)
+        else:
+            _clear_failure(sweep, task)
+            if task.kind == "train":
+                progress.models_trained += 1
+                progress.training[task.key.label]["state"] = "done"
+                log(f"trained {task.key.label} in {result['seconds']:.1f} s "
+                    f"(held-out clean {100 * result['clean_accuracy']:.2f}%, noisy {100 * result['noisy_accuracy']:.2f}%)")
+                queue.extend(waiting.pop(task.key, []))
+            else:
+                progress.done += result["images"]
+                progress.images_this_run += result["images"]
+                progress.units_done += 1
+                progress.by_model[result["model"]][0] += result["images"]
+
     while queue or in_flight:
-        while idle and queue:
-            slot, task = idle.pop(), queue.popleft()
-            method = actors[slot].train if task.kind == "train" else actors[slot].certify
-            in_flight[method.remote(task.key if task.kind == "train" else task.unit)] = (slot, task)
+        dispatch()
         ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=PROGRESS_EVERY)
         for ref in ready:
-            slot, task = in_flight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except RayTaskError as err:  # the unit itself raised: deterministic, no retry
-                fail(task, _error_line(err))
-            except RayError as err:  # the worker process or its node died, or the result was lost: retry
-                ray.kill(actors[slot], no_restart=True)
-                actors[slot] = new_actor()
-                if task.attempts >= sweep.resources.max_retries:
-                    fail(task, f"worker died ({_error_line(err)})")
-                else:
-                    task.attempts += 1
-                    log(f"worker died during {task.name}; retrying (attempt {task.attempts + 1})")
-                    queue.appendleft(task)
-            else:
-                _clear_failure(sweep, task)
-                if task.kind == "train":
-                    progress.models_trained += 1
-                    log(f"trained {task.key.label} in {result['seconds']:.1f} s "
-                        f"(held-out clean {100 * result['clean_accuracy']:.2f}%, noisy {100 * result['noisy_accuracy']:.2f}%)")
-                    queue.extend(waiting.pop(task.key, []))
-                else:
-                    progress.done += result["images"]
-                    progress.images_this_run += result["images"]
-                    progress.units_done += 1
-                    progress.by_model[result["model"]][0] += result["images"]
-            idle.append(slot)
+            finish(in_flight.pop(ref), ref)
         now, finished = time.time(), not (queue or in_flight)
         if now - last_report >= PROGRESS_EVERY or finished:
+            _poll_training(pool, progress)
             snap = progress.snapshot()
             metrics.update(snap)
             log(describe_progress(snap))
@@ -306,9 +464,26 @@ def run_sweep(sweep: Sweep, job_id: str, log=print) -> Progress:
             if now - last_json >= PROGRESS_JSON_EVERY or finished:
                 log(PROGRESS_PREFIX + json.dumps(snap))
                 last_json = now
-    for actor in actors:
-        ray.kill(actor, no_restart=True)
+    pool.shutdown()
     return progress
+
+
+def _poll_training(pool: _Pool, progress: Progress) -> None:
+    """The latest epoch metrics of every model in training (a quick call to its worker's
+    second thread); a worker that does not answer within a second is asked again next time."""
+    asked = {slot.actor.training_progress.remote(): slot.task.key.label
+             for slot in pool.slots if slot.kind == "train" and slot.task is not None}
+    if not asked:
+        return
+    ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=1.0)
+    for ref in ready:
+        try:
+            latest = ray.get(ref)
+        except RayError:
+            continue
+        info = progress.training[asked[ref]]
+        if latest is not None and info["state"] == "training":
+            info.update(latest)
 
 
 def print_table(sweep: Sweep, log=print) -> None:

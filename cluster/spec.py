@@ -17,7 +17,7 @@ import yaml
 
 from certlib.cascade import PRECISIONS
 from certlib.noise import NOISES, DSSNNoise
-from certlib.train import PAPER_DEFAULTS, TRAINING_MODES, TrainSettings
+from certlib.train import DATA_PLACEMENTS, PAPER_DEFAULTS, TRAINING_MODES, TrainSettings
 
 DATASET_Q = {"digits": 16, "cifar10": 255, "imagenet": 255}
 DATASET_SPLITS = {"digits": ("train", "test"), "cifar10": ("train", "test"), "imagenet": ("train", "val")}
@@ -64,6 +64,7 @@ class CertifySpec:
 class ResourcesSpec:
     workers: int | str = "auto"
     gpus_per_worker: float | str = "auto"
+    gpus_per_train_worker: float | str = "auto"
     cpus_per_worker: float = 1
     shard_size: int = 500
     max_retries: int = 3
@@ -212,6 +213,10 @@ def _train(data, path="models.train") -> TrainSettings:
         amp=_bool(data.get("amp", d.amp), f"{path}.amp"),
         channels_last=_bool(data.get("channels_last", d.channels_last), f"{path}.channels_last"),
         heldout_limit=_int(data.get("heldout_limit", d.heldout_limit), f"{path}.heldout_limit", 1, allow_none=True),
+        deterministic=_bool(data.get("deterministic", d.deterministic), f"{path}.deterministic"),
+        cuda_graph=_auto_or_bool(data.get("cuda_graph", d.cuda_graph), f"{path}.cuda_graph"),
+        data=_str(data.get("data", d.data), f"{path}.data", DATA_PLACEMENTS),
+        loader_workers=_int(data.get("loader_workers", d.loader_workers), f"{path}.loader_workers", 0, allow_none=True),
     )
 
 
@@ -253,8 +258,13 @@ def _resources(data, path="resources") -> ResourcesSpec:
     gpus = data.get("gpus_per_worker", d.gpus_per_worker)
     if gpus != "auto":
         gpus = _float(gpus, f"{path}.gpus_per_worker", minimum=0)
+    train_gpus = data.get("gpus_per_train_worker", d.gpus_per_train_worker)
+    if train_gpus != "auto":  # a training run uses one device: a GPU or a share of one
+        train_gpus = _float(train_gpus, f"{path}.gpus_per_train_worker", minimum=0)
+        if train_gpus > 1:
+            raise SpecError(f"{path}.gpus_per_train_worker: a training run uses one GPU at most, got {train_gpus}")
     return ResourcesSpec(
-        workers, gpus, _float(data.get("cpus_per_worker", d.cpus_per_worker), f"{path}.cpus_per_worker", positive=True),
+        workers, gpus, train_gpus, _float(data.get("cpus_per_worker", d.cpus_per_worker), f"{path}.cpus_per_worker", positive=True),
         _int(data.get("shard_size", d.shard_size), f"{path}.shard_size", 1),
         _int(data.get("max_retries", d.max_retries), f"{path}.max_retries", 0),
     )

@@ -17,7 +17,8 @@ import torch
 
 import certlib
 from certlib.atomic import exclusive_lock
-from certlib.cascade import Cascade, enable_deterministic_kernels
+from certlib.cascade import Cascade
+from certlib.determinism import enable_deterministic_kernels
 from certlib.checkpoint import load_checkpoint, read_card
 from certlib.data import QuantizedDataset, load_dataset
 from certlib.noise import DSSNNoise, make_noise
@@ -52,6 +53,7 @@ class UnitRunner:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._images: QuantizedDataset | None = None
         self._model: tuple[str, Cascade, object] | None = None
+        self._epoch: dict | None = None  # the latest epoch metrics of the model in training
 
     @property
     def images(self) -> QuantizedDataset:
@@ -82,9 +84,17 @@ class UnitRunner:
                 heldout_split = "val" if sweep.dataset.name == "imagenet" else "test"
                 train_set = load_dataset(sweep.dataset.name, "train", sweep.dataset.root)
                 heldout = load_dataset(sweep.dataset.name, heldout_split, sweep.dataset.root)
-                card = train_model(config, path, train_set, heldout, device=self.device, log=log)
+                self._epoch = None
+                card = train_model(config, path, train_set, heldout, device=self.device, log=log,
+                                   on_epoch=lambda metrics: setattr(self, "_epoch", {**metrics, "reported": time.time()}))
         return {"model": key.label, "seconds": time.perf_counter() - started, "clean_accuracy": card.clean_accuracy,
                 "noisy_accuracy": card.noisy_accuracy}
+
+    def training_progress(self) -> dict | None:
+        """The latest epoch's metrics (epoch, epochs, images, images_per_second, ...) and when
+        they were reported, of the model this worker is training; answered from a second thread
+        while ``train`` runs."""
+        return self._epoch
 
     def _load(self, key: ModelKey) -> tuple[Cascade, object]:
         """The model of ``key`` behind its precision cascade, kept across this worker's units:

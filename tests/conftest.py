@@ -3,11 +3,17 @@ classifiers written as torch modules."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from certlib.determinism import CUBLAS_WORKSPACE
+
+# Before any CUDA work: cuBLAS reads it once, and the deterministic-training tests need it.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR10_DIR = SHARED_DATA / "cifar-10-batches-bin"

@@ -5,6 +5,7 @@ batching and the number of workers."""
 from __future__ import annotations
 
 import base64
+import json
 import dataclasses
 import os
 import signal
@@ -219,3 +220,66 @@ def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
     assert results[0]["clean_accuracy"] == results[1]["clean_accuracy"] is not None
     out = capsys.readouterr().out
     assert "waiting: another process is training" in out and "was trained meanwhile by another process" in out
+
+
+def test_training_progress_and_eta_are_reported_while_models_train(ray_session, tmp_path, monkeypatch):
+    import cluster.driver as driver
+
+    monkeypatch.setattr(driver, "PROGRESS_EVERY", 0.5)
+    monkeypatch.setattr(driver, "PROGRESS_JSON_EVERY", 0.5)
+    sweep = parse_spec({
+        "name": "train-progress", "output": str(tmp_path / "out"), "dataset": {"name": "digits", "limit": 10},
+        "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt"), "train": {"epochs": 25}},
+        "methods": ["uniform"], "sigmas": [0.5], "seeds": [0, 1], "certify": {"n0": 8, "n": 64},
+        "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "shard_size": 10},
+    })
+    lines = []
+    progress = run_sweep(sweep, "job-train-progress", log=lines.append)
+    assert not progress.failures and progress.models_trained == 2
+    records = [json.loads(line.split(driver.PROGRESS_PREFIX, 1)[1]) for line in lines if driver.PROGRESS_PREFIX in line]
+    mid = [r for r in records if any(t.get("state") == "training" and "epoch" in t for t in r["training"].values())]
+    assert mid, "no progress record caught a model mid-training"
+    entry = next(t for t in mid[0]["training"].values() if "epoch" in t)
+    assert 1 <= entry["epoch"] <= 25 and entry["epochs"] == 25 and entry["images_per_second"] > 0
+    assert entry["eta_seconds"] >= 0 and mid[0]["training_eta_seconds"] is not None
+    # one worker: while the first model trains, the second waits, and the job's ETA waits for both
+    assert any(t["state"] == "queued" for t in mid[0]["training"].values())
+    assert any("training ETA" in line for line in lines)
+    final = records[-1]
+    assert [t["state"] for t in final["training"].values()] == ["done", "done"] and final["eta_seconds"] == 0
+
+
+def test_the_eta_adds_the_training_still_to_do_to_certification():
+    from cluster.driver import Progress, describe_progress, describe_training
+
+    now = time.time()
+    progress = Progress(total=200, done=100, by_model={}, units_total=4, started=now - 10, images_this_run=50,
+                        models_to_train=2, train_slots=2)
+    progress.training = {
+        "a": {"state": "training", "epoch": 2, "epochs": 10, "images": 1000, "images_per_second": 100.0, "reported": now},
+        "b": {"state": "queued"},
+    }
+    snap = progress.snapshot()
+    # a: 8 epochs of 10 s left; b: a whole model (100 s); two workers; then 100 images at 5 images/s
+    assert snap["training_eta_seconds"] == pytest.approx(90, abs=0.5)
+    assert snap["eta_seconds"] == pytest.approx(110, abs=0.5)
+    assert snap["training"]["a"]["eta_seconds"] == pytest.approx(80, abs=0.5)
+    assert "ETA 1m50s" in describe_progress(snap) and "1 training, training ETA 1m30s" in describe_progress(snap)
+    assert describe_training("a", snap["training"]["a"]) == "a: training, epoch 2/10, 100 images/s, ETA 1m20s"
+    progress.training["a"] = {"state": "training"}  # nothing measured yet: no honest ETA
+    assert progress.snapshot()["eta_seconds"] is None
+
+
+@pytest.mark.parametrize("dataset,architecture,training,share", [
+    ("cifar10", "wrn40_2", ["standard"], 0.25), ("cifar10", "wrn40_2", ["standard", "stability"], 0.5),
+    ("imagenet", "resnet50", ["standard"], 1.0), ("digits", "small_cnn", ["stability"], 0.25),
+])
+def test_training_units_share_a_gpu_when_a_step_does_not_fill_it(tmp_path, dataset, architecture, training, share):
+    from cluster.driver import training_gpu_share
+
+    spec = {"name": "share", "output": str(tmp_path / "out"),
+            "dataset": {"name": dataset, **({} if dataset == "digits" else {"root": str(tmp_path)})},
+            "models": {"path": "m/{method}-{training}-{sigma}-{seed}.pt", "train": {"architecture": architecture}},
+            "methods": ["gaussian"], "sigmas": [0.5], "training": training}
+    assert training_gpu_share(parse_spec(spec)) == share
+    assert training_gpu_share(parse_spec({**spec, "resources": {"gpus_per_train_worker": 0.5}})) == 0.5

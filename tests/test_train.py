@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,12 +13,15 @@ import torch
 
 import certlib.train as train_module
 from certlib.certificates import dssn_radius
+from certlib.data import QuantizedDataset, load_imagenet
 from certlib.checkpoint import CardMismatch, load_checkpoint, read_card, save_checkpoint
 from certlib.data import load_cifar10, load_digits
 from certlib.models import build_model
-from certlib.noise import DSSNNoise
+from certlib.noise import DSSNNoise, make_noise
+from certlib.voting import stream_seed
 from certlib.smooth import Smooth
-from certlib.train import TrainConfig, augment, stability_loss, train_model
+from certlib.train import TrainConfig, train_model
+from certlib.train_step import augment, stability_loss
 from tests.conftest import random_checkpoint
 
 
@@ -62,8 +67,8 @@ def test_dssn_training_uses_the_papers_offset_vector(digits, tmp_path, monkeypat
 
     monkeypatch.setattr(train_module, "make_noise", spy)
     calls = []
-    real_sample = DSSNNoise.sample
-    monkeypatch.setattr(DSSNNoise, "sample", lambda self, x, g=None: calls.append(1) or real_sample(self, x, g))
+    real_sample = DSSNNoise.sample_grid
+    monkeypatch.setattr(DSSNNoise, "sample_grid", lambda self, x, q, g=None: calls.append(1) or real_sample(self, x, q, g))
     train_model(TrainConfig("digits", "dssn", 0.5, seed=3, epochs=1), tmp_path / "m.pt", *digits, log=quiet)
     noise = made[0]
     assert isinstance(noise, DSSNNoise) and noise.seed == 3 and noise.q == 16
@@ -148,8 +153,88 @@ def test_every_architecture_round_trips_through_a_checkpoint(arch, shape, tmp_pa
         assert torch.equal(tensor, original[name]), name
 
 
+def reference_training(config: TrainConfig, train_set) -> dict:
+    """The papers' training loop written plainly (batches pulled from host memory, noise on
+    pixel floats, SGD's own momentum initialisation), with train_model's random streams."""
+    cfg = config.resolved()
+    noise = make_noise(cfg.method, cfg.sigma, q=train_set.q, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.architecture, train_set.num_classes, train_set.mean, train_set.std, train_set.input_shape)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    model.train()
+    for epoch in range(cfg.epochs):
+        generator = torch.Generator().manual_seed(stream_seed(cfg.seed, epoch, 2, 0))
+        order = torch.randperm(len(train_set), generator=generator)
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            x = augment(train_set.pixels(idx), generator, cfg.crop_padding, cfg.flip)
+            logits = model(noise.sample(x, generator))
+            if cfg.training == "stability":
+                loss = stability_loss(logits, model(noise.sample(x, generator)), train_set.labels[idx], cfg.stability_weight)
+            else:
+                loss = torch.nn.functional.cross_entropy(logits, train_set.labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("method,training", [("dssn", "standard"), ("gaussian", "stability"), ("laplace", "standard")])
+def test_the_training_step_keeps_the_papers_math(digits, tmp_path, method, training):
+    """Device-resident batches, integer-grid augmentation, grid noise and on-device metrics
+    give, on a CPU, exactly the weights of the plain loop."""
+    config = TrainConfig("digits", method, 0.5, seed=4, epochs=2, training=training, heldout_limit=8)
+    expected = reference_training(config, digits[0])
+    train_model(config, tmp_path / "m.pt", *digits, device="cpu", log=quiet)
+    model, _ = load_checkpoint(tmp_path / "m.pt")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_workers_decoding_batches_train_the_same_model_as_resident_data(digits, tmp_path):
+    config = TrainConfig("digits", "uniform", 0.5, seed=2, epochs=2, heldout_limit=8)
+    resident = train_model(config, tmp_path / "a.pt", *digits, device="cpu", log=quiet)
+    loaded = train_model(dataclasses.replace(config, data="loader", loader_workers=2), tmp_path / "b.pt", *digits,
+                         device="cpu", log=quiet)
+    assert loaded.weights_sha256 == resident.weights_sha256
+
+
+def write_image_folder(root: Path, split: str, classes: int, per_class: int, seed: int) -> None:
+    """An ImageNet-layout folder root/<split>/<wnid>/*.JPEG of random images of varied sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / split / f"n{c:08d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            h, w = rng.integers(230, 300, size=2)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img_{i}.JPEG")
+
+
+def test_resnet50_trains_from_an_imagenet_folder_through_dataloader_workers(tmp_path):
+    """ImageNet does not fit on a device: DataLoader worker processes decode its JPEGs. The
+    model equals one trained on the same decoded images held in memory."""
+    write_image_folder(tmp_path / "imagenet", "train", classes=2, per_class=4, seed=0)
+    write_image_folder(tmp_path / "imagenet", "val", classes=2, per_class=1, seed=1)
+    train_set, heldout = load_imagenet(tmp_path / "imagenet", "train"), load_imagenet(tmp_path / "imagenet", "val")
+    config = TrainConfig("imagenet", "gaussian", 0.25, seed=1, epochs=1, batch_size=4, loader_workers=2)
+    lines = []
+    streamed = train_model(config, tmp_path / "streamed.pt", train_set, heldout, device="cpu", log=lines.append)
+    assert streamed.architecture == "resnet50" and streamed.input_shape == [3, 224, 224] and streamed.heldout == "val[:2]"
+    in_memory = QuantizedDataset("imagenet", "train", train_set.grid_values(range(len(train_set))), train_set.labels, 255,
+                                 train_set.class_names, train_set.mean, train_set.std)  # the same images, decoded up front
+    held = train_model(config, tmp_path / "held.pt", in_memory, heldout, device="cpu", log=quiet)
+    assert held.weights_sha256 == streamed.weights_sha256
+
+
 def test_resume_after_interruption_gives_the_same_weights(digits, tmp_path):
-    config = TrainConfig("digits", "dssn", 0.5, seed=4, epochs=3, training="stability")
+    """Deterministic kernels: bit-identical weights on a GPU as well as on a CPU (where every
+    kernel is deterministic anyway); runs on the GPU where there is one."""
+    config = TrainConfig("digits", "dssn", 0.5, seed=4, epochs=3, training="stability", deterministic=True)
     straight = train_model(config, tmp_path / "a.pt", *digits, log=quiet)
 
     class Interrupted(Exception):
@@ -191,3 +276,35 @@ def test_dssn_digits_model_certifies_above_80_percent(digits, tmp_path):
     prediction, radius = dssn_radius(result["votes"], noise.levels, noise.q)
     certified = (prediction == test_set.labels.numpy()) & (radius >= 0)
     assert certified.mean() > 0.80
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_the_cuda_graph_step_trains_the_eager_steps_model(digits, tmp_path):
+    config = TrainConfig("digits", "gaussian", 0.5, seed=3, epochs=2, training="stability", deterministic=True,
+                         heldout_limit=8)
+    graphed = train_model(dataclasses.replace(config, cuda_graph=True), tmp_path / "g.pt", *digits, device="cuda", log=quiet)
+    eager = train_model(dataclasses.replace(config, cuda_graph=False), tmp_path / "e.pt", *digits, device="cuda", log=quiet)
+    assert graphed.hyperparameters["cuda_graph"] is True and eager.hyperparameters["cuda_graph"] is False
+    (a, _), (b, _) = load_checkpoint(tmp_path / "g.pt"), load_checkpoint(tmp_path / "e.pt")
+    for name, tensor in a.state_dict().items():
+        torch.testing.assert_close(tensor, b.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_cuda
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_an_epoch_never_waits_for_the_gpu(digits, tmp_path, monkeypatch, cuda_graph):
+    real_run_epoch = train_module._run_epoch
+
+    def strict(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")  # any host synchronization raises
+        try:
+            return real_run_epoch(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(train_module, "_run_epoch", strict)
+    config = TrainConfig("digits", "dssn", 0.5, epochs=1, cuda_graph=cuda_graph, heldout_limit=8)
+    train_model(config, tmp_path / "m.pt", *digits, device="cuda", log=quiet)

@@ -190,7 +190,7 @@ def test_monte_carlo_refuses_dssn_and_bad_counts():
 
 
 def test_votes_are_unchanged_under_deterministic_kernels():
-    from certlib.cascade import enable_deterministic_kernels
+    from certlib.determinism import enable_deterministic_kernels
 
     images = load_digits("test").pixels(range(4))
     model = random_cnn(1, seed=3)

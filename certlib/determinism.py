@@ -1,0 +1,48 @@
+"""Deterministic kernels: the same inputs give bit-identical outputs, run after run.
+
+On a CPU every kernel the library uses is already deterministic. On CUDA, cuDNN picks among
+convolution algorithms (some accumulate with atomics, in a different order each run), and a
+few backward kernels (scatter-add, adaptive pooling) are non-deterministic; torch's
+deterministic mode forbids them, so a run either reproduces its bits or raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+# cuBLAS reproducibility needs a fixed workspace configuration, read when its first handle is
+# created: set it before any CUDA work (the test suite's conftest and the workers do).
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def _set(deterministic: bool) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    # cuDNN's autotuner times candidate algorithms and keeps the fastest: faster, not repeatable.
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def enable_deterministic_kernels() -> None:
+    """Deterministic kernels for the rest of the process (a certification worker's setting).
+    Call before the first CUDA operation."""
+    _set(True)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels (``enabled``) or the fastest ones (cuDNN autotuning) inside the
+    block; the process's previous settings are restored after it."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    _set(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
