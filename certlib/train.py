@@ -156,13 +156,18 @@ def _batches(cfg: "TrainConfig", train_set: QuantizedDataset, device: torch.devi
     batches = ResidentBatches(train_set, device, cfg.batch_size)
     if cfg.cuda_graph is False or device.type != "cuda" or batches.full_batches == 0:
         return batches, None
+    return batches, _graph_or_eager(lambda: GraphedStep(step, batches), cfg.cuda_graph)
+
+
+def _graph_or_eager(make: Callable[[], GraphedStep | None], setting: bool | str) -> GraphedStep | None:
+    """``make()``, or None (the same step, eagerly) where capture fails and ``setting`` is auto."""
     try:
-        return batches, GraphedStep(step, batches)
-    except RuntimeError as err:  # an operation the graph cannot hold: the same step, eagerly
-        if cfg.cuda_graph is True:
+        return make()
+    except RuntimeError as err:
+        if setting is True:
             raise
-        warnings.warn(f"training without a CUDA graph: capture failed ({str(err).splitlines()[0]})", stacklevel=2)
-        return batches, None
+        warnings.warn(f"training without a CUDA graph: capture failed ({str(err).splitlines()[0]})", stacklevel=3)
+        return None
 
 
 def _run_epoch(step: TrainStep, batches: ResidentBatches | LoadedBatches, graphed: GraphedStep | None,
@@ -249,8 +254,8 @@ def train_model(
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
             model.train()
-            if graphed is not None:
-                graphed.capture()  # before seeding: the graph bakes in this epoch's learning rate
+            if graphed is not None:  # before seeding: the graph bakes in this epoch's learning rate
+                graphed = _graph_or_eager(graphed.capture, cfg.cuda_graph)
             generator.manual_seed(stream_seed(cfg.seed, epoch, _TRAIN_STREAM, 0))
             order = torch.randperm(len(train_set), generator=generator, device=device)
             _run_epoch(step, batches, graphed, order, epoch, cfg.epochs)
@@ -269,7 +274,7 @@ def train_model(
                 f"{100 * metrics['train_accuracy']:.2f}%  lr {metrics['lr']:.4g}  {metrics['images_per_second']:.0f} img/s")
             if on_epoch is not None:
                 on_epoch(metrics)
-        del graphed, batches  # the graph's memory pool and the resident split
+        graphed = batches = None  # frees the graph's memory pool and the resident split
 
         heldout = heldout_set if cfg.heldout_limit is None else heldout_set.subset(np.arange(min(len(heldout_set), cfg.heldout_limit)))
         eval_batch = 4 * cfg.batch_size

@@ -138,14 +138,18 @@ class GraphedStep:
             for tensor, value in zip(self.step.state_tensors(), saved):
                 tensor.copy_(value)
 
-    def capture(self) -> None:
+    def capture(self) -> "GraphedStep":
         if self.graph is not None:
             self.graph.reset()
         self.graph = torch.cuda.CUDAGraph()
         self.graph.register_generator_state(self.step.generator)
+        # Gradients are allocated by the captured backward, in the graph's pool, and reused by
+        # every replay (CUDA graphs' whole-network capture).
+        self.step.optimizer.zero_grad(set_to_none=True)
         # thread_local: a Ray actor reports progress from another thread during training.
         with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
             self.step(*self.batches.next_batch())
+        return self
 
     def replay(self) -> None:
         self.graph.replay()
