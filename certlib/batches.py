@@ -96,8 +96,11 @@ class LoadedBatches:
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers > 0 else None)
 
-    def epoch(self, order: torch.Tensor):
-        """The epoch's batches in ``order`` (one host read of the permutation per epoch)."""
+    def start_epoch(self, order: torch.Tensor) -> None:
+        """Set the epoch's permutation of the rows (the epoch's one host read of it)."""
         self.sampler.order = order.tolist()
+
+    def batches(self):
+        """The epoch's batches, in its order, on the device."""
         for values, labels in self.loader:
             yield values.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,32 +155,20 @@ def _batches(cfg: "TrainConfig", train_set: QuantizedDataset, device: torch.devi
     batches = ResidentBatches(train_set, device, cfg.batch_size)
     if cfg.cuda_graph is False or device.type != "cuda" or batches.full_batches == 0:
         return batches, None
-    return batches, _graph_or_eager(lambda: GraphedStep(step, batches), cfg.cuda_graph)
-
-
-def _graph_or_eager(make: Callable[[], GraphedStep | None], setting: bool | str) -> GraphedStep | None:
-    """``make()``, or None (the same step, eagerly) where capture fails and ``setting`` is auto."""
-    try:
-        return make()
-    except RuntimeError as err:
-        if setting is True:
-            raise
-        warnings.warn(f"training without a CUDA graph: capture failed ({str(err).splitlines()[0]})", stacklevel=3)
-        return None
+    return batches, GraphedStep(step, batches)
 
 
 def _run_epoch(step: TrainStep, batches: ResidentBatches | LoadedBatches, graphed: GraphedStep | None,
-               order: torch.Tensor, epoch: int, epochs: int) -> None:
-    """Every step of one epoch, in ``order``; returns without waiting for the device."""
-    total = len(order)
+               epoch: int, epochs: int, total: int) -> None:
+    """Every step of one epoch (its order set by ``batches.start_epoch``); returns without
+    waiting for the device."""
     if isinstance(batches, LoadedBatches):
         done = 0
-        for values, labels in batches.epoch(order):
+        for values, labels in batches.batches():
             step(values, labels)
             done += len(labels)
             _progress(epoch, epochs, done, total)
         return
-    batches.start_epoch(order)
     for i in range(batches.full_batches):
         graphed.replay() if graphed is not None else step(*batches.next_batch())
         if i % 50 == 0:
@@ -249,16 +236,18 @@ def train_model(
         step = TrainStep(model, optimizer, noise, train_set.q, generator, training=cfg.training,
                          stability_weight=cfg.stability_weight, crop_padding=cfg.crop_padding, flip=cfg.flip,
                          amp=cfg.amp, channels_last=cfg.channels_last)
+        step.prime(train_set.input_shape)
         model.train()
         batches, graphed = _batches(cfg, train_set, device, step)
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
             model.train()
-            if graphed is not None:  # before seeding: the graph bakes in this epoch's learning rate
-                graphed = _graph_or_eager(graphed.capture, cfg.cuda_graph)
+            if graphed is not None:
+                graphed.capture()  # before seeding: the graph bakes in this epoch's learning rate
             generator.manual_seed(stream_seed(cfg.seed, epoch, _TRAIN_STREAM, 0))
             order = torch.randperm(len(train_set), generator=generator, device=device)
-            _run_epoch(step, batches, graphed, order, epoch, cfg.epochs)
+            batches.start_epoch(order)
+            _run_epoch(step, batches, graphed, epoch, cfg.epochs, len(order))
             total_loss, correct = step.read_metrics()  # the epoch's one wait for the device
             scheduler.step()
             seconds = time.perf_counter() - started

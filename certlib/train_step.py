@@ -77,6 +77,13 @@ class TrainStep:
                 for p in group["params"]:
                     self.optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
 
+    def prime(self, input_shape: tuple[int, ...]) -> None:
+        """One draw of the noise before the first epoch: a noise that builds a device table on
+        first use (DSSN's offset vector, copied from the host) does it here, not mid-epoch.
+        Every epoch re-seeds the generator, so this draw changes nothing."""
+        self.noise.sample_grid(torch.zeros((1, *input_shape), dtype=torch.uint8, device=self.device), self.q,
+                               self.generator)
+
     def _noisy(self, x: torch.Tensor) -> torch.Tensor:
         noisy = self.noise.sample_grid(x, self.q, self.generator)
         return noisy.contiguous(memory_format=torch.channels_last) if self.channels_last else noisy
@@ -114,12 +121,12 @@ class GraphedStep:
     """``step`` on the next full batch of ``batches``, captured as one CUDA graph.
 
     Call ``capture()`` at the start of every epoch (after the learning rate changed, before
-    the epoch's generator is seeded) and ``replay()`` once per full batch."""
+    the epoch's generator is seeded) and ``replay()`` once per full batch. Each capture has a
+    memory pool of its own; the previous graph is released after the next one is captured."""
 
     def __init__(self, step: TrainStep, batches: ResidentBatches):
         self.step, self.batches = step, batches
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.pool = torch.cuda.graph_pool_handle()
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -138,18 +145,23 @@ class GraphedStep:
             for tensor, value in zip(self.step.state_tensors(), saved):
                 tensor.copy_(value)
 
-    def capture(self) -> "GraphedStep":
-        if self.graph is not None:
-            self.graph.reset()
-        self.graph = torch.cuda.CUDAGraph()
-        self.graph.register_generator_state(self.step.generator)
+    def capture(self) -> None:
+        """Capture the step for the current learning rate. Raises a RuntimeError naming the
+        setting to change when the step cannot be captured (an operation that needs the host)."""
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.step.generator)
         # Gradients are allocated by the captured backward, in the graph's pool, and reused by
         # every replay (CUDA graphs' whole-network capture).
         self.step.optimizer.zero_grad(set_to_none=True)
-        # thread_local: a Ray actor reports progress from another thread during training.
-        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
-            self.step(*self.batches.next_batch())
-        return self
+        try:
+            # thread_local: a Ray actor reports progress from another thread during training.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.step(*self.batches.next_batch())
+        except RuntimeError as err:
+            raise RuntimeError(f"the training step cannot be captured as a CUDA graph ({str(err).splitlines()[0]}); "
+                               "train with cuda_graph: false") from err
+        # The previous epoch's graph goes only now: its own memory pool is released with it.
+        self.graph = graph
 
     def replay(self) -> None:
         self.graph.replay()

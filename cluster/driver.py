@@ -439,7 +439,10 @@ def run_sweep(sweep: Sweep, job_id: str, log=print) -> Progress:
             _clear_failure(sweep, task)
             if task.kind == "train":
                 progress.models_trained += 1
-                progress.training[task.key.label]["state"] = "done"
+                info = progress.training[task.key.label]
+                info["state"] = "done"
+                if "epochs" in info:  # the last poll may have seen an earlier epoch
+                    info["epoch"] = info["epochs"]
                 log(f"trained {task.key.label} in {result['seconds']:.1f} s "
                     f"(held-out clean {100 * result['clean_accuracy']:.2f}%, noisy {100 * result['noisy_accuracy']:.2f}%)")
                 queue.extend(waiting.pop(task.key, []))

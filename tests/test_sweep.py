@@ -247,6 +247,7 @@ def test_training_progress_and_eta_are_reported_while_models_train(ray_session, 
     assert any("training ETA" in line for line in lines)
     final = records[-1]
     assert [t["state"] for t in final["training"].values()] == ["done", "done"] and final["eta_seconds"] == 0
+    assert all(t["epoch"] == 25 for t in final["training"].values() if "epoch" in t)
 
 
 def test_the_eta_adds_the_training_still_to_do_to_certification():
