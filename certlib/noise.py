@@ -243,15 +243,16 @@ class DSSNNoise(SmoothingNoise):
 
     def sample(self, x, generator=None):
         """Training-time noise: one random offset s_base per image (Levine & Feizi Appendix B)."""
-        x_int = quantize(x, self.q).flatten(1)
-        s_base = torch.randint(self.levels, (x.shape[0],), generator=generator, device=x.device)
-        return self.copies(x_int, s_base, x.dtype).view(x.shape)
+        return self._random_copies(quantize(x, self.q), generator, x.dtype)
 
     def sample_grid(self, values, q, generator=None):
         if q != self.q:
             raise ValueError(f"DSSN noise built for q={self.q} cannot sample images on the 1/{q} grid")
-        s_base = torch.randint(self.levels, (values.shape[0],), generator=generator, device=values.device)
-        return self.copies(values.flatten(1).to(torch.int32), s_base).view(values.shape)
+        return self._random_copies(values, generator, torch.float32)
+
+    def _random_copies(self, grid: torch.Tensor, generator, dtype) -> torch.Tensor:
+        s_base = torch.randint(self.levels, (grid.shape[0],), generator=generator, device=grid.device)
+        return self.copies(grid.flatten(1).to(torch.int32), s_base, dtype).view(grid.shape)
 
     def certified_radius(self, p_a_lower, p_b_upper=None):
         raise TypeError("DSSN certifies exactly from its votes: use certificates.dssn_radius(votes, levels, q)")

@@ -41,7 +41,7 @@ import torch
 from certlib.atomic import atomic_write
 from certlib.batches import LoadedBatches, ResidentBatches, fits_on_device
 from certlib.checkpoint import ModelCard, save_checkpoint
-from certlib.data import QuantizedDataset
+from certlib.data import INPUT_SHAPES, NUM_CLASSES, QuantizedDataset
 from certlib.determinism import deterministic_kernels
 from certlib.models import build_model
 from certlib.noise import DSSNNoise, SmoothingNoise, make_noise
@@ -289,8 +289,6 @@ def step_flops(config: TrainConfig) -> float:
     3x the forward, for every noisy copy of every image of a batch), counted by torch's
     FlopCounterMode on a model built on the meta device (no memory, no data)."""
     from torch.utils.flop_counter import FlopCounterMode
-
-    from certlib.data import INPUT_SHAPES, NUM_CLASSES
 
     cfg = config.resolved()
     shape = INPUT_SHAPES[cfg.dataset]
