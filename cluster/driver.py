@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -409,9 +409,13 @@ def run_sweep(sweep: Sweep, job_id: str, log=print) -> Progress:
     def dispatch() -> None:
         pending = list(queue)
         queue.clear()
-        for i, task in enumerate(pending):
-            slot = pool.idle(task, {t.kind for t in pending[i:]})
+        left = Counter(task.kind for task in pending)  # queued tasks per kind, this one included
+        blocked: set[str] = set()  # kinds that found no worker: the rest of them wait too
+        for task in pending:
+            slot = None if task.kind in blocked else pool.idle(task, {kind for kind, n in left.items() if n})
+            left[task.kind] -= 1
             if slot is None:
+                blocked.add(task.kind)
                 queue.append(task)
                 continue
             slot.task = task
