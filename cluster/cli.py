@@ -7,12 +7,11 @@ the traceback instead.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
-import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -21,10 +20,7 @@ from pathlib import Path
 import click
 
 import certlib
-
-LOCAL_DASHBOARD = "http://127.0.0.1:8265"
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
+from cluster import jobs, local_ray
 
 class UserError(click.ClickException):
     """One line for the user, exit code 2."""
@@ -59,11 +55,6 @@ def address_option(command):
                         "else the local instance.")(command)
 
 
-def _status(value) -> str:
-    """'RUNNING' from a JobStatus, a JobInfo or a string."""
-    return str(getattr(value, "status", value)).split(".")[-1]
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(certlib.__version__, prog_name="certify")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
@@ -77,71 +68,26 @@ def main(debug: bool) -> None:
 # --------------------------------------------------------------------------- Ray connection
 
 def _client(address: str | None, start: bool = False):
-    """A JobSubmissionClient for ``address`` (or RAY_ADDRESS); without either, the embedded local
-    Ray instance, started (dashboard on 127.0.0.1, token authentication on) when none runs and
-    ``start`` is set."""
-    from ray.job_submission import JobSubmissionClient
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        if address.startswith("ray://") or ":10001" in address or ":6379" in address:
-            raise UserError(f"--address {address}: give the dashboard address (http://<head>:8265) for job submission")
-        url = address if "://" in address else f"http://{address}"
-        try:
-            return JobSubmissionClient(url)
-        except Exception as err:  # noqa: BLE001 - connection failures come in many types
-            raise UserError(f"cannot reach the Ray cluster at {url}: {str(err).splitlines()[0]}") from None
+    """A JobSubmissionClient for ``address`` (or RAY_ADDRESS; ``auto``: the Ray running here);
+    without either, the embedded local Ray instance, started (dashboard on 127.0.0.1, token
+    authentication on) when none runs and ``start`` is set."""
+    url = jobs.dashboard_address(address)
+    if url:
+        return jobs.connect(url)
     try:
-        return JobSubmissionClient(LOCAL_DASHBOARD)
-    except Exception:  # noqa: BLE001 - nothing listens yet
+        return jobs.connect(jobs.LOCAL_DASHBOARD)
+    except jobs.ClusterError:
         if not start:
-            raise UserError(f"no local Ray instance at {LOCAL_DASHBOARD} (submit a job to start one, "
+            raise UserError(f"no local Ray instance at {jobs.LOCAL_DASHBOARD} (submit a job to start one, "
                             "or pass --address / set RAY_ADDRESS)") from None
-        _start_local_ray()
-        return JobSubmissionClient(LOCAL_DASHBOARD)
-
-
-def _ray_cli() -> list[str]:
-    ray = shutil.which("ray")
-    return [ray] if ray else [sys.executable, "-m", "ray.scripts.scripts"]
-
-
-def _start_local_ray() -> None:
-    from ray.job_submission import JobSubmissionClient
-
-    click.echo("starting a local Ray instance (dashboard on http://127.0.0.1:8265, token authentication on)...", err=True)
-    env = dict(os.environ, RAY_AUTH_MODE="token")
-    if not (Path.home() / ".ray" / "auth_token").is_file() and not env.get("RAY_AUTH_TOKEN"):
-        subprocess.run(_ray_cli() + ["get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    started = subprocess.run(
-        _ray_cli() + ["start", "--head", "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
-                      "--disable-usage-stats", "--num-cpus", str(os.cpu_count() or 1)],
-        env=env, capture_output=True, text=True,
-    )
-    if started.returncode != 0:
-        output = (started.stderr or started.stdout or "no output").strip().splitlines() or ["no output"]
-        raise UserError(f"could not start a local Ray instance: {output[-1]}")
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            JobSubmissionClient(LOCAL_DASHBOARD).list_jobs()
-            return
-        except Exception:  # noqa: BLE001 - the dashboard takes a few seconds to come up
-            time.sleep(1)
-    raise UserError("the local Ray instance started but its dashboard did not answer within 60 s")
+    click.echo(f"starting a local Ray instance (dashboard on {jobs.LOCAL_DASHBOARD}, token authentication on; "
+               "`certify stop` shuts it down)...", err=True)
+    instance = local_ray.start(num_cpus=os.cpu_count() or 1)
+    local_ray.save_record(instance)
+    return jobs.connect(instance.dashboard_url)
 
 
 # --------------------------------------------------------------------------- submit-job
-
-def _is_remote(address: str | None) -> bool:
-    """Whether jobs run on other machines: then paths are the cluster's and are not checked here."""
-    if not address:
-        return False
-    from urllib.parse import urlparse
-
-    host = urlparse(address if "://" in address else f"http://{address}").hostname
-    return host not in ("127.0.0.1", "localhost", "::1")
-
 
 def submission_id(spec_json: str, name: str) -> str:
     """Deterministic: the same validated spec always gets the same job id (its later attempts
@@ -152,7 +98,7 @@ def submission_id(spec_json: str, name: str) -> str:
 def preflight(sweep) -> None:
     """Checks that need the files: the dataset, the models' cards, the output directory."""
     from certlib.checkpoint import check_card, read_card
-    from cluster.driver import plan_sweep
+    from cluster.driver import plan_sweep, recorded_shard_size
     from cluster.spec import SpecError, model_keys
     from cluster.worker import select_images
 
@@ -173,7 +119,11 @@ def preflight(sweep) -> None:
                                   dataset=sweep.dataset.name, training=key.training)
             if problems and not sweep.models.override_card:
                 raise SpecError(f"models.path: {path}: the card does not match: {problems[0]} (models.override_card: true to use it)")
-    plan_sweep(sweep, len(images), log=lambda line: None)
+    size = sweep.resources.shard_size
+    size = recorded_shard_size(sweep.output) if size == "auto" else size
+    if size is not None:  # else the driver sizes the units: no shard can be there yet
+        sized = dataclasses.replace(sweep, resources=dataclasses.replace(sweep.resources, shard_size=size))
+        plan_sweep(sized, len(images), log=lambda line: None)
 
 
 @main.command("submit-job")
@@ -187,7 +137,8 @@ def submit_job(spec_file: Path, address: str | None, wait: bool) -> None:
     from cluster.spec import SpecError, load_spec, relative_paths, resolve_paths
 
     sweep = load_spec(spec_file)
-    remote = _is_remote(address or os.environ.get("RAY_ADDRESS"))
+    url = jobs.dashboard_address(address)
+    remote = jobs.is_remote(url)
     if remote:  # the files are the cluster's: only the spec itself can be checked here
         relative = relative_paths(sweep)
         if relative:
@@ -200,12 +151,12 @@ def submit_job(spec_file: Path, address: str | None, wait: bool) -> None:
     client = _client(address, start=True)
     attempts = {j.submission_id: j for j in client.list_jobs()
                 if (j.submission_id or "") == base_id or (j.submission_id or "").startswith(base_id + "-r")}
-    running = [j for j in attempts.values() if _status(j) not in TERMINAL]
+    running = [j for j in attempts.values() if jobs.job_status(j) not in jobs.TERMINAL]
     if running:
         job_id = running[0].submission_id
-        click.echo(f"{job_id} is already {_status(running[0])}; follow it with `certify status {job_id}`")
+        click.echo(f"{job_id} is already {jobs.job_status(running[0])}; follow it with `certify status {job_id}`")
         if wait:
-            sys.exit(_follow(client, job_id))
+            sys.exit(_wait(client, job_id))
         return
     # A resubmission (after a cancel, a failure or a crash) is a new attempt of the same sweep:
     # its units already on disk are skipped.
@@ -221,55 +172,40 @@ def submit_job(spec_file: Path, address: str | None, wait: bool) -> None:
         metadata={"certify": "1", "name": sweep.name, "output": sweep.output, "spec": spec_json},
     )
     click.echo(f"submitted {job_id}: {sweep.name} -> {sweep.output}")
-    click.echo(f"dashboard: {address or os.environ.get('RAY_ADDRESS') or LOCAL_DASHBOARD}  |  "
+    click.echo(f"dashboard: {url or jobs.LOCAL_DASHBOARD}  |  "
                f"certify status {job_id}  |  certify logs {job_id}  |  certify cancel {job_id}")
     if wait:
-        sys.exit(_follow(client, job_id))
+        sys.exit(_wait(client, job_id))
 
 
-def _follow(client, job_id: str) -> int:
-    """Stream the job's log until the job ends; 0 if it succeeded."""
-    printed = 0
-    while True:
-        logs = client.get_job_logs(job_id)
-        if len(logs) > printed:
-            click.echo(logs[printed:], nl=False)
-            printed = len(logs)
-        status = _status(client.get_job_status(job_id))
-        if status in TERMINAL:
-            logs = client.get_job_logs(job_id)
-            click.echo(logs[printed:], nl=False)
-            message = client.get_job_info(job_id).message
-            click.echo(f"{job_id}: {status}" + ("" if status == "SUCCEEDED" or not message else f" ({message.strip().splitlines()[-1]})"))
-            return 0 if status == "SUCCEEDED" else 1
-        time.sleep(2)
+def _wait(client, job_id: str, show_logs: bool = True) -> int:
+    """Follow the job to its real end (see ``jobs.follow``) and say how it ended; 0 if it succeeded."""
+    end = jobs.follow(client, job_id, click.echo, show_logs=show_logs)
+    if end == "LOST":
+        click.echo(f"{job_id}: FAILED (its driver's node died; resubmit the spec to resume, finished units are kept)")
+        return 1
+    message = ""
+    if end != "SUCCEEDED":
+        try:
+            message = (client.get_job_info(job_id).message or "").strip()
+        except Exception:  # noqa: BLE001 - the reason is a courtesy; the end is known
+            message = ""
+    click.echo(f"{job_id}: {end}" + (f" ({message.splitlines()[-1]})" if message else ""))
+    return 0 if end == "SUCCEEDED" else 1
 
 
 # --------------------------------------------------------------------------- status, list, logs, cancel
 
 def _resolve_job(client, job: str) -> str:
     """A submission id, or the name of a sweep (its latest job)."""
-    jobs = [j for j in client.list_jobs() if (j.metadata or {}).get("certify") == "1"]
-    for j in jobs:
+    ours = [j for j in client.list_jobs() if (j.metadata or {}).get("certify") == "1"]
+    for j in ours:
         if j.submission_id == job:
             return job
-    named = sorted((j for j in jobs if (j.metadata or {}).get("name") == job), key=lambda j: j.start_time or 0)
+    named = sorted((j for j in ours if (j.metadata or {}).get("name") == job), key=lambda j: j.start_time or 0)
     if named:
         return named[-1].submission_id
     raise UserError(f"no certify job {job!r} on this cluster (see `certify list`)")
-
-
-def _last_progress(logs: str) -> dict | None:
-    from cluster.driver import PROGRESS_PREFIX
-
-
-    for line in reversed(logs.splitlines()):
-        if PROGRESS_PREFIX in line:
-            try:
-                return json.loads(line.split(PROGRESS_PREFIX, 1)[1])
-            except json.JSONDecodeError:  # a line still being written
-                continue
-    return None
 
 
 @main.command()
@@ -278,13 +214,14 @@ def _last_progress(logs: str) -> dict | None:
 @user_errors
 def status(job: str, address: str | None) -> None:
     """Status and progress of JOB (a job id or a sweep name)."""
-    from cluster.driver import describe_progress, describe_training
+    from cluster.progress import describe_progress, describe_training
 
     client = _client(address)
     job_id = _resolve_job(client, job)
     info = client.get_job_info(job_id)
-    click.echo(f"{job_id}: {_status(info)}  ({(info.metadata or {}).get('name')} -> {(info.metadata or {}).get('output')})")
-    progress = _last_progress(client.get_job_logs(job_id))
+    output = (info.metadata or {}).get("output")
+    click.echo(f"{job_id}: {jobs.job_status(info)}  ({(info.metadata or {}).get('name')} -> {output})")
+    progress = jobs.latest_progress(client, job_id, output)
     if progress is None:
         click.echo("no progress reported yet")
         return
@@ -305,26 +242,30 @@ def status(job: str, address: str | None) -> None:
 def list_jobs(address: str | None) -> None:
     """The certify jobs on the cluster."""
     client = _client(address)
-    jobs = sorted((j for j in client.list_jobs() if (j.metadata or {}).get("certify") == "1"), key=lambda j: j.start_time or 0)
-    if not jobs:
+    ours = sorted((j for j in client.list_jobs() if (j.metadata or {}).get("certify") == "1"), key=lambda j: j.start_time or 0)
+    if not ours:
         click.echo("no certify jobs")
-    for j in jobs:
+    for j in ours:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime((j.start_time or 0) / 1000))
-        click.echo(f"{j.submission_id}  {_status(j):<9}  {started}  {(j.metadata or {}).get('output')}")
+        click.echo(f"{j.submission_id}  {jobs.job_status(j):<9}  {started}  {(j.metadata or {}).get('output')}")
 
 
 @main.command()
 @click.argument("job")
 @address_option
-@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+@click.option("--follow", "-f", is_flag=True, help="Stream the log until the job ends (Ray's log tailing).")
+@click.option("--tail", type=click.IntRange(min=1), help="Only the last N lines.")
 @user_errors
-def logs(job: str, address: str | None, follow: bool) -> None:
+def logs(job: str, address: str | None, follow: bool, tail: int | None) -> None:
     """The driver log of JOB (a job id or a sweep name)."""
     client = _client(address)
     job_id = _resolve_job(client, job)
     if follow:
-        sys.exit(_follow(client, job_id))
-    click.echo(client.get_job_logs(job_id), nl=False)
+        sys.exit(_wait(client, job_id))
+    if tail:
+        click.echo(jobs.log_tail(client, job_id, tail), nl=False)
+    else:
+        click.echo(client.get_job_logs(job_id), nl=False)
 
 
 @main.command()
@@ -338,7 +279,32 @@ def cancel(job: str, address: str | None) -> None:
     if client.stop_job(job_id):
         click.echo(f"stopping {job_id}; resubmit its spec to resume")
     else:
-        click.echo(f"{job_id} has already ended ({_status(client.get_job_status(job_id))})")
+        click.echo(f"{job_id} has already ended ({jobs.job_status(client.get_job_status(job_id))})")
+
+
+@main.command()
+@click.option("--force", is_flag=True, help="Stop it even while certify jobs run on it (they stop; resubmit to resume).")
+@user_errors
+def stop(force: bool) -> None:
+    """Shut down the local Ray instance that `certify submit-job` started (never another one)."""
+    instance = local_ray.load_record()
+    if instance is None:
+        local_ray.forget_record()
+        try:
+            jobs.connect(jobs.LOCAL_DASHBOARD).list_jobs()
+        except Exception:  # noqa: BLE001 - nothing answers: nothing to stop
+            click.echo("no local Ray instance started by certify is running")
+            return
+        raise UserError(f"the Ray instance at {jobs.LOCAL_DASHBOARD} was not started by certify; stop it with `ray stop`")
+    if not force:
+        running = [j.submission_id for j in jobs.connect(instance.dashboard_url).list_jobs()
+                   if jobs.job_status(j) not in jobs.TERMINAL]
+        if running:
+            raise UserError(f"{len(running)} job(s) still running on the local Ray instance ({', '.join(running)}): "
+                            "cancel them, or pass --force")
+    count = local_ray.stop(instance)
+    local_ray.forget_record()
+    click.echo(f"stopped the local Ray instance ({count} processes)")
 
 
 # --------------------------------------------------------------------------- table, plot
@@ -434,3 +400,7 @@ def plot(results: Path, output: Path, by: str, certificate: str, dataset_root: s
     except ValueError as err:
         raise UserError(str(err)) from None
     click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

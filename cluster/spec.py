@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ class ResourcesSpec:
     gpus_per_worker: float | str = "auto"
     gpus_per_train_worker: float | str = "auto"
     cpus_per_worker: float = 1
-    shard_size: int = 500
+    shard_size: int | str = "auto"  # images per unit; auto: sized by the driver from a measured rate
     max_retries: int = 3
 
 
@@ -265,7 +265,7 @@ def _resources(data, path="resources") -> ResourcesSpec:
             raise SpecError(f"{path}.gpus_per_train_worker: a training run uses one GPU at most, got {train_gpus}")
     return ResourcesSpec(
         workers, gpus, train_gpus, _float(data.get("cpus_per_worker", d.cpus_per_worker), f"{path}.cpus_per_worker", positive=True),
-        _int(data.get("shard_size", d.shard_size), f"{path}.shard_size", 1),
+        _int(shard_size, f"{path}.shard_size", 1) if (shard_size := data.get("shard_size", d.shard_size)) != "auto" else "auto",
         _int(data.get("max_retries", d.max_retries), f"{path}.max_retries", 0),
     )
 
@@ -406,6 +406,8 @@ def model_keys(sweep: Sweep) -> list[ModelKey]:
 def expand(sweep: Sweep, num_images: int) -> list[Unit]:
     """All units of the sweep over ``num_images`` selected images, shard by shard."""
     size = sweep.resources.shard_size
+    if size == "auto":
+        raise ValueError("expand: resources.shard_size must be resolved (cluster.driver.resolve_shard_size) first")
     return [Unit(key, start, min(start + size, num_images)) for key in model_keys(sweep) for start in range(0, num_images, size)]
 
 

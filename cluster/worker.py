@@ -7,12 +7,15 @@ certlib's.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import platform
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 import certlib
@@ -21,6 +24,7 @@ from certlib.cascade import Cascade
 from certlib.determinism import enable_deterministic_kernels
 from certlib.checkpoint import load_checkpoint, read_card
 from certlib.data import QuantizedDataset, load_dataset
+from certlib.models import build_model
 from certlib.noise import DSSNNoise, make_noise
 from certlib.smooth import Smooth
 from certlib.voting import default_batch_size
@@ -113,13 +117,22 @@ class UnitRunner:
             self._model = (path, cascade, card)
         return self._model[1], self._model[2]
 
+    def pixels(self, unit: Unit) -> torch.Tensor:
+        """The unit's images, pixel scale [0, 1] (decoded here for ImageNet-style datasets)."""
+        return self.images.pixels(np.arange(unit.start, unit.stop))
+
     def certify(self, unit: Unit) -> dict:
         """Certify the unit's images and write its Parquet shard atomically."""
+        table, summary = self.compute(unit, self.pixels(unit))
+        self.write(unit, table)
+        return summary
+
+    def compute(self, unit: Unit, images: torch.Tensor) -> tuple[pa.Table, dict]:
+        """The unit's result rows (not yet written) and a summary for the driver."""
         sweep, key = self.sweep, unit.model
         cascade, card = self._load(key)
         noise = make_noise(key.method, key.sigma, q=sweep.q, seed=key.seed)
         rows = np.arange(unit.start, unit.stop)
-        images = self.images.pixels(rows)
         indices = self.images.indices[rows]
         labels = self.images.labels.numpy()[rows]
         cert = sweep.certify
@@ -151,5 +164,59 @@ class UnitRunner:
             "batch_size": cascade.batch_size, "worker_host": socket.gethostname(), "device": device_name(self.device),
             "model_sha256": card.weights_sha256, "library_version": certlib.__version__,
         })
-        write_shard(shard_path(sweep.output, unit), table, unit_parameters(sweep, unit, card.weights_sha256))
-        return {"unit_id": unit.unit_id, "model": key.label, "images": len(rows), "seconds": seconds}
+        return table, {"unit_id": unit.unit_id, "model": key.label, "images": len(rows), "seconds": seconds}
+
+    def write(self, unit: Unit, table: pa.Table) -> None:
+        sha = table.column("model_sha256")[0].as_py()
+        write_shard(shard_path(self.sweep.output, unit), table, unit_parameters(self.sweep, unit, sha))
+
+    def calibrate(self, architecture: str, seconds: float = 1.0) -> float:
+        """Forward samples per second of ``architecture`` (random weights: speed does not depend
+        on them) on this worker's device, through the sweep's precision and batch size, not
+        compiled; sizes the units when the spec leaves ``shard_size`` to ``auto``."""
+        ds = self.images
+        model = build_model(architecture, ds.num_classes, ds.mean, ds.std, ds.input_shape).to(self.device)
+        cert = self.sweep.certify
+        batch_size = cert.batch_size or default_batch_size(self.device, int(np.prod(ds.input_shape)))
+        cascade = Cascade(model, ds.num_classes, batch_size, device=self.device, precision=cert.precision, compile=False)
+        x = torch.rand(batch_size, *ds.input_shape, device=self.device)
+        cascade.logits(cascade.levels[0], x)  # warm-up: kernels chosen, memory allocated
+        done, started = 0, time.perf_counter()
+        while done == 0 or time.perf_counter() - started < seconds:
+            cascade.logits(cascade.levels[0], x)
+            done += batch_size
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return done / (time.perf_counter() - started)
+
+
+class Worker:
+    """The Ray actor around a ``UnitRunner``: an asyncio actor whose calls overlap where that
+    is free. The device runs one unit at a time (one thread); the images of the unit queued
+    next are loaded, and the rows of the unit just computed written, on a second thread
+    meanwhile. A certify call still returns only once its shard is on disk, so the driver
+    never counts a unit whose rows a crash could lose."""
+
+    def __init__(self, sweep_json: str, job_id: str, threads: int = 1):
+        self.runner = UnitRunner(sweep_json, job_id, threads)
+        self.device = ThreadPoolExecutor(1, thread_name_prefix="device")
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="io")
+        self.io.submit(lambda: self.runner.images)  # the selection loads while the first call is on its way
+
+    async def _on(self, executor: ThreadPoolExecutor, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    async def certify(self, unit: Unit) -> dict:
+        images = await self._on(self.io, self.runner.pixels, unit)
+        table, summary = await self._on(self.device, self.runner.compute, unit, images)
+        await self._on(self.io, self.runner.write, unit, table)
+        return summary
+
+    async def train(self, key: ModelKey) -> dict:
+        return await self._on(self.device, self.runner.train, key)
+
+    async def calibrate(self, architecture: str) -> float:
+        return await self._on(self.device, self.runner.calibrate, architecture)
+
+    async def training_progress(self) -> dict | None:
+        return self.runner.training_progress()

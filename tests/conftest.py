@@ -69,12 +69,20 @@ def smooth_random_table(d: int, q: int, num_classes: int, rng: np.random.Generat
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One real local Ray instance for the whole test session (2 CPUs, dashboard on 127.0.0.1
-    for the Job Submission API)."""
+    """One private local Ray instance for the whole test session (2 CPUs, dashboard on
+    127.0.0.1 for the Job Submission API), on ports and in a directory of its own: a Ray the
+    user already runs (the quickstart leaves one up) is neither attached to nor disturbed.
+    Yields its ``LocalRay`` (gcs_address, dashboard_url); this process is connected to it."""
     ray = pytest.importorskip("ray")
-    context = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    yield context
-    ray.shutdown()
+    from cluster import local_ray
+
+    instance = local_ray.start(num_cpus=2, private=True, object_store_bytes=1 << 30)
+    try:
+        ray.init(address=instance.gcs_address, log_to_driver=False)
+        yield instance
+    finally:
+        ray.shutdown()
+        local_ray.stop(instance)
 
 
 def random_checkpoint(path: Path, dataset, method: str, sigma: float, seed: int, training: str = "standard",

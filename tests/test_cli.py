@@ -3,7 +3,7 @@ specs, and a whole job through the Ray Job Submission API."""
 
 from __future__ import annotations
 
-import textwrap
+import json
 import time
 from pathlib import Path
 
@@ -118,7 +118,6 @@ def test_submission_ids_are_deterministic():
 def test_submit_status_list_logs_cancel_and_resume(ray_session, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     address = ray_session.dashboard_url
-    address = address if address.startswith("http") else f"http://{address}"
     spec = write_spec(tmp_path, GOOD)
     runner = CliRunner()
 
@@ -128,8 +127,20 @@ def test_submit_status_list_logs_cancel_and_resume(ray_session, tmp_path, monkey
     job_id = next(line.split()[1].rstrip(":") for line in result.output.splitlines() if line.startswith("submitted "))
     assert len(load_results(tmp_path / "out")) == 40
 
-    status = runner.invoke(main, ["status", "cli-test", "--address", address])
-    assert status.exit_code == 0 and "SUCCEEDED" in status.output and "40/40 images" in status.output
+    progress_file = tmp_path / "out" / "_progress.json"
+    record = json.loads(progress_file.read_text())
+    assert record["job_id"] == job_id and record["state"] == "finished" and record["images_done"] == 40
+    with monkeypatch.context() as patched:  # status never downloads the whole log
+        from ray.job_submission import JobSubmissionClient
+
+        patched.setattr(JobSubmissionClient, "get_job_logs", lambda *a, **k: pytest.fail("status read the whole log"))
+        status = runner.invoke(main, ["status", "cli-test", "--address", address])
+        assert status.exit_code == 0 and "SUCCEEDED" in status.output and "40/40 images" in status.output
+        progress_file.unlink()  # as on a remote cluster: the last progress line from the log's tail
+        status = runner.invoke(main, ["status", "cli-test", "--address", address])
+        assert status.exit_code == 0 and "40/40 images" in status.output, status.output
+    tail = runner.invoke(main, ["logs", job_id, "--tail", "1", "--address", address])
+    assert tail.output.strip().splitlines() == [f"done: 40 of 40 rows in {tmp_path / 'out'}"]
     listed = runner.invoke(main, ["list", "--address", address])
     assert job_id in listed.output
     logs = runner.invoke(main, ["logs", job_id, "--address", address])
@@ -199,11 +210,11 @@ def test_a_spec_without_train_section_keeps_none_through_the_round_trip():
 
 
 def test_status_commands_never_start_a_cluster(monkeypatch):
-    import cluster.cli as cli
+    from cluster import jobs, local_ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(cli, "LOCAL_DASHBOARD", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setattr(cli, "_start_local_ray", lambda: pytest.fail("a status command started Ray"))
+    monkeypatch.setattr(jobs, "LOCAL_DASHBOARD", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(local_ray, "start", lambda **kwargs: pytest.fail("a status command started Ray"))
     for args in (["list"], ["status", "x"], ["logs", "x"], ["cancel", "x"]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2 and "no local Ray instance" in result.output

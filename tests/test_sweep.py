@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -62,6 +61,12 @@ def expected_indices(limit):
 def test_one_row_per_image_and_configuration(ray_session, tmp_path, cifar10_dir, cifar_test):
     sweep = cifar_sweep(tmp_path, cifar10_dir, sigmas=(0.25, 0.5), limit=20)
     make_models(sweep, cifar_test)
+    from ray.util.state import list_tasks
+
+    def finished(key):  # this session's earlier tests ran calls of the same names
+        calls = list_tasks(address=ray_session.dashboard_url, filters=[("name", "=", f"certify {key.label}")], limit=10_000)
+        return sum(1 for t in calls if t.state == "FINISHED")
+    before = {key: finished(key) for key in model_keys(sweep)}
     progress = run_sweep(sweep, "job-rows", log=quiet)
     assert not progress.failures and progress.done == progress.total == 20 * 4
     df = load_results(sweep.output)
@@ -78,6 +83,12 @@ def test_one_row_per_image_and_configuration(ray_session, tmp_path, cifar10_dir,
     assert set(df.columns) >= {"job_id", "unit_id", "radius_l1", "p_a_lower", "model_sha256", "worker_host", "device", "seconds"}
     # plain pandas reads the Hive layout too, partition columns included
     assert len(pd.read_parquet(sweep.output)) == 80
+    # the dashboard's job page counts the calls by name: 3 more finished units per model
+    for key in model_keys(sweep):
+        deadline = time.time() + 30
+        while time.time() < deadline and finished(key) < before[key] + 3:
+            time.sleep(0.5)
+        assert finished(key) == before[key] + 3, key.label
     assert (Path(sweep.output) / "_sweep.json").read_text() == sweep.to_json()
 
 
@@ -96,10 +107,10 @@ def test_results_do_not_depend_on_shards_batches_workers_or_compilation(ray_sess
     pd.testing.assert_frame_equal(ra.drop(columns=["votes", "selection_votes"]), rb.drop(columns=["votes", "selection_votes"]))
 
 
-def _alive_worker_pids():
+def _alive_worker_pids(dashboard_url: str):
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(filters=[("class_name", "=", "UnitRunner"), ("state", "=", "ALIVE")])]
+    return [a.pid for a in list_actors(address=dashboard_url, filters=[("class_name", "=", "Worker"), ("state", "=", "ALIVE")])]
 
 
 def test_a_killed_worker_is_replaced_and_its_unit_retried(ray_session, tmp_path, cifar10_dir, cifar_test):
@@ -111,7 +122,7 @@ def test_a_killed_worker_is_replaced_and_its_unit_retried(ray_session, tmp_path,
     deadline = time.time() + 120
     while not existing_shards(sweep.output) and time.time() < deadline:
         time.sleep(0.2)
-    pids = _alive_worker_pids()
+    pids = _alive_worker_pids(ray_session.dashboard_url)
     assert pids, "no worker to kill"
     os.kill(pids[0], signal.SIGKILL)
     thread.join(timeout=300)
@@ -125,7 +136,7 @@ def test_a_killed_worker_is_replaced_and_its_unit_retried(ray_session, tmp_path,
 def test_a_killed_driver_resumes_with_only_the_missing_units(ray_session, tmp_path, cifar10_dir, cifar_test):
     sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=2000)
     make_models(sweep, cifar_test)
-    address = ray_session.address_info["gcs_address"]
+    address = ray_session.gcs_address
     spec = base64.b64encode(sweep.to_json().encode()).decode()
     code = (f"import ray, sys; ray.init(address={address!r}, log_to_driver=False); "
             f"from cluster.driver import main; sys.exit(main(['--job-id', 'driver-kill', '--spec-b64', {spec!r}]))")
@@ -171,7 +182,7 @@ def test_an_output_directory_of_another_sweep_is_refused(ray_session, tmp_path, 
         run_sweep(other, "job-3", log=quiet)
     key = model_keys(sweep)[0]
     random_checkpoint(key.checkpoint(sweep), cifar_test, key.method, key.sigma, key.seed + 1)  # other weights, same place
-    from certlib.checkpoint import load_checkpoint, save_checkpoint, read_card
+    from certlib.checkpoint import load_checkpoint, save_checkpoint
     model, card = load_checkpoint(key.checkpoint(sweep), override=True)
     save_checkpoint(key.checkpoint(sweep), model, dataclasses.replace(card, seed=key.seed))
     with pytest.raises(SweepConflict, match="another model"):
@@ -251,7 +262,7 @@ def test_training_progress_and_eta_are_reported_while_models_train(ray_session, 
 
 
 def test_the_eta_adds_the_training_still_to_do_to_certification():
-    from cluster.driver import Progress, describe_progress, describe_training
+    from cluster.progress import Progress, describe_progress, describe_training
 
     now = time.time()
     progress = Progress(total=200, done=100, by_model={}, units_total=4, started=now - 10, images_this_run=50,
@@ -276,7 +287,7 @@ def test_the_eta_adds_the_training_still_to_do_to_certification():
     ("imagenet", "resnet50", ["standard"], 1.0), ("digits", "small_cnn", ["stability"], 0.25),
 ])
 def test_training_units_share_a_gpu_when_a_step_does_not_fill_it(tmp_path, dataset, architecture, training, share):
-    from cluster.driver import training_gpu_share
+    from cluster.pool import training_gpu_share
 
     spec = {"name": "share", "output": str(tmp_path / "out"),
             "dataset": {"name": dataset, **({} if dataset == "digits" else {"root": str(tmp_path)})},
@@ -284,3 +295,35 @@ def test_training_units_share_a_gpu_when_a_step_does_not_fill_it(tmp_path, datas
             "methods": ["gaussian"], "sigmas": [0.5], "training": training}
     assert training_gpu_share(parse_spec(spec)) == share
     assert training_gpu_share(parse_spec({**spec, "resources": {"gpus_per_train_worker": 0.5}})) == 0.5
+
+
+def test_shard_size_is_chosen_from_the_measured_rate():
+    from cluster.driver import choose_shard_size
+
+    # 1,000 images x 10 models at 0.1 s each over 2 workers: 8 units per worker of 62.5 s each
+    assert choose_shard_size(1000, 10, 1000, 10_000, 2) == 625
+    # a small job: units of at least a minute, here the whole selection
+    assert choose_shard_size(100, 1, 1000, 10_000, 4) == 100
+    # a huge one: units of at most ten minutes
+    assert choose_shard_size(10**6, 100, 1000, 10_000, 1) == 6000
+
+
+def test_an_automatic_shard_size_is_measured_once_and_kept_by_the_resume(ray_session, tmp_path):
+    from certlib.data import load_digits
+    from cluster.driver import recorded_shard_size
+
+    sweep = parse_spec({
+        "name": "auto-shards", "output": str(tmp_path / "out"), "dataset": {"name": "digits", "limit": 30},
+        "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
+        "methods": ["uniform"], "sigmas": [0.5], "certify": {"n0": 8, "n": 64},
+        "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
+    })
+    make_models(sweep, load_digits("test"))
+    first, again = [], []
+    assert not run_sweep(sweep, "auto-1", log=first.append).failures
+    size = recorded_shard_size(sweep.output)
+    assert isinstance(size, int) and any(line.startswith(f"shard size {size} images") for line in first)
+    assert len(load_results(sweep.output)) == 30 and len(existing_shards(sweep.output)) == -(-30 // size)
+    run_sweep(sweep, "auto-2", log=again.append)
+    assert not any(line.startswith("shard size") for line in again)
+    assert any("units already done, 0 to run" in line for line in again), again

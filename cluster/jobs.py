@@ -1,0 +1,206 @@
+"""The job queue on Ray's Job Submission API, as the ``certify`` commands use it: which
+dashboard to talk to, following a job to its real end through transient faults, and reading
+a job's progress without its whole log.
+
+Ray keeps a job RUNNING when the node of its driver dies (the dashboard agent and the
+runtime-env agent fate-share with their raylet), so a follower that trusted the job status
+alone would wait forever; ``follow`` also asks whether the driver's node is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+LOCAL_DASHBOARD = "http://127.0.0.1:8265"
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+PROGRESS_FILE = "_progress.json"
+PROGRESS_PREFIX = "[certify-progress] "
+TAIL_LINES = 2000  # log lines read from the end when the progress file is not readable here
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # seconds between attempts to reach the dashboard: doubling up to this
+GIVE_UP_SECONDS = 900.0  # a dashboard unreachable this long is reported as such
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot be reached or refused a request; one line."""
+
+
+def job_status(value) -> str:
+    """'RUNNING' from a JobStatus, a JobInfo or a string."""
+    return str(getattr(value, "status", value)).split(".")[-1]
+
+
+def first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def dashboard_address(address: str | None) -> str | None:
+    """The dashboard URL to submit to: ``address``, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS;
+    ``auto`` is the Ray cluster running on this machine; None means the embedded local
+    instance (LOCAL_DASHBOARD). A GCS or Ray Client address is refused with the right form."""
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return None
+    if address == "auto":
+        return _running_local_dashboard()
+    if address.startswith("ray://") or ":10001" in address or ":6379" in address:
+        raise ClusterError(f"address {address}: give the dashboard address (http://<head>:8265) for job submission")
+    return address if "://" in address else f"http://{address}"
+
+
+def _running_local_dashboard() -> str:
+    from ray._private.services import canonicalize_bootstrap_address
+    from ray.dashboard.utils import ray_address_to_api_server_url
+
+    try:
+        if canonicalize_bootstrap_address("auto") is None:
+            raise ConnectionError("none found")
+        return ray_address_to_api_server_url("auto")
+    except Exception as err:  # noqa: BLE001 - none running, several, or a stale one
+        raise ClusterError(f"RAY_ADDRESS=auto: no single running local Ray cluster ({first_line(err)})") from None
+
+
+def is_remote(url: str | None) -> bool:
+    """Whether jobs run on other machines: then paths are the cluster's and are not checked here."""
+    if not url:
+        return False
+    from urllib.parse import urlparse
+
+    return urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1")
+
+
+def connect(url: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(url)
+    except Exception as err:  # noqa: BLE001 - connection failures come in many types
+        raise ClusterError(f"cannot reach the Ray cluster at {url}: {first_line(err)}") from None
+
+
+class Backoff:
+    """Doubling waits between attempts; gives up after GIVE_UP_SECONDS of failures in a row."""
+
+    def __init__(self, first: float = RETRY_FIRST, most: float = RETRY_MAX, give_up: float = GIVE_UP_SECONDS,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+        self.first, self.most, self.give_up, self.sleep, self.clock = first, most, give_up, sleep, clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.delay, self.failing_since = self.first, None
+
+    def wait(self, what: str, err: BaseException, echo: Callable[[str], None]) -> None:
+        """After a failed attempt: wait, or raise ClusterError once failures have lasted too long."""
+        now = self.clock()
+        self.failing_since = now if self.failing_since is None else self.failing_since
+        if now - self.failing_since >= self.give_up:
+            raise ClusterError(f"{what}: the dashboard did not answer for {self.give_up:.0f} s ({first_line(err)}); "
+                               "the job may still run: ask again with `certify status`")
+        echo(f"[certify] {what}: {first_line(err)}; retrying in {self.delay:.0f} s")
+        self.sleep(self.delay)
+        self.delay = min(self.most, 2 * self.delay)
+
+
+def follow(client, job_id: str, echo: Callable[[str], None], *, show_logs: bool = True,
+           backoff: Backoff | None = None) -> str:
+    """Print the job's log as it grows (Ray's log tailing) until the job ends; returns its end:
+    SUCCEEDED, FAILED or STOPPED, or LOST when its driver's node died while Ray still lists it
+    as running. Transient faults (a dashboard answering 500, a dropped connection, a dead
+    agent) are retried with ``backoff``."""
+    backoff = backoff or Backoff()
+    printed = [0]  # characters of the log already shown: a re-opened stream starts from the top
+    while True:
+        if show_logs:
+            try:
+                _stream(client, job_id, printed, echo)
+            except Exception as err:  # noqa: BLE001 - the agent serving logs is unreachable: poll status
+                echo(f"[certify] log stream interrupted: {first_line(err)}")
+        try:
+            status = job_status(client.get_job_status(job_id))
+            lost = None if status in TERMINAL else driver_node_death(client, job_id)
+        except Exception as err:  # noqa: BLE001
+            backoff.wait("job status", err, echo)
+            continue
+        backoff.reset()
+        if status in TERMINAL:
+            return status
+        if lost is not None:
+            echo(f"[certify] {job_id}: the node of its driver died ({lost}); Ray still lists the job as running")
+            return "LOST"
+        if show_logs:
+            backoff.wait("log stream", ConnectionError("closed while the job runs"), echo)
+        else:
+            time.sleep(2)
+
+
+def _stream(client, job_id: str, printed: list[int], echo: Callable[[str], None]) -> None:
+    """Echo the log beyond its first ``printed[0]`` characters until Ray closes the stream (the
+    job ended) or it breaks; ``printed[0]`` follows what has been shown either way."""
+    async def run() -> None:
+        seen = 0
+        async for chunk in client.tail_job_logs(job_id):
+            new = chunk[max(0, printed[0] - seen):]
+            seen += len(chunk)
+            if new:
+                echo(new.rstrip("\n"))
+                printed[0] = seen
+    asyncio.run(run())
+
+
+def driver_node_death(client, job_id: str) -> str | None:
+    """Why the node of the job's driver died, or None while it is alive (or not yet known)."""
+    from ray.util.state import get_node
+
+    node_id = client.get_job_info(job_id).driver_node_id
+    if not node_id:
+        return None
+    node = get_node(node_id, address=client.get_address())
+    if node is None or node.state != "DEAD":
+        return None
+    return (getattr(node, "state_message", None) or "no reason given").strip().splitlines()[0]
+
+
+def latest_progress(client, job_id: str, output: str | None) -> dict | None:
+    """The job's latest progress record: ``<output>/_progress.json`` where this machine reads
+    the output directory and the file is this job's, else the last progress line among the
+    last TAIL_LINES lines of its log (Ray's log tail API reads from the end, never the whole
+    log)."""
+    if output:
+        try:
+            record = json.loads((Path(output) / PROGRESS_FILE).read_text())
+            if record.get("job_id") == job_id:
+                return record
+        except (OSError, ValueError):
+            pass
+    try:
+        lines = log_tail(client, job_id, TAIL_LINES).splitlines()
+    except Exception:  # noqa: BLE001 - no log yet, or its node is gone
+        return None
+    return last_progress_line(lines)
+
+
+def log_tail(client, job_id: str, lines: int) -> str:
+    """The last ``lines`` lines of the job's driver log, read from the end of the file by the
+    node's log agent (the dashboard's log API; ``ray.util.state.get_log`` would want the GCS
+    address). Through the client's own request helper, which carries its authentication."""
+    node_id = client.get_job_info(job_id).driver_node_id  # the log agent of the driver's node serves it
+    response = client._do_request("GET", "/api/v0/logs/file", params={
+        "submission_id": job_id, "node_id": node_id, "lines": lines, "timeout": 30, "suffix": "out", "attempt_number": 0})
+    if response.status_code != 200:
+        raise ClusterError(f"log of {job_id}: {first_line(RuntimeError(response.text))}")
+    return response.content.decode("utf-8", errors="replace")
+
+
+def last_progress_line(lines: list[str]) -> dict | None:
+    for line in reversed(lines):
+        if PROGRESS_PREFIX in line:
+            try:
+                return json.loads(line.split(PROGRESS_PREFIX, 1)[1])
+            except json.JSONDecodeError:  # a line cut by the tail
+                continue
+    return None
