@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -123,7 +124,7 @@ def status_on_a_big_log(instance, gigabytes: float) -> list[list[str]]:
         "elapsed_seconds": 1.0, "by_model": {"m": [1, 2]}, "training": {}})
     code = (f"import sys\nline = {line!r} + '\\n'\nfor _ in range({count}):\n    sys.stdout.write(line)\n"
             f"print({progress!r}, flush=True)\nimport time\ntime.sleep(600)")
-    job_id = client.submit_job(entrypoint=f"{sys.executable} -c {json.dumps(code)}",
+    job_id = client.submit_job(entrypoint=f"{sys.executable} -c {shlex.quote(code)}",
                                metadata={"certify": "1", "name": "big-log", "output": "/nonexistent"})
     deadline = time.time() + 600
     while time.time() < deadline and jobs.latest_progress(client, job_id, None) is None:
