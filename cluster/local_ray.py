@@ -44,7 +44,14 @@ class LocalRay:
         """Its live processes: the group ``ray start`` created (while its GCS server still runs
         in it, so that a reused group id never counts), and those that left the group but name
         its GCS address or temporary directory on their command line."""
-        port = self.gcs_address.rsplit(":", 1)[1]
+        return self._scan()[0]
+
+    def alive(self) -> bool:
+        """Whether its GCS server still runs."""
+        return self._scan()[1]
+
+    def _scan(self) -> tuple[list[psutil.Process], bool]:
+        gcs = f"--gcs_server_port={self.gcs_address.rsplit(':', 1)[1]}"
         mark = re.compile("|".join(re.escape(m) + r"(?![\w.])" for m in [self.gcs_address, *filter(None, [self.temp_dir])]))
         group, marked, own_gcs = [], [], False
         for proc in psutil.process_iter(["pid", "cmdline"]):
@@ -57,24 +64,10 @@ class LocalRay:
                 continue
             if in_group:
                 group.append(proc)
-                own_gcs |= "gcs_server" in cmdline and f"--gcs_server_port={port}" in cmdline
+                own_gcs |= "gcs_server" in cmdline and gcs in cmdline
             elif mark.search(cmdline):
                 marked.append(proc)
-        return (group if own_gcs else []) + marked
-
-    def alive(self) -> bool:
-        """Whether its GCS server still runs."""
-        port = self.gcs_address.rsplit(":", 1)[1]
-        return any("gcs_server" in " ".join(p.cmdline()) and f"--gcs_server_port={port}" in " ".join(p.cmdline())
-                   for p in self.processes() if _readable(p))
-
-
-def _readable(proc: psutil.Process) -> bool:
-    try:
-        proc.cmdline()
-        return True
-    except psutil.Error:
-        return False
+        return (group if own_gcs else []) + marked, own_gcs
 
 
 def ray_cli() -> list[str]:
