@@ -20,8 +20,9 @@ import numpy as np
 import pyarrow as pa
 
 from certlib.analysis import ANALYSIS_COLUMNS, best_certified_accuracy, load_results
-from certlib.schema import ROW_SCHEMA
-from cluster.results import partition_dir, write_shard
+from certlib.rows import ROW_SCHEMA
+from certlib.families import family
+from certlib.rows import partition_dir, write_shard
 
 SIGMAS = [0.15] + [0.25 * n for n in range(1, 15)]
 
@@ -37,7 +38,7 @@ def shard(rng: np.random.Generator, n: int, start: int, method: str) -> pa.Table
         "prediction": pa.array(np.where(np.isnan(radius), -1, selected)), "correct": pa.array(selected == label),
         "radius_l1": pa.array(radius), "seconds": pa.array(np.full(n, 0.05)),
         "votes": pa.ListArray.from_arrays(np.arange(0, 10 * n + 1, 10), votes.ravel()),
-        "certificate": pa.array(["dssn_exact" if method == "dssn" else "binary"] * n),
+        "certificate": pa.array(["dssn_exact" if family(method).exact else "binary"] * n),
     })
     return pa.Table.from_arrays([columns[f.name] for f in ROW_SCHEMA], schema=ROW_SCHEMA)
 

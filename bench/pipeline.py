@@ -44,7 +44,7 @@ from certlib.cascade import Cascade  # noqa: E402
 from certlib.checkpoint import ModelCard, load_checkpoint, save_checkpoint  # noqa: E402
 from certlib.data import load_dataset  # noqa: E402
 from certlib.models import build_model  # noqa: E402
-from certlib.noise import make_noise  # noqa: E402
+from certlib.families import make_noise  # noqa: E402
 from certlib.smooth import Smooth  # noqa: E402
 from certlib.voting import default_batch_size  # noqa: E402
 from cluster import jobs, local_ray  # noqa: E402

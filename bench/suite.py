@@ -55,7 +55,8 @@ from certlib.cascade import LEVELS, Cascade, EXACT_TIE, disable_tf32, fold_batch
 from certlib.checkpoint import load_checkpoint  # noqa: E402
 from certlib.data import load_cifar10, load_dataset  # noqa: E402
 from certlib.models import build_model  # noqa: E402
-from certlib.noise import DSSNNoise, GaussianNoise, UniformNoise, quantize  # noqa: E402
+from certlib.data import quantize  # noqa: E402
+from certlib.families import DSSNNoise, GaussianNoise, UniformNoise  # noqa: E402
 from certlib.voting import MC_BLOCK, default_batch_size, dssn_votes, monte_carlo_counts, stream_seed  # noqa: E402
 
 DEFAULT_CIFAR = Path(os.environ.get("CIFAR") or Path(__file__).resolve().parents[1].parent / "shared" / "data" /

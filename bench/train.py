@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from certlib.data import QuantizedDataset, load_dataset  # noqa: E402
 from certlib.models import build_model  # noqa: E402
-from certlib.noise import make_noise  # noqa: E402
+from certlib.families import make_noise  # noqa: E402
 from certlib.train import TrainConfig, train_model  # noqa: E402
 from certlib.train_step import augment, stability_loss  # noqa: E402
 from certlib.voting import stream_seed  # noqa: E402

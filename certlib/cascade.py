@@ -38,6 +38,7 @@ import contextlib
 import copy
 import math
 import warnings
+from typing import TypedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -72,6 +73,19 @@ LEVELS: dict[str, Level] = {
     )
 }
 PRECISIONS = ("auto", *LEVELS)  # what a user may ask for: a first level, or auto
+
+
+class EngineOptions(TypedDict, total=False):
+    """How an engine evaluates a model: speed and memory only, never a vote. ``batch_size``
+    (default: sized to the device), ``device`` (default: the model's), ``precision`` (the
+    cascade's first level or ``auto``) and ``compile`` (true, false or ``auto``)."""
+
+    batch_size: int | None
+    device: torch.device | str | None
+    precision: str | None
+    compile: bool | str | None
+
+
 COMPILE_MODE = {"cuda": "max-autotune", "cpu": None}  # torch.compile mode per device type
 
 

@@ -216,9 +216,11 @@ def l1_box_radius(p_a_lower, lam: float, p_b_upper=None, x=None, *, method: str 
     Valid for uniform noise and independent SSN only (Theorem 2.11 needs independent
     coordinates); ``method="dssn"`` is refused. NaN where not certified.
     """
-    if method not in ("uniform", "ssn"):
+    from certlib.families import with_certificate  # the families import this module
+
+    if method not in with_certificate("box"):
         raise ValueError(
-            f"box-constrained certificates hold for uniform noise and independent SSN only, not {method!r} "
+            f"box-constrained certificates hold for {' and '.join(with_certificate('box'))} only, not {method!r} "
             "(Voracek & Hein Theorem 2.11 needs independent splitting noise)"
         )
     lam = _positive(lam, "lambda")

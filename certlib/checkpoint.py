@@ -21,6 +21,7 @@ import torch
 
 import certlib
 from certlib.atomic import atomic_write
+from certlib.families import family
 from certlib.models import build_model
 
 CARD_FORMAT = 1
@@ -124,8 +125,9 @@ def check_card(card: ModelCard, *, method: str | None = None, sigma: float | Non
                q: int | None = None, dataset: str | None = None, training: str | None = None) -> list[str]:
     """Differences between the card and a requested certification, one readable string each.
 
-    A DSSN certificate is only meaningful with the offset vector v the model was trained with,
-    so for DSSN the seed and q must match too.
+    Method, sigma, dataset and training always count; the family names what else must match
+    (``card_keys``: a DSSN certificate is only meaningful with the offset vector v, i.e. the
+    seed, and the q the model was trained with).
     """
     problems = []
     if method is not None and method != card.method:
@@ -136,11 +138,11 @@ def check_card(card: ModelCard, *, method: str | None = None, sigma: float | Non
         problems.append(f"dataset: trained on {card.dataset!r}, certifying on {dataset!r}")
     if training is not None and training != card.training:
         problems.append(f"training: the model had {card.training!r} training, the sweep expects {training!r}")
-    if (method or card.method) == "dssn":
-        if seed is not None and seed != card.seed:
-            problems.append(f"DSSN seed: trained with v from seed {card.seed}, certifying with seed {seed}")
-        if q is not None and q != card.q:
-            problems.append(f"q: trained on a 1/{card.q} grid, certifying on 1/{q}")
+    requested = {"seed": seed, "q": q}
+    for key in family(method or card.method).card_keys:
+        if requested[key] is not None and requested[key] != getattr(card, key):
+            problems.append(f"{key}: the {method or card.method} model was trained with {key} {getattr(card, key)}, "
+                            f"certifying with {requested[key]}")
     return problems
 
 

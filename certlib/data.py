@@ -19,9 +19,52 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DIGITS_MEAN, DIGITS_STD = (0.305,), (0.38,)
 SPLITS = ("train", "test")
-# Per dataset, known without reading it: the input shape (C, H, W) models see and the class count.
-INPUT_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "imagenet": (3, 224, 224)}
-NUM_CLASSES = {"digits": 10, "cifar10": 10, "imagenet": 1000}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What is known of a dataset without reading it: its grid 1/q, its splits (``heldout``: the
+    one models are evaluated on after training), the input shape (C, H, W) models see, the
+    class count and the channel statistics of its models' input normalization."""
+
+    q: int
+    splits: tuple[str, ...]
+    heldout: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    needs_root: bool
+
+
+DATASETS = {
+    "digits": DatasetInfo(16, SPLITS, "test", (1, 8, 8), 10, DIGITS_MEAN, DIGITS_STD, needs_root=False),
+    "cifar10": DatasetInfo(255, SPLITS, "test", (3, 32, 32), 10, CIFAR10_MEAN, CIFAR10_STD, needs_root=True),
+    # ImageNet's "test" is its validation split, as in the papers.
+    "imagenet": DatasetInfo(255, ("train", "val", "test"), "val", (3, 224, 224), 1000, IMAGENET_MEAN, IMAGENET_STD,
+                            needs_root=True),
+}
+
+
+def quantize(x: torch.Tensor, q: int) -> torch.Tensor:
+    """Integer grid values x * q of images on the 1/q grid of [0, 1], as int32.
+
+    Raises ValueError when a value lies outside [0, 1] or off the grid: DSSN's exactness
+    (Levine & Feizi 2021, Corollary 1) holds on the quantized domain only.
+    """
+    if not torch.is_floating_point(x):
+        raise ValueError(f"images must be a float tensor in [0, 1], got dtype {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("images contain NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"image values must lie in [0, 1] (pixel scale), got range [{lo:.4g}, {hi:.4g}]")
+    scaled = x.double() * q
+    grid = torch.round(scaled)
+    off = float((scaled - grid).abs().max())
+    if off > 1e-4:  # float32 stores i/q to within ~1e-5/q; anything further is off the grid
+        raise ValueError(f"images are not on the 1/q grid for q={q}: a value is {off:.3g}/q away from it")
+    return grid.to(torch.int32)
 
 
 @dataclass
@@ -132,9 +175,10 @@ def load_cifar10(root: str | Path, split: str = "test", download: bool = False) 
             raise FileNotFoundError(f"no CIFAR-10 under {root}: neither the binary version (test_batch.bin) "
                                     "nor torchvision's python version") from None
         values, labels = ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, dtype=np.int64)
+    info = DATASETS["cifar10"]
     return QuantizedDataset(
-        "cifar10", split, torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(labels), 255,
-        CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD,
+        "cifar10", split, torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(labels), info.q,
+        CIFAR10_CLASSES, info.mean, info.std,
     )
 
 
@@ -153,9 +197,10 @@ def load_digits(split: str = "test") -> QuantizedDataset:
     labels = bunch.target.astype(np.int64)
     all_rows = np.arange(len(labels))
     rows = all_rows[all_rows % 5 == 0] if split == "test" else all_rows[all_rows % 5 != 0]
+    info = DATASETS["digits"]
     return QuantizedDataset(
-        "digits", split, torch.from_numpy(values[rows]), torch.from_numpy(labels[rows]), 16,
-        [str(c) for c in range(10)], DIGITS_MEAN, DIGITS_STD, rows,
+        "digits", split, torch.from_numpy(values[rows]), torch.from_numpy(labels[rows]), info.q,
+        [str(c) for c in range(info.num_classes)], info.mean, info.std, rows,
     )
 
 
@@ -166,13 +211,14 @@ class ImageFolderImages(QuantizedDataset):
     resized to 256, center-cropped to 224, uint8 on the 1/255 grid."""
 
     def __init__(self, split: str, files: list[str], labels: list[int], class_names: list[str], indices: np.ndarray):
-        super().__init__("imagenet", split, None, torch.tensor(labels, dtype=torch.int64), 255, class_names,
-                         IMAGENET_MEAN, IMAGENET_STD, np.asarray(indices))
+        info = DATASETS["imagenet"]
+        super().__init__("imagenet", split, None, torch.tensor(labels, dtype=torch.int64), info.q, class_names,
+                         info.mean, info.std, np.asarray(indices))
         self.files = files
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return (3, 224, 224)
+        return DATASETS["imagenet"].input_shape
 
     def grid_values(self, rows) -> torch.Tensor:
         from PIL import Image
@@ -212,16 +258,16 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
     """Dataset by name: ``digits`` (offline), ``cifar10`` (root: binary or python version
     directory), ``imagenet`` (root: ImageFolder tree with ``val``/``train``); optionally only
     every k-th image from ``start``, at most ``limit`` (see ``every_kth``)."""
-    if name in ("cifar10", "imagenet") and root is None:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if DATASETS[name].needs_root and root is None:
         raise ValueError(f"dataset {name!r} needs a root directory")
     if name == "imagenet":
         return load_imagenet(root, "val" if split == "test" else split, every, start, limit)
     if name == "digits":
         data = load_digits(split)
-    elif name == "cifar10":
-        data = load_cifar10(root, split)
     else:
-        raise ValueError(f"unknown dataset {name!r}; expected digits, cifar10 or imagenet")
+        data = load_cifar10(root, split)
     if (every, start, limit) == (1, 0, None):
         return data
     return data.subset(every_kth(len(data), every, start, limit))

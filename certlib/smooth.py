@@ -1,16 +1,18 @@
 """The smoothed classifier g around a base classifier f: one object, the papers' procedures
-visible (Cohen et al. 2019 CERTIFY; Levine & Feizi 2021 DSSN), built from the voting engines
-and the certificate functions."""
+visible (Cohen et al. 2019 CERTIFY; Levine & Feizi 2021 DSSN). The family of ``noise`` decides
+how the votes are counted and certified; this class only ties the model to it."""
 
 from __future__ import annotations
+
+from typing import Any, Unpack
 
 import numpy as np
 import torch
 
 from certlib import certificates
-from certlib.cascade import Cascade
-from certlib.noise import DSSNNoise, SmoothingNoise
-from certlib.voting import dssn_votes, make_cascade, monte_carlo_counts
+from certlib.cascade import Cascade, EngineOptions
+from certlib.families import SmoothingNoise
+from certlib.voting import make_cascade
 
 
 class Smooth:
@@ -18,39 +20,34 @@ class Smooth:
 
     ``model`` maps pixel-scale images (B, C, H, W) in [0, 1] to logits (B, num_classes); or it
     is a ``Cascade`` around such a model, built once and reused across calls (a worker's). The
-    engine options (``batch_size``, ``device``, ``precision``, ``compile``; see
-    ``certlib.cascade``) build the cascade of a plain module; they change speed, never a vote.
+    engine options (``certlib.cascade.EngineOptions``) build the cascade of a plain module; they
+    change speed, never a vote.
     """
 
     ABSTAIN = certificates.ABSTAIN
 
     def __init__(self, model: torch.nn.Module | Cascade, noise: SmoothingNoise, num_classes: int,
-                 *, batch_size: int | None = None, device: torch.device | str | None = None, precision: str | None = None,
-                 compile: bool | str | None = None):
+                 **engine: Unpack[EngineOptions]):
         self.model = model
         self.noise = noise
         self.num_classes = int(num_classes)
-        self.options = dict(batch_size=batch_size, device=device, precision=precision, compile=compile)
+        self.engine = engine
 
     def certify(self, images: torch.Tensor, indices=None, *, n0: int = 64, n: int = 100_000,
-                alpha: float = 0.001, seed: int = 0, multiclass: bool = False) -> dict[str, np.ndarray]:
+                alpha: float = 0.001, seed: int = 0, multiclass: bool = False) -> dict[str, Any]:
         """Predictions and certified radii (in ``noise.norm``, pixel scale) for a batch of images.
 
         DSSN (exact): votes over all L offsets; prediction = argmax (ties to the lower index),
         radius from ``certificates.dssn_radius`` (inclusive). Monte Carlo: CERTIFY with n0
         selection and n estimation samples at one-sided level alpha; prediction -1 and radius
         NaN where it abstains. ``indices`` (dataset indices, default 0..N-1) seed the random
-        streams. Returns arrays keyed prediction, selected, radius, votes (DSSN) or
-        counts_selection/counts (Monte Carlo), p_a_lower, p_b_upper.
+        streams. Returns arrays keyed selected, prediction, radius, p_a_lower, p_b_upper,
+        votes (exact: over all L copies; Monte Carlo: the n estimation samples),
+        selection_votes (Monte Carlo: the n0 samples; None for exact families) and the
+        ``certificate`` name.
         """
         indices = np.arange(len(images)) if indices is None else np.asarray(indices)
-        cascade = make_cascade(self.model, images, self.num_classes, **self.options)
-        if isinstance(self.noise, DSSNNoise):
-            votes = dssn_votes(cascade, images, self.noise, self.num_classes)
-            prediction, radius = certificates.dssn_radius(votes, self.noise.levels, self.noise.q)
-            nan = np.full(len(votes), np.nan)
-            return {"prediction": prediction, "selected": prediction, "radius": radius, "votes": votes,
-                    "p_a_lower": nan, "p_b_upper": nan}
-        counts0, counts = monte_carlo_counts(cascade, images, indices, self.noise, self.num_classes, n0=n0, n=n, seed=seed)
-        result = certificates.monte_carlo_certify(counts0, counts, alpha, self.noise.certified_radius, multiclass)
-        return {**result, "counts_selection": counts0, "counts": counts}
+        cascade = make_cascade(self.model, images, self.num_classes, **self.engine)
+        votes = self.noise.count(cascade, images, indices, n0=n0, n=n, seed=seed)
+        result = self.noise.certify(votes, alpha=alpha, multiclass=multiclass)
+        return {**result, "votes": votes.counts, "selection_votes": votes.selection}

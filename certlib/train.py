@@ -41,10 +41,10 @@ import torch
 from certlib.atomic import atomic_write
 from certlib.batches import LoadedBatches, ResidentBatches, fits_on_device
 from certlib.checkpoint import ModelCard, save_checkpoint
-from certlib.data import INPUT_SHAPES, NUM_CLASSES, QuantizedDataset
+from certlib.data import DATASETS, QuantizedDataset
 from certlib.determinism import deterministic_kernels
 from certlib.models import build_model
-from certlib.noise import DSSNNoise, SmoothingNoise, make_noise
+from certlib.families import SmoothingNoise, make_noise
 from certlib.train_step import GraphedStep, TrainStep
 from certlib.voting import stream_seed
 
@@ -192,6 +192,50 @@ def _load_state(state_path: Path, config_json: str, device, model, optimizer, sc
     return int(state["epoch"])
 
 
+def _build(cfg: TrainConfig, train_set: QuantizedDataset, device: torch.device):
+    """The model, its SGD optimizer and cosine schedule, as the papers train them."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.architecture, train_set.num_classes, train_set.mean, train_set.std,
+                        train_set.input_shape).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    return model, optimizer, scheduler
+
+
+def _epoch(cfg: TrainConfig, epoch: int, step: TrainStep, batches, graphed, generator: torch.Generator,
+           scheduler, size: int) -> dict:
+    """One epoch (its randomness seeded by (seed, epoch)); returns its metrics."""
+    started = time.perf_counter()
+    step.model.train()
+    if graphed is not None:
+        graphed.capture()  # before seeding: the graph bakes in this epoch's learning rate
+    generator.manual_seed(stream_seed(cfg.seed, epoch, _TRAIN_STREAM, 0))
+    order = torch.randperm(size, generator=generator, device=generator.device)
+    batches.start_epoch(order)
+    _run_epoch(step, batches, graphed, epoch, cfg.epochs, size)
+    total_loss, correct = step.read_metrics()  # the epoch's one wait for the device
+    scheduler.step()
+    lr = step.optimizer.param_groups[0]["lr"]  # the next epoch's, as logged since the first version
+    seconds = time.perf_counter() - started
+    return {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": total_loss / size, "train_accuracy": correct / size,
+            "lr": lr, "images": size, "seconds": seconds, "images_per_second": size / seconds}
+
+
+def _card(cfg: TrainConfig, noise: SmoothingNoise, train_set: QuantizedDataset, heldout: str, clean: float,
+          noisy: float) -> ModelCard:
+    described = noise.describe()
+    return ModelCard(
+        architecture=cfg.architecture, dataset=cfg.dataset, class_names=list(train_set.class_names),
+        input_shape=list(train_set.input_shape), mean=list(train_set.mean), std=list(train_set.std), q=train_set.q,
+        method=cfg.method, sigma=cfg.sigma, lam=described.get("lambda"), levels=described.get("levels"), seed=cfg.seed,
+        training=cfg.training, hyperparameters=dataclasses.asdict(cfg), epochs_done=cfg.epochs, clean_accuracy=clean,
+        noisy_accuracy=noisy, heldout=heldout,
+    )
+
+
 def train_model(
     config: TrainConfig,
     out_path: str | Path,
@@ -221,14 +265,7 @@ def train_model(
     config_json = json_config(cfg)
 
     with deterministic_kernels(cfg.deterministic):
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.architecture, train_set.num_classes, train_set.mean, train_set.std,
-                            train_set.input_shape).to(device)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                    weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+        model, optimizer, scheduler = _build(cfg, train_set, device)
         start_epoch = _load_state(state_path, config_json, device, model, optimizer, scheduler)
         if start_epoch:
             log(f"resuming {out_path.name} after epoch {start_epoch}/{cfg.epochs}")
@@ -240,20 +277,7 @@ def train_model(
         model.train()
         batches, graphed = _batches(cfg, train_set, device, step)
         for epoch in range(start_epoch, cfg.epochs):
-            started = time.perf_counter()
-            model.train()
-            if graphed is not None:
-                graphed.capture()  # before seeding: the graph bakes in this epoch's learning rate
-            generator.manual_seed(stream_seed(cfg.seed, epoch, _TRAIN_STREAM, 0))
-            order = torch.randperm(len(train_set), generator=generator, device=device)
-            batches.start_epoch(order)
-            _run_epoch(step, batches, graphed, epoch, cfg.epochs, len(order))
-            total_loss, correct = step.read_metrics()  # the epoch's one wait for the device
-            scheduler.step()
-            seconds = time.perf_counter() - started
-            metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": total_loss / len(order),
-                       "train_accuracy": correct / len(order), "lr": optimizer.param_groups[0]["lr"],
-                       "images": len(order), "seconds": seconds, "images_per_second": len(order) / seconds}
+            metrics = _epoch(cfg, epoch, step, batches, graphed, generator, scheduler, len(train_set))
             state = {"config": config_json, "epoch": epoch + 1, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             atomic_write(state_path, lambda handle: torch.save(state, handle))
@@ -269,15 +293,7 @@ def train_model(
         eval_batch = 4 * cfg.batch_size
         clean = _accuracy(model, heldout, None, device, eval_batch, cfg.seed)
         noisy = _accuracy(model, heldout, noise, device, eval_batch, cfg.seed)
-    described = noise.describe()
-    card = ModelCard(
-        architecture=cfg.architecture, dataset=cfg.dataset, class_names=list(train_set.class_names),
-        input_shape=list(train_set.input_shape), mean=list(train_set.mean), std=list(train_set.std), q=train_set.q,
-        method=cfg.method, sigma=cfg.sigma, lam=described.get("lambda"),
-        levels=noise.levels if isinstance(noise, DSSNNoise) else None, seed=cfg.seed, training=cfg.training,
-        hyperparameters=dataclasses.asdict(cfg), epochs_done=cfg.epochs, clean_accuracy=clean, noisy_accuracy=noisy,
-        heldout=f"{heldout_set.split}[:{len(heldout)}]",
-    )
+    card = _card(cfg, noise, train_set, f"{heldout_set.split}[:{len(heldout)}]", clean, noisy)
     log(f"held-out {card.heldout}: clean accuracy {100 * clean:.2f}%, noisy accuracy {100 * noisy:.2f}%")
     card = save_checkpoint(out_path, model.to(memory_format=torch.contiguous_format), card)
     state_path.unlink(missing_ok=True)  # the run is complete: its resume state is no longer needed
@@ -291,9 +307,9 @@ def step_flops(config: TrainConfig) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = config.resolved()
-    shape = INPUT_SHAPES[cfg.dataset]
+    shape = DATASETS[cfg.dataset].input_shape
     with torch.device("meta"):
-        model = build_model(cfg.architecture, NUM_CLASSES[cfg.dataset], [0.5] * shape[0], [0.25] * shape[0], shape)
+        model = build_model(cfg.architecture, DATASETS[cfg.dataset].num_classes, [0.5] * shape[0], [0.25] * shape[0], shape)
         with FlopCounterMode(display=False) as counter:
             model(torch.empty(1, *shape))
     copies = 2 if cfg.training == "stability" else 1

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from certlib.batches import ResidentBatches
-from certlib.noise import SmoothingNoise
+from certlib.families import SmoothingNoise
 
 WARMUP_STEPS = 3  # eager steps before the first capture: cuDNN, cuBLAS and autograd set up lazily
 

@@ -27,15 +27,33 @@ module with ``batch_size``, ``device``, ``precision`` and ``compile`` to build o
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol, Unpack
 
 import numpy as np
 import torch
 
-from certlib.cascade import LEVELS, NOT_FINITE, Cascade, model_device
-from certlib.noise import DSSNNoise, SmoothingNoise, quantize
+from certlib.cascade import LEVELS, NOT_FINITE, Cascade, EngineOptions, model_device
+from certlib.data import quantize
 
 MC_BLOCK = 1024  # samples per random-stream block; part of the stream's definition
 QUEUE_BATCHES = 4  # capacity of each refinement queue, in batches: a synchronization every 3 batches at most
+
+
+class EnumeratedNoise(Protocol):
+    """What the exact engine needs of a noise: L = ``levels`` copies of each image on the 1/q grid."""
+
+    levels: int
+    q: int
+
+    def copies(self, x_int: torch.Tensor, s_base: torch.Tensor, dtype: torch.dtype = ...) -> torch.Tensor: ...
+
+
+class SampledNoise(Protocol):
+    """What the Monte Carlo engine needs of a noise: random noisy copies."""
+
+    exact: bool
+
+    def sample(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor: ...
 
 
 def default_batch_size(device: torch.device | str, sample_numel: int) -> int:
@@ -47,24 +65,23 @@ def default_batch_size(device: torch.device | str, sample_numel: int) -> int:
     return 1 << (size.bit_length() - 1)
 
 
-def make_cascade(classifier: torch.nn.Module | Cascade, images: torch.Tensor, num_classes: int, *,
-                 batch_size: int | None = None, device: torch.device | str | None = None, precision: str | None = None,
-                 compile: bool | str | None = None) -> Cascade:
+def make_cascade(classifier: torch.nn.Module | Cascade, images: torch.Tensor, num_classes: int,
+                 **engine: Unpack[EngineOptions]) -> Cascade:
     """``classifier`` itself if it is a Cascade (whose options then stand), else a cascade for
     this call: on ``device`` (default: the model's), ``precision`` and ``compile`` default
     ``auto``, ``batch_size`` sized to the device."""
     if isinstance(classifier, Cascade):
-        given = {k: v for k, v in dict(batch_size=batch_size, device=device, precision=precision, compile=compile).items()
-                 if v is not None}
+        given = [k for k, v in engine.items() if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: set these on the Cascade, not per call")
         if classifier.num_classes != num_classes:
             raise ValueError(f"the cascade has {classifier.num_classes} classes, the call {num_classes}")
         return classifier
+    device = engine.get("device")
     device = torch.device(device) if device is not None else model_device(classifier, images.device)
-    if batch_size is None:
-        batch_size = default_batch_size(device, int(np.prod(images.shape[1:])))
-    return Cascade(classifier, num_classes, batch_size, device=device, precision=precision or "auto",
+    batch_size = engine.get("batch_size") or default_batch_size(device, int(np.prod(images.shape[1:])))
+    compile = engine.get("compile")
+    return Cascade(classifier, num_classes, batch_size, device=device, precision=engine.get("precision") or "auto",
                    compile="auto" if compile is None else compile)
 
 
@@ -206,14 +223,11 @@ class _Tally:
 def dssn_votes(
     classifier: torch.nn.Module | Cascade,
     images: torch.Tensor,
-    noise: DSSNNoise,
+    noise: EnumeratedNoise,
     num_classes: int,
     *,
-    batch_size: int | None = None,
-    device: torch.device | str | None = None,
-    precision: str | None = None,
-    compile: bool | str | None = None,
     stats: dict[str, int] | None = None,
+    **engine: Unpack[EngineOptions],
 ) -> np.ndarray:
     """Exact DSSN vote counts: the base classifier on all L = ``noise.levels`` noisy copies of
     each image (Levine & Feizi 2021, Section 4.1).
@@ -223,8 +237,7 @@ def dssn_votes(
     image, sigma, seed, q): images x offsets are packed into flat batches of ``batch_size``.
     See the module docstring for the engine options and ``stats``.
     """
-    cascade = make_cascade(classifier, images, num_classes, batch_size=batch_size, device=device, precision=precision,
-                           compile=compile)
+    cascade = make_cascade(classifier, images, num_classes, **engine)
     sample_shape = tuple(images.shape[1:])
     x_int = quantize(images.to(cascade.device), noise.q).flatten(1)
     levels = noise.levels
@@ -259,17 +272,14 @@ def monte_carlo_counts(
     classifier: torch.nn.Module | Cascade,
     images: torch.Tensor,
     indices,
-    noise: SmoothingNoise,
+    noise: SampledNoise,
     num_classes: int,
     *,
     n0: int,
     n: int,
     seed: int,
-    batch_size: int | None = None,
-    device: torch.device | str | None = None,
-    precision: str | None = None,
-    compile: bool | str | None = None,
     stats: dict[str, int] | None = None,
+    **engine: Unpack[EngineOptions],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class counts of the base classifier under ``noise`` for Cohen et al.'s CERTIFY:
     (selection counts from n0 samples, estimation counts from n samples), each (N, num_classes).
@@ -280,15 +290,14 @@ def monte_carlo_counts(
     other images, the batch size, the precision or the worker (they do depend on the device
     type, whose generators differ). Engine options and ``stats``: as for ``dssn_votes``.
     """
-    if isinstance(noise, DSSNNoise):
-        raise ValueError("DSSN is deterministic: use dssn_votes, not Monte Carlo sampling")
+    if noise.exact:
+        raise ValueError(f"{noise!r} is deterministic: use dssn_votes, not Monte Carlo sampling")
     if int(n0) < 1 or int(n) < 1:
         raise ValueError(f"n0 and n must be >= 1, got n0={n0}, n={n}")
     indices = [int(i) for i in indices]
     if len(indices) != len(images):
         raise ValueError(f"{len(images)} images but {len(indices)} indices")
-    cascade = make_cascade(classifier, images, num_classes, batch_size=batch_size, device=device, precision=precision,
-                           compile=compile)
+    cascade = make_cascade(classifier, images, num_classes, **engine)
     images = images.to(cascade.device, torch.float32)  # the noisy samples and the queues are float32
     if not bool(torch.isfinite(images).all()) or float(images.min()) < 0 or float(images.max()) > 1:
         raise ValueError("image values must be finite and lie in [0, 1] (pixel scale)")

@@ -337,25 +337,32 @@ def recertify_options(command):
                         "(box: Voracek & Hein uniform++/split++; box_input: their Theorem 2.8 with the images).")(command)
 
 
-def _read_results(results: Path, certificate: str, dataset_root: str | None):
+def _read_results(results: Path, certificate: str, dataset_root: str | None, by: str):
+    """The rows (re-certified with ``certificate`` unless ``stored``) and the columns that name
+    a table row or curve: ``by``, plus the certificate when re-certifying."""
     import pandas as pd
 
     from certlib.analysis import load_results, recertify
+    from certlib.families import family
 
     df = load_results(results)
     if df.empty:
         raise UserError(f"{results}: no result rows")
+    columns = [c.strip() for c in by.split(",") if c.strip()]
+    unknown = [c for c in columns if c not in df.columns]
+    if unknown:
+        raise UserError(f"--by: no column {unknown[0]!r} in the results")
     if certificate != "stored":
-        monte_carlo = df["method"] != "dssn"
+        monte_carlo = ~df["method"].map(lambda m: family(m).exact)
         if not monte_carlo.any():
-            raise UserError(f"--certificate {certificate}: the results hold DSSN rows only, which are exact already")
+            raise UserError(f"--certificate {certificate}: the results hold exact rows only, which need no re-certification")
         try:
             redone = recertify(df[monte_carlo], certificate, dataset_root=dataset_root)
         except ValueError as err:
             raise UserError(str(err)) from None
-        redone["method"] = redone["method"] + f" ({certificate})"
         df = pd.concat([df[~monte_carlo], redone], ignore_index=True)
-    return df
+        columns += [] if "certificate" in columns else ["certificate"]
+    return df, columns
 
 
 @main.command()
@@ -370,12 +377,8 @@ def table(results: Path, radii: str | None, by: str, fmt: str, seeds: bool, cert
     """Best certified accuracy over the sigma grid, as in Levine & Feizi Table 1."""
     from certlib.analysis import best_certified_accuracy, format_envelope, format_seed_table, seed_table
 
-    df = _read_results(results, certificate, dataset_root)
+    df, columns = _read_results(results, certificate, dataset_root, by)
     radii_list = _floats(radii) or _default_radii(results)
-    columns = [c.strip() for c in by.split(",") if c.strip()]
-    unknown = [c for c in columns if c not in df.columns]
-    if unknown:
-        raise UserError(f"--by: no column {unknown[0]!r} in the results")
     if "sigma" in columns or (seeds and "seed" in columns):
         raise UserError("--by: sigma (and with --seeds, seed) is what the table chooses over, not a row name")
     if seeds:
@@ -394,9 +397,9 @@ def plot(results: Path, output: Path, by: str, certificate: str, dataset_root: s
     """Certified accuracy against radius: one curve per sigma, the envelope bold."""
     from certlib.analysis import plot_curves
 
-    df = _read_results(results, certificate, dataset_root)
+    df, columns = _read_results(results, certificate, dataset_root, by)
     try:
-        path = plot_curves(df, output, [c.strip() for c in by.split(",") if c.strip()])
+        path = plot_curves(df, output, columns)
     except ValueError as err:
         raise UserError(str(err)) from None
     click.echo(f"wrote {path}")

@@ -25,11 +25,10 @@ from ray.exceptions import RayError, RayTaskError
 
 from certlib.atomic import atomic_write
 from certlib.checkpoint import read_card
-from certlib.noise import DSSNNoise, make_noise
 from cluster.jobs import PROGRESS_PREFIX
 from cluster.pool import Pool, PoolError, Slot, Task
 from cluster.progress import Metrics, Progress, describe_progress, write_progress
-from cluster.results import existing_shards, shard_path, shard_state
+from certlib.rows import existing_shards, shard_config, shard_state
 from cluster.spec import ModelKey, SpecError, Sweep, Unit, expand, model_keys, unit_parameters
 from cluster.worker import select_images
 
@@ -61,14 +60,11 @@ def plan_sweep(sweep: Sweep, num_images: int, log=print) -> Plan:
     or corrupt results.
     """
     units = expand(sweep, num_images)
-    expected = {shard_path(sweep.output, u): u for u in units}
+    expected = {u.path(sweep): u for u in units}
     keys = set(model_keys(sweep))
     for path in existing_shards(sweep.output):
         if path not in expected:
-            parts = dict(p.split("=", 1) for p in path.relative_to(sweep.output).parts[:-1])
-            mine = any(k.method == parts["method"] and k.training == parts["training"] and repr(k.sigma) == parts["sigma"]
-                       and str(k.seed) == parts["seed"] for k in keys)
-            if mine:
+            if ModelKey(**shard_config(sweep.output, path)) in keys:
                 raise SweepConflict(f"output: {path} was written with another shard size or image selection; "
                                     "use a new output directory")
     weights = {}
@@ -154,8 +150,7 @@ def recorded_shard_size(output: str | Path) -> int | None:
 
 def passes_per_image(sweep: Sweep, key: ModelKey) -> int:
     """Forward passes one image costs: DSSN's L noisy copies, or Monte Carlo's n0 + n."""
-    noise = make_noise(key.method, key.sigma, q=sweep.q, seed=key.seed)
-    return noise.levels if isinstance(noise, DSSNNoise) else sweep.certify.n0 + sweep.certify.n
+    return key.noise(sweep).passes_per_image(sweep.certify.n0, sweep.certify.n)
 
 
 def resolve_shard_size(sweep: Sweep, num_images: int, pool: Pool, log=print) -> Sweep:

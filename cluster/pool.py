@@ -41,7 +41,7 @@ def training_gpu_share(sweep: Sweep) -> float:
     if setting != "auto":
         return float(setting)
     settings = dataclasses.asdict(sweep.models.train or TrainSettings())
-    flops = max(step_flops(TrainConfig(dataset=sweep.dataset.name, method="gaussian", sigma=1.0, training=mode, **settings))
+    flops = max(step_flops(TrainConfig(dataset=sweep.dataset.name, method=sweep.methods[0], sigma=sweep.sigmas[0], training=mode, **settings))
                 for mode in sweep.training)
     return 1.0 / max(1, min(MAX_PACKED, int(FILL_STEP_FLOPS // flops)))
 

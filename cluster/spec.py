@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 
 from certlib.cascade import PRECISIONS
-from certlib.noise import NOISES, DSSNNoise
+from certlib.data import DATASETS
+from certlib.rows import shard_path
+from certlib.families import FAMILIES, SmoothingNoise, family, make_noise
 from certlib.train import DATA_PLACEMENTS, PAPER_DEFAULTS, TRAINING_MODES, TrainSettings
 
-DATASET_Q = {"digits": 16, "cifar10": 255, "imagenet": 255}
-DATASET_SPLITS = {"digits": ("train", "test"), "cifar10": ("train", "test"), "imagenet": ("train", "val")}
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MODEL_FIELDS = ("method", "training", "sigma", "seed")
 
@@ -59,6 +59,10 @@ class CertifySpec:
     deterministic: bool = False
     compile: bool | str = "auto"
 
+    def settings(self) -> dict[str, Any]:
+        """What a family's certificate may depend on (the rest is how the engine runs)."""
+        return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "multiclass": self.multiclass}
+
 
 @dataclass(frozen=True)
 class ResourcesSpec:
@@ -86,7 +90,7 @@ class Sweep:
 
     @property
     def q(self) -> int:
-        return DATASET_Q[self.dataset.name]
+        return DATASETS[self.dataset.name].q
 
     def to_json(self) -> str:
         data = _lists(asdict(self))
@@ -177,12 +181,12 @@ def _dataset(data, path="dataset") -> DatasetSpec:
     data = _check_keys(data, DatasetSpec, path)
     if "name" not in data:
         raise SpecError(f"{path}.name: missing")
-    name = _str(data["name"], f"{path}.name", sorted(DATASET_Q))
-    split = _str(data.get("split", "test"), f"{path}.split", DATASET_SPLITS[name] + (("test",) if name == "imagenet" else ()))
+    name = _str(data["name"], f"{path}.name", sorted(DATASETS))
+    split = _str(data.get("split", "test"), f"{path}.split", DATASETS[name].splits)
     root = data.get("root")
-    if name == "digits":
+    if not DATASETS[name].needs_root:
         if root is not None:
-            raise SpecError(f"{path}.root: the digits dataset ships with scikit-learn and takes no root")
+            raise SpecError(f"{path}.root: the {name} dataset ships with its library and takes no root")
     else:
         root = _str(root, f"{path}.root")
     return DatasetSpec(
@@ -280,20 +284,20 @@ def parse_spec(data: Any) -> Sweep:
     if not NAME.match(name):
         raise SpecError(f"name: use lower-case letters, digits, '-' and '_' (at most 63), got {name!r}")
     dataset = _dataset(data["dataset"])
-    methods = _list(data["methods"], "methods", lambda v, w: _str(v, w, sorted(NOISES)))
+    methods = _list(data["methods"], "methods", lambda v, w: _str(v, w, sorted(FAMILIES)))
     sigmas = _list(data["sigmas"], "sigmas", lambda v, w: _float(v, w, positive=True))
-    if "dssn" in methods:
-        q = DATASET_Q[dataset.name]
+    for method in methods:  # each family checks its own parameters
         for i, sigma in enumerate(sigmas):
             try:
-                DSSNNoise(sigma, q=q)
+                make_noise(method, sigma, q=DATASETS[dataset.name].q)
             except ValueError as err:
                 raise SpecError(f"sigmas[{i}]: {err}") from None
     training = _list(data.get("training", ["standard"]), "training", lambda v, w: _str(v, w, TRAINING_MODES))
     certify = _certify(data.get("certify"))
-    if certify.multiclass and "laplace" in methods:
-        raise SpecError("certify.multiclass: the Laplace certificate is binary only (Zhang et al. Corollary 1); "
-                        "certify laplace in a sweep of its own")
+    binary_only = [m for m in methods if family(m).binary_only]
+    if certify.multiclass and binary_only:
+        raise SpecError(f"certify.multiclass: {family(binary_only[0]).binary_only}; "
+                        f"certify {binary_only[0]} in a sweep of its own")
     radii = _list(data.get("radii", list(Sweep.radii)), "radii", lambda v, w: _float(v, w, minimum=0))
     sweep = Sweep(
         name=name,
@@ -375,6 +379,10 @@ class ModelKey:
     def label(self) -> str:
         return f"{self.method}/{self.training}/sigma={self.sigma}/seed={self.seed}"
 
+    def noise(self, sweep: Sweep) -> SmoothingNoise:
+        """The smoothing this model is certified with, on the sweep's grid."""
+        return make_noise(self.method, self.sigma, q=sweep.q, seed=self.seed)
+
     def checkpoint(self, sweep: Sweep) -> Path:
         return Path(sweep.models.path.format(method=self.method, training=self.training, sigma=self.sigma,
                                              seed=self.seed, dataset=sweep.dataset.name))
@@ -398,6 +406,10 @@ class Unit:
     def size(self) -> int:
         return self.stop - self.start
 
+    def path(self, sweep: Sweep) -> Path:
+        """The unit's Parquet shard."""
+        return shard_path(sweep.output, asdict(self.model), self.unit_id)
+
 
 def model_keys(sweep: Sweep) -> list[ModelKey]:
     return [ModelKey(m, t, s, seed) for m in sweep.methods for t in sweep.training for s in sweep.sigmas for seed in sweep.seeds]
@@ -415,12 +427,8 @@ def unit_parameters(sweep: Sweep, unit: Unit, model_sha256: str) -> str:
     """The JSON of everything that determines a unit's rows, the model's weights included;
     stored in its Parquet file so a resumed job can tell a valid earlier shard from one
     computed under other parameters or with another model."""
-    certify = asdict(sweep.certify)
     # How the votes are computed does not change them (the precision cascade): batch size,
     # precision, kernels and compilation are recorded in the rows, not part of a shard's identity.
-    for how in ("batch_size", "precision", "deterministic", "compile"):
-        certify.pop(how)
-    if unit.model.method == "dssn":  # exact: none of the Monte Carlo parameters matter
-        certify = {}
+    certify = unit.model.noise(sweep).settings(**sweep.certify.settings())
     return json.dumps({"dataset": asdict(sweep.dataset) | {"root": None}, "model": asdict(unit.model), "certify": certify,
                        "start": unit.start, "stop": unit.stop, "model_sha256": model_sha256}, sort_keys=True)

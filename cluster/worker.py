@@ -23,13 +23,12 @@ from certlib.atomic import exclusive_lock
 from certlib.cascade import Cascade
 from certlib.determinism import enable_deterministic_kernels
 from certlib.checkpoint import load_checkpoint, read_card
-from certlib.data import QuantizedDataset, load_dataset
+from certlib.data import DATASETS, QuantizedDataset, load_dataset
 from certlib.models import build_model
-from certlib.noise import DSSNNoise, make_noise
 from certlib.smooth import Smooth
 from certlib.voting import default_batch_size
 from certlib.train import TrainConfig, train_model
-from cluster.results import rows_table, shard_path, write_shard
+from certlib.rows import certification_rows, write_shard
 from cluster.spec import ModelKey, Sweep, Unit, unit_parameters
 
 
@@ -85,7 +84,7 @@ class UnitRunner:
                 settings = dataclasses.asdict(sweep.models.train)
                 config = TrainConfig(dataset=sweep.dataset.name, method=key.method, sigma=key.sigma, seed=key.seed,
                                      training=key.training, **settings)
-                heldout_split = "val" if sweep.dataset.name == "imagenet" else "test"
+                heldout_split = DATASETS[sweep.dataset.name].heldout
                 train_set = load_dataset(sweep.dataset.name, "train", sweep.dataset.root)
                 heldout = load_dataset(sweep.dataset.name, heldout_split, sweep.dataset.root)
                 self._epoch = None
@@ -131,44 +130,25 @@ class UnitRunner:
         """The unit's result rows (not yet written) and a summary for the driver."""
         sweep, key = self.sweep, unit.model
         cascade, card = self._load(key)
-        noise = make_noise(key.method, key.sigma, q=sweep.q, seed=key.seed)
+        noise = key.noise(sweep)
         rows = np.arange(unit.start, unit.stop)
-        indices = self.images.indices[rows]
-        labels = self.images.labels.numpy()[rows]
         cert = sweep.certify
-        smooth = Smooth(cascade, noise, card.num_classes)
         started = time.perf_counter()
-        result = smooth.certify(images, indices, n0=cert.n0, n=cert.n, alpha=cert.alpha, seed=key.seed,
-                                multiclass=cert.multiclass)
+        result = Smooth(cascade, noise, card.num_classes).certify(
+            images, self.images.indices[rows], n0=cert.n0, n=cert.n, alpha=cert.alpha, seed=key.seed,
+            multiclass=cert.multiclass)
         seconds = time.perf_counter() - started
-        exact = isinstance(noise, DSSNNoise)
-        described = noise.describe()
-        radius = result["radius"]
-        nan = np.full(len(rows), np.nan)
-        table = rows_table({
-            "job_id": self.job_id, "unit_id": unit.unit_id, "dataset": sweep.dataset.name, "split": sweep.dataset.split,
-            "index": indices, "label": labels,
-            "lambda": described.get("lambda"),
-            "noise_scale": described.get("lambda", described.get("b", key.sigma)),
-            "levels": noise.levels if exact else None, "q": sweep.q,
-            "n0": None if exact else cert.n0, "n": None if exact else cert.n, "alpha": None if exact else cert.alpha,
-            "certificate": "dssn_exact" if exact else ("multiclass" if cert.multiclass else "binary"),
-            "selected": result["selected"], "prediction": result["prediction"],
-            "correct": result["prediction"] == labels,
-            "votes": result["votes"] if exact else result["counts"],
-            "selection_votes": None if exact else result["counts_selection"],
-            "p_a_lower": result["p_a_lower"], "p_b_upper": result["p_b_upper"],
-            "radius_l1": radius if noise.norm == "l1" else nan,
-            "radius_l2": radius if noise.norm == "l2" else nan,
-            "seconds": seconds / len(rows), "precision": cascade.name,
-            "batch_size": cascade.batch_size, "worker_host": socket.gethostname(), "device": device_name(self.device),
-            "model_sha256": card.weights_sha256, "library_version": certlib.__version__,
-        })
+        table = certification_rows(
+            noise, result, noise.settings(**cert.settings()), indices=self.images.indices[rows],
+            labels=self.images.labels.numpy()[rows], job_id=self.job_id, unit_id=unit.unit_id,
+            dataset=sweep.dataset.name, split=sweep.dataset.split, q=sweep.q, seconds=seconds / len(rows),
+            precision=cascade.name, batch_size=cascade.batch_size, worker_host=socket.gethostname(),
+            device=device_name(self.device), model_sha256=card.weights_sha256, library_version=certlib.__version__)
         return table, {"unit_id": unit.unit_id, "model": key.label, "images": len(rows), "seconds": seconds}
 
     def write(self, unit: Unit, table: pa.Table) -> None:
         sha = table.column("model_sha256")[0].as_py()
-        write_shard(shard_path(self.sweep.output, unit), table, unit_parameters(self.sweep, unit, sha))
+        write_shard(unit.path(self.sweep), table, unit_parameters(self.sweep, unit, sha))
 
     def calibrate(self, architecture: str, seconds: float = 1.0) -> float:
         """Forward samples per second of ``architecture`` (random weights: speed does not depend

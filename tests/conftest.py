@@ -91,7 +91,7 @@ def random_checkpoint(path: Path, dataset, method: str, sigma: float, seed: int,
     ``poison`` its weights are NaN, so that certifying it fails."""
     from certlib.checkpoint import ModelCard, save_checkpoint
     from certlib.models import build_model
-    from certlib.noise import make_noise
+    from certlib.families import make_noise
 
     torch.manual_seed(seed)
     model = build_model(architecture, dataset.num_classes, dataset.mean, dataset.std, dataset.input_shape)

@@ -172,9 +172,9 @@ def test_recertify_multiclass_and_alpha(own_results):
 
 def test_recertify_refusals(own_results):
     _, df = own_results
-    with pytest.raises(ValueError, match="DSSN"):
+    with pytest.raises(ValueError, match="'box' certificate does not apply to dssn rows"):
         recertify(df[df.method == "dssn"], "box")
-    with pytest.raises(ValueError, match="uniform and ssn rows only"):
+    with pytest.raises(ValueError, match="does not apply to gaussian rows .it applies to uniform, ssn rows"):
         recertify(df[df.method == "gaussian"], "box")
     with pytest.raises(ValueError, match="binary only"):
         recertify(df[df.method == "laplace"], multiclass=True)
@@ -192,13 +192,31 @@ def test_plot_and_table_commands(own_results, tmp_path):
     table = runner.invoke(main, ["table", sweep.output, "--radii", "0,0.5,1.5"])
     assert table.exit_code == 0 and "| dssn / standard |" in table.output and "@ σ=" in table.output
     csv = runner.invoke(main, ["table", sweep.output, "--radii", "0.5", "--format", "csv", "--certificate", "box"])
-    assert csv.exit_code == 2 and "uniform and ssn rows only" in csv.output  # gaussian rows cannot be box-certified
+    assert csv.exit_code == 2 and "it applies to uniform, ssn rows" in csv.output  # gaussian rows cannot be box-certified
     l1_only = tmp_path / "l1"
     for path in (Path(sweep.output) / "method=uniform", Path(sweep.output) / "method=dssn"):
         shutil.copytree(path, l1_only / path.name)
     csv = runner.invoke(main, ["table", str(l1_only), "--radii", "0.5,1.5", "--format", "csv", "--certificate", "box"])
-    assert csv.exit_code == 0 and "uniform (box) / standard" in csv.output and csv.output.startswith("method / training,")
+    assert csv.exit_code == 0 and "uniform / standard / binary_box," in csv.output
+    assert csv.output.startswith("method / training / certificate,")
     latex = runner.invoke(main, ["table", sweep.output, "--format", "latex", "--seeds"])
     assert latex.exit_code == 0 and r"\begin{tabular}" in latex.output and "mean" in latex.output
     bad = runner.invoke(main, ["table", sweep.output, "--radii", "half"])
     assert bad.exit_code == 2 and bad.output.startswith("error: --radii")
+
+
+def test_plot_names_each_rows_norm_after_recertification(own_results, tmp_path):
+    """Re-certified Gaussian rows are L2: the axis says so (it once said L1 after --certificate)."""
+    sweep, _ = own_results
+    gaussian = tmp_path / "l2"
+    shutil.copytree(Path(sweep.output) / "method=gaussian", gaussian / "method=gaussian")
+    runner = CliRunner()
+    for certificate in ("stored", "standard"):
+        out = tmp_path / f"l2-{certificate}.svg"
+        result = runner.invoke(main, ["plot", str(gaussian), "-o", str(out), "--certificate", certificate])
+        assert result.exit_code == 0, result.output
+        svg = out.read_text()
+        assert "L2 radius (pixel scale [0, 1])" in svg and "L1 radius" not in svg
+    mixed = tmp_path / "mixed.svg"
+    assert runner.invoke(main, ["plot", sweep.output, "-o", str(mixed), "--certificate", "standard"]).exit_code == 0
+    assert "gaussian: L2" in mixed.read_text() and "uniform: L1" in mixed.read_text()

@@ -16,7 +16,7 @@ from certlib import voting
 from certlib.cascade import (LEVELS, Cascade, cascade_levels, fold_batchnorm, resolve_compile, resolve_precision)
 from certlib.data import load_digits
 from certlib.models import build_model
-from certlib.noise import DSSNNoise, UniformNoise
+from certlib.families import DSSNNoise, UniformNoise
 from certlib.voting import dssn_votes, monte_carlo_counts
 from tests.test_voting import random_cnn
 

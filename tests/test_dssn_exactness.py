@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from certlib.certificates import dssn_radius
-from certlib.noise import DSSNNoise
+from certlib.families import DSSNNoise
 from certlib.voting import dssn_votes
 from tests.conftest import LookupTableClassifier, smooth_random_table
 

@@ -32,7 +32,7 @@ def scenario(workdir: str) -> None:
     from certlib.data import load_digits
     from cluster.driver import run_sweep
     from cluster.local_ray import free_port
-    from cluster.results import existing_shards
+    from certlib.rows import existing_shards
     from cluster.spec import model_keys, parse_spec
     from tests.conftest import random_checkpoint
 

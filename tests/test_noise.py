@@ -10,9 +10,11 @@ import pytest
 import torch
 from scipy import stats
 
-from certlib.noise import (
-    DSSNNoise, GaussianNoise, LaplaceNoise, NOISES, SplitIndependentNoise, UniformNoise, make_noise, quantize, split_center,
+from certlib.data import quantize
+from certlib.families import (
+    FAMILIES, DSSNNoise, GaussianNoise, LaplaceNoise, SplitIndependentNoise, UniformNoise, make_noise, split_center,
 )
+from certlib.families.base import Votes
 
 
 @pytest.mark.parametrize("cls", [GaussianNoise, UniformNoise, LaplaceNoise])
@@ -69,7 +71,7 @@ def test_ssn_below_half_splits_into_several_pieces():
 
 def test_sampling_is_a_function_of_the_generator():
     x = torch.rand(4, 3, 8, 8)
-    for name in NOISES:
+    for name in FAMILIES:
         noise = make_noise(name, 0.5, q=255)
         xq = torch.round(x * 255) / 255
         a = noise.sample(xq, torch.Generator().manual_seed(11))
@@ -93,7 +95,7 @@ def test_dssn_training_sample_is_one_of_the_exact_copies():
 
 
 @pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan"), float("inf")])
-@pytest.mark.parametrize("name", sorted(NOISES))
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_bad_sigma_is_refused(name, sigma):
     with pytest.raises(ValueError, match="sigma"):
         make_noise(name, sigma)
@@ -106,7 +108,7 @@ def test_dssn_refuses_fewer_than_one_offset_and_bad_q():
         DSSNNoise(0.5, q=0)
     with pytest.raises(ValueError, match="unknown method"):
         make_noise("gauss", 0.5)
-    with pytest.raises(TypeError, match="dssn_radius"):
-        DSSNNoise(0.5).certified_radius(0.9)
+    with pytest.raises(ValueError, match="'box' certificate does not apply to dssn"):
+        DSSNNoise(0.5, q=16).certify(Votes(np.array([[27, 0]])), alpha=0.001, certificate="box")
     with pytest.raises(ValueError, match="binary only"):
         LaplaceNoise(0.5).certified_radius(0.9, 0.05)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from certlib.certificates import dssn_radius, l1_uniform_radius
-from certlib.noise import DSSNNoise
+from certlib.families import DSSNNoise
 
 RADII = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
 

@@ -21,7 +21,7 @@ import pytest
 from certlib.analysis import load_results
 from certlib.data import load_cifar10
 from cluster.driver import SweepConflict, run_sweep
-from cluster.results import existing_shards
+from certlib.rows import existing_shards
 from cluster.spec import model_keys, parse_spec
 from tests.conftest import random_checkpoint
 

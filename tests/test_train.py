@@ -17,7 +17,7 @@ from certlib.data import QuantizedDataset, load_imagenet
 from certlib.checkpoint import CardMismatch, load_checkpoint, read_card, save_checkpoint
 from certlib.data import load_cifar10, load_digits
 from certlib.models import build_model
-from certlib.noise import DSSNNoise, make_noise
+from certlib.families import DSSNNoise, make_noise
 from certlib.voting import stream_seed
 from certlib.smooth import Smooth
 from certlib.train import TrainConfig, train_model
@@ -110,8 +110,11 @@ def test_model_card_round_trip_and_refusals(digits, tmp_path):
     assert loaded == card and not model.training
     with pytest.raises(CardMismatch, match="sigma: trained at 0.5, certifying at 0.25"):
         load_checkpoint(path, method="dssn", sigma=0.25)
-    with pytest.raises(CardMismatch, match="DSSN seed"):
+    with pytest.raises(CardMismatch, match="seed: the dssn model was trained with seed 1, certifying with 2"):
         load_checkpoint(path, method="dssn", seed=2)
+    with pytest.raises(CardMismatch, match="q: the dssn model was trained with q 16, certifying with 255"):
+        load_checkpoint(path, method="dssn", q=255)
+    load_checkpoint(path, method="dssn", sigma=0.5, override=True, seed=2)
     with pytest.raises(CardMismatch, match="noise"):
         load_checkpoint(path, method="uniform")
     with pytest.raises(CardMismatch, match="dataset"):

@@ -12,7 +12,7 @@ from scipy import stats
 
 from certlib.certificates import dssn_radius
 from certlib.data import load_cifar10, load_digits
-from certlib.noise import DSSNNoise, GaussianNoise, LaplaceNoise, UniformNoise, SplitIndependentNoise
+from certlib.families import DSSNNoise, GaussianNoise, LaplaceNoise, UniformNoise, SplitIndependentNoise
 from certlib.smooth import Smooth
 from certlib.cascade import EXACT_TIE
 from certlib.voting import dssn_votes, monte_carlo_counts
@@ -166,7 +166,7 @@ def test_monte_carlo_certify_on_closed_form_classifiers(noise, true_p, true_radi
     images = torch.full((2, 1, 2, 2), 0.8)
     n = 20_000
     result = Smooth(Threshold(0.5), noise, 2).certify(images, [0, 1], n0=64, n=n, alpha=0.001, seed=0)
-    p_hat = result["counts"][:, 1] / n
+    p_hat = result["votes"][:, 1] / n
     se = math.sqrt(true_p * (1 - true_p) / n)
     assert np.all(np.abs(p_hat - true_p) < 5 * se)
     assert (result["prediction"] == 1).all()

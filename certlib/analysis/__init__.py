@@ -1,0 +1,22 @@
+"""What users read at the end of a sweep: the math of the tables (``tables``), re-certification
+from stored votes (``recertify``), and the renderers (``render``: Markdown, LaTeX, CSV;
+``plot``: curves, matplotlib imported on demand). Results load with ``load_results``."""
+
+from certlib.analysis.plot import plot_curves
+from certlib.analysis.recertify import CERTIFICATES, recertify
+from certlib.analysis.render import format_envelope, format_seed_table
+from certlib.analysis.tables import (
+    ANALYSIS_COLUMNS,
+    best_certified_accuracy,
+    certified_accuracy,
+    high_probability_accuracy,
+    norms,
+    radius,
+    runtime_summary,
+    seed_table,
+)
+from certlib.rows import load_results
+
+__all__ = ["ANALYSIS_COLUMNS", "CERTIFICATES", "best_certified_accuracy", "certified_accuracy", "format_envelope",
+           "format_seed_table", "high_probability_accuracy", "load_results", "norms", "plot_curves", "radius", "recertify",
+           "runtime_summary", "seed_table"]

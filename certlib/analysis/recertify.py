@@ -1,0 +1,98 @@
+"""Re-certification from stored votes, without the model: another certificate (Voracek &
+Hein's box-constrained radii), multiclass instead of binary, or another alpha. Each row's
+family, from the registry, decides what applies and computes it."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from certlib.families import FAMILIES, Votes, make_noise, with_certificate
+from certlib.analysis.tables import _groups
+from certlib.rows import RADIUS_COLUMNS
+
+CERTIFICATES = tuple(dict.fromkeys(c for cls in FAMILIES.values() for c in cls.certificates))
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, split: str, root: str | None):
+    from certlib.data import load_dataset
+
+    return load_dataset(name, split, root)
+
+
+def _images_of(rows: pd.DataFrame, dataset_root: str | Path | None) -> np.ndarray:
+    """The rows' images in pixel scale, flattened, read from their dataset."""
+    (name, split), = rows[["dataset", "split"]].drop_duplicates().itertuples(index=False, name=None)
+    data = _dataset(name, split, None if dataset_root is None else str(dataset_root))
+    position = pd.Series(np.arange(len(data)), index=data.indices)
+    wanted = rows["index"].to_numpy()
+    missing = ~np.isin(wanted, data.indices)
+    if missing.any():
+        raise ValueError(f"recertify: image index {wanted[missing][0]} is not in {name}/{split}")
+    return data.pixels(position.loc[wanted].to_numpy()).flatten(1).numpy().astype(np.float64)
+
+
+def _noise(params: dict, rows: pd.DataFrame):
+    """The rows' smoothing, rebuilt from the registry (and checked against what they store)."""
+    q = int(params["q"]) if pd.notna(params.get("q")) else 255
+    noise = make_noise(params["method"], float(params["sigma"]), q=q, seed=int(params["seed"]))
+    stored = {"levels": rows["levels"].iloc[0] if "levels" in rows else None}
+    levels = noise.describe().get("levels")
+    if levels is not None and pd.notna(stored["levels"]) and int(stored["levels"]) != levels:
+        raise ValueError(f"recertify: {params['method']} rows store L={int(stored['levels'])}, but sigma={params['sigma']} "
+                         f"at q={q} gives L={levels}")
+    return noise
+
+
+def _votes(rows: pd.DataFrame, exact: bool) -> Votes:
+    if rows["votes"].isna().any() or (not exact and rows["selection_votes"].isna().any()):
+        raise ValueError(f"recertify: {rows['method'].iloc[0]} rows without stored counts cannot be re-certified")
+    counts = np.stack(rows["votes"].to_numpy()).astype(np.int64)
+    return Votes(counts, None if exact else np.stack(rows["selection_votes"].to_numpy()).astype(np.int64))
+
+
+def recertify(df: pd.DataFrame, certificate: str = "standard", *, multiclass: bool | None = None,
+              alpha: float | None = None, dataset_root: str | Path | None = None) -> pd.DataFrame:
+    """Recompute predictions and radii from the stored vote/count vectors, without the model.
+
+    ``certificate``: ``standard`` (each family's own certificate), ``box`` (Voracek & Hein
+    uniform++/split++, Prop. 2.5, uniform and ssn rows), ``box_input`` (their input-dependent
+    Theorem 2.8; reads the images from the dataset, ``dataset_root`` for CIFAR-10/ImageNet) or
+    ``dssn`` (exact, DSSN rows): each family lists the ones it accepts. ``multiclass`` switches
+    between binary and Bonferroni multiclass certification (default: each row's own);
+    ``alpha`` sets a new one-sided level (default: each row's own; exact families have none).
+
+    Returns a copy with prediction, correct, radius_l1/radius_l2, p_a_lower, p_b_upper, alpha
+    and certificate replaced; ``selected`` (the n0 choice) is unchanged.
+    """
+    if certificate not in CERTIFICATES:
+        raise ValueError(f"recertify: certificate must be one of {CERTIFICATES}, got {certificate!r}")
+    out = df.reset_index(drop=True)  # positions below must be unique labels
+    group_keys = [c for c in ("method", "training", "sigma", "seed", "q", "certificate", "alpha", "dataset", "split")
+                  if c in out]
+    for keys, rows in _groups(out, group_keys, sort=False):
+        params = dict(zip(group_keys, keys))
+        noise = _noise(params, rows)
+        if certificate not in noise.certificates:
+            raise ValueError(f"recertify: the {certificate!r} certificate does not apply to {noise.name} rows "
+                             f"(it applies to {', '.join(with_certificate(certificate))} rows); select those rows first")
+        multi = str(params.get("certificate") or "binary").startswith("multiclass") if multiclass is None else multiclass
+        level = (np.nan if noise.exact else float(params["alpha"])) if alpha is None else float(alpha)
+        x = _images_of(rows, dataset_root) if certificate == "box_input" else None
+        try:
+            result = noise.certify(_votes(rows, noise.exact), alpha=level, multiclass=multi, certificate=certificate, x=x)
+        except ValueError as err:
+            raise ValueError(f"recertify: {err}") from None
+        out.loc[rows.index, "prediction"] = result["prediction"]
+        out.loc[rows.index, RADIUS_COLUMNS[noise.norm]] = result["radius"]
+        for column in ("p_a_lower", "p_b_upper", "certificate"):
+            out.loc[rows.index, column] = result[column]
+        if not noise.exact:
+            out.loc[rows.index, "alpha"] = level
+    out["correct"] = out["prediction"].to_numpy() == out["label"].to_numpy()
+    out.index = df.index
+    return out

@@ -1,0 +1,155 @@
+"""The math of the accuracy tables: certified accuracy per configuration, the
+best-certified-accuracy envelope over a sigma grid (Levine & Feizi 2021, Table 1), per-seed
+tables (Table 3), Cohen et al.'s high-probability correction (Theorem 5) and runtime summaries.
+
+Conventions (as in the papers):
+
+* An image is certified at radius r when the prediction is its label, not an abstention, and
+  its radius >= r (DSSN radii are inclusive by the tie rule; Monte Carlo radii are suprema).
+* Clean accuracy is exact for DSSN; for Monte Carlo it is the accuracy of the class selected by
+  the n0 samples (Yang et al.'s convention, Levine & Feizi Appendix B): the ``selected`` column.
+* A row's radius is in its family's norm (``radius_l1`` or ``radius_l2``). Accuracies are fractions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from certlib import certificates
+from certlib.families import family
+from certlib.rows import CONFIG, RADIUS_COLUMNS
+
+# The columns the accuracy tables need: load only these for speed on millions of rows.
+ANALYSIS_COLUMNS = ("method", "training", "sigma", "seed", "index", "label", "selected", "prediction", "radius_l1", "radius_l2",
+                    "alpha")
+
+
+def _groups(frame: pd.DataFrame, by: Sequence[str], sort: bool = True):
+    """(key tuple, rows) for each value of the ``by`` columns (NaN values form groups too)."""
+    for keys, group in frame.groupby(list(by), sort=sort, observed=True, dropna=False):
+        yield (keys if isinstance(keys, tuple) else (keys,)), group
+
+
+def norms(df: pd.DataFrame) -> list[str]:
+    """The norms of the rows' radii ("l1", "l2"), from their families."""
+    return sorted({family(m).norm for m in df["method"].unique()})
+
+
+def radius(df: pd.DataFrame) -> np.ndarray:
+    """Each row's certified radius, in its family's norm (NaN where it abstains)."""
+    out = np.full(len(df), np.nan)
+    row_norm = df["method"].map(lambda m: family(m).norm).to_numpy()
+    for norm, column in RADIUS_COLUMNS.items():
+        if column in df:
+            out = np.where(row_norm == norm, df[column].to_numpy(dtype=np.float64, na_value=np.nan), out)
+    return out
+
+
+def _scores(df: pd.DataFrame, radii: Sequence[float]) -> pd.DataFrame:
+    """Per row: clean correctness and certified correctness at each radius, as 0/1 floats."""
+    prediction = df["prediction"].to_numpy()
+    label = df["label"].to_numpy()
+    radii_of_rows = radius(df)
+    certified = (prediction == label) & (prediction >= 0)
+    out = {"clean": (df["selected"].to_numpy() == label).astype(np.float64)}
+    for r in radii:
+        out[float(r)] = (certified & (radii_of_rows >= r)).astype(np.float64)
+    return pd.DataFrame(out, index=df.index)
+
+
+def certified_accuracy(df: pd.DataFrame, radii: Sequence[float], by: Sequence[str] = CONFIG) -> pd.DataFrame:
+    """Certified accuracy at each radius for each configuration: one row per value of the
+    ``by`` columns, a ``clean`` column, one column per radius (float keys) and ``images``."""
+    by = list(by)
+    scores = _scores(df, radii)
+    scores[by] = df[by]
+    grouped = scores.groupby(by, sort=True, observed=True)
+    table = grouped.mean()
+    table["images"] = grouped.size()
+    return table.reset_index()
+
+
+def best_certified_accuracy(df: pd.DataFrame, radii: Sequence[float], by: Sequence[str] = ("method", "training"),
+                            over: str = "sigma") -> pd.DataFrame:
+    """The envelope of Levine & Feizi Table 1: for each group and radius, the best certified
+    accuracy over ``over`` (the sigma grid), with the clean accuracy and the ``over`` value of
+    the configuration achieving it (ties go to the smaller value).
+
+    Long format: the ``by`` columns, ``radius``, ``certified_accuracy``, ``clean_accuracy`` and
+    ``over``. Rows of several seeds in one configuration are pooled (use ``seed_table`` to
+    separate them).
+    """
+    by = list(by)
+    per_config = certified_accuracy(df, radii, by + [over])
+    rows = []
+    for keys, group in _groups(per_config, by):
+        group = group.sort_values(over)
+        for r in radii:
+            best = group.iloc[int(np.argmax(group[float(r)].to_numpy()))]  # first maximum: the smallest value
+            rows.append({**dict(zip(by, keys)), "radius": float(r), "certified_accuracy": best[float(r)],
+                         "clean_accuracy": best["clean"], over: best[over]})
+    return pd.DataFrame(rows)
+
+
+def seed_table(df: pd.DataFrame, radii: Sequence[float], by: Sequence[str] = ("method", "training"),
+               over: str = "sigma", seed: str = "seed") -> pd.DataFrame:
+    """Levine & Feizi Table 3: the envelope for each seed, then across seeds the mean, the
+    standard deviation (sample, ddof=1) and max - min of the best certified accuracy.
+
+    Long format: the ``by`` columns, ``seed`` (the seed, or "mean", "std", "max-min"),
+    ``radius``, ``certified_accuracy`` and, for the per-seed rows, ``clean_accuracy`` and ``over``.
+    """
+    by = list(by)
+    per_seed = best_certified_accuracy(df, radii, by + [seed], over)
+    rows = [per_seed]
+    for keys, group in per_seed.groupby(by + ["radius"], sort=True, observed=True):
+        values = group["certified_accuracy"].to_numpy()
+        base = dict(zip(by + ["radius"], keys))
+        for name, value in (("mean", values.mean()), ("std", values.std(ddof=1) if len(values) > 1 else 0.0),
+                            ("max-min", values.max() - values.min())):
+            rows.append(pd.DataFrame([{**base, seed: name, "certified_accuracy": value}]))
+    out = pd.concat(rows, ignore_index=True)
+    out[seed] = out[seed].astype(str)
+    return out
+
+
+def high_probability_accuracy(df: pd.DataFrame, radii: Sequence[float], alpha: float | None = None, rho: float = 0.001,
+                              by: Sequence[str] = CONFIG) -> pd.DataFrame:
+    """Approximate certified accuracy next to Cohen et al.'s Theorem 5 lower bound, which holds
+    with probability >= 1 - rho over the randomness of CERTIFY run at failure rate alpha
+    (default: the rows' own alpha). DSSN rows are exact: their bound is the accuracy itself.
+
+    Long format: the ``by`` columns, ``radius``, ``images``, ``approximate``, ``lower_bound``.
+    """
+    by = list(by)
+    table = certified_accuracy(df, radii, by)
+    exact = df["method"].map(lambda m: family(m).exact).groupby([df[c] for c in by], sort=True, observed=True).all().to_numpy()
+    row_alpha = (df.groupby(by, sort=True, observed=True)["alpha"].max().to_numpy() if "alpha" in df
+                 else np.full(len(table), np.nan))
+    rows = []
+    for i, config in table.iterrows():
+        a = alpha if alpha is not None else row_alpha[i]
+        for r in radii:
+            approx = config[float(r)]
+            if exact[i]:
+                bound = approx
+            elif a is None or np.isnan(a):
+                raise ValueError("high_probability_accuracy: Monte Carlo rows without alpha; pass alpha")
+            else:
+                bound = float(certificates.certified_accuracy_lower_bound(round(approx * config["images"]), int(config["images"]), a, rho))
+            rows.append({**{k: config[k] for k in by}, "radius": float(r), "images": int(config["images"]),
+                         "approximate": approx, "lower_bound": bound})
+    return pd.DataFrame(rows)
+
+
+def runtime_summary(df: pd.DataFrame, by: Sequence[str] = CONFIG) -> pd.DataFrame:
+    """Certification time per configuration: images, mean seconds per image, total seconds
+    (GPU-seconds on GPU workers) and the devices used."""
+    by = list(by)
+    grouped = df.groupby(by, sort=True, observed=True)
+    out = grouped.agg(images=("seconds", "size"), seconds_per_image=("seconds", "mean"), total_seconds=("seconds", "sum"),
+                      devices=("device", lambda d: ", ".join(sorted(set(d)))))
+    return out.reset_index()
