@@ -20,9 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from certlib.analysis import ANALYSIS_COLUMNS, best_certified_accuracy, load_results
-from certlib.rows import ROW_SCHEMA
 from certlib.families import family
-from certlib.rows import partition_dir, write_shard
+from certlib.rows import ROW_SCHEMA, partition_dir, write_shard
 
 SIGMAS = [0.15] + [0.25 * n for n in range(1, 15)]
 
@@ -33,13 +32,19 @@ def shard(rng: np.random.Generator, n: int, start: int, method: str) -> pa.Table
     selected = np.where(rng.random(n) < 0.7, label, rng.integers(0, 10, n))
     radius = np.where(rng.random(n) < 0.8, rng.exponential(1.0, n), np.nan)
     columns = {f.name: pa.nulls(n, f.type) for f in ROW_SCHEMA}
-    columns.update({
-        "index": pa.array(np.arange(start, start + n)), "label": pa.array(label), "selected": pa.array(selected),
-        "prediction": pa.array(np.where(np.isnan(radius), -1, selected)), "correct": pa.array(selected == label),
-        "radius_l1": pa.array(radius), "seconds": pa.array(np.full(n, 0.05)),
-        "votes": pa.ListArray.from_arrays(np.arange(0, 10 * n + 1, 10), votes.ravel()),
-        "certificate": pa.array(["dssn_exact" if family(method).exact else "binary"] * n),
-    })
+    columns.update(
+        {
+            "index": pa.array(np.arange(start, start + n)),
+            "label": pa.array(label),
+            "selected": pa.array(selected),
+            "prediction": pa.array(np.where(np.isnan(radius), -1, selected)),
+            "correct": pa.array(selected == label),
+            "radius_l1": pa.array(radius),
+            "seconds": pa.array(np.full(n, 0.05)),
+            "votes": pa.ListArray.from_arrays(np.arange(0, 10 * n + 1, 10), votes.ravel()),
+            "certificate": pa.array(["dssn_exact" if family(method).exact else "binary"] * n),
+        }
+    )
     return pa.Table.from_arrays([columns[f.name] for f in ROW_SCHEMA], schema=ROW_SCHEMA)
 
 
@@ -57,8 +62,11 @@ def main() -> None:
         per_config = args.rows // len(configs) + (i < args.rows % len(configs))
         for start in range(0, per_config, args.shard):
             n = min(args.shard, per_config - start)
-            write_shard(partition_dir(out, method, training, sigma, 0) / f"part-{start:08d}.parquet",
-                        shard(rng, n, start, method), "{}")
+            write_shard(
+                partition_dir(out, method, training, sigma, 0) / f"part-{start:08d}.parquet",
+                shard(rng, n, start, method),
+                "{}",
+            )
     written = time.perf_counter() - started
 
     t0 = time.perf_counter()

@@ -43,12 +43,13 @@ from certlib.analysis import load_results  # noqa: E402
 from certlib.cascade import Cascade  # noqa: E402
 from certlib.checkpoint import ModelCard, load_checkpoint, save_checkpoint  # noqa: E402
 from certlib.data import load_dataset  # noqa: E402
-from certlib.models import build_model  # noqa: E402
 from certlib.families import make_noise  # noqa: E402
+from certlib.models import build_model  # noqa: E402
 from certlib.smooth import Smooth  # noqa: E402
 from certlib.voting import default_batch_size  # noqa: E402
 from cluster import jobs, local_ray  # noqa: E402
-from cluster.spec import model_keys, parse_spec  # noqa: E402
+from cluster.plan import model_keys  # noqa: E402
+from cluster.spec import parse_spec  # noqa: E402
 
 DEFAULT_CIFAR = Path(os.environ.get("CIFAR", ROOT.parent / "shared" / "data" / "cifar-10-batches-bin"))
 TARGET = 0.95
@@ -68,15 +69,28 @@ def model_checkpoint(args, test, path: Path) -> Path:
     torch.manual_seed(0)
     model = build_model(args.arch, 10, test.mean, test.std, test.input_shape)
     noise = make_noise("dssn", args.sigma, q=255, seed=0).describe()
-    card = ModelCard(architecture=args.arch, dataset="cifar10", class_names=list(test.class_names),
-                     input_shape=list(test.input_shape), mean=list(test.mean), std=list(test.std), q=255, method="dssn",
-                     sigma=args.sigma, lam=noise["lambda"], levels=noise["levels"], seed=0, training="standard")
+    card = ModelCard(
+        architecture=args.arch,
+        dataset="cifar10",
+        class_names=list(test.class_names),
+        input_shape=list(test.input_shape),
+        mean=list(test.mean),
+        std=list(test.std),
+        q=255,
+        method="dssn",
+        sigma=args.sigma,
+        lam=noise["lambda"],
+        levels=noise["levels"],
+        seed=0,
+        training="standard",
+    )
     save_checkpoint(path, model, card)
     return path
 
 
-def bare_engine(checkpoint: Path, card_sigma: float, test, images: int, shard: int, device: torch.device,
-                threads: int) -> tuple[float, float, np.ndarray]:
+def bare_engine(
+    checkpoint: Path, card_sigma: float, test, images: int, shard: int, device: torch.device, threads: int
+) -> tuple[float, float, np.ndarray]:
     """(seconds of the first unit, seconds of the rest per image, votes of every image)."""
     torch.set_num_threads(threads)
     model, card = load_checkpoint(checkpoint, device=device)
@@ -102,8 +116,13 @@ def job(instance, spec: dict, work: Path, name: str) -> tuple[float, float, np.n
     path.write_text(yaml.safe_dump(spec))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     began = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "submit-job", str(path), "--address", instance.dashboard_url,
-                           "--wait"], capture_output=True, text=True, env=env, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "submit-job", str(path), "--address", instance.dashboard_url, "--wait"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     wall = time.perf_counter() - began
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
@@ -118,14 +137,31 @@ def status_on_a_big_log(instance, gigabytes: float) -> list[list[str]]:
     client = jobs.connect(instance.dashboard_url)
     line = "x" * 1023
     count = int(gigabytes * 2**30 / 1024)
-    progress = jobs.PROGRESS_PREFIX + json.dumps({
-        "images_done": 1, "images_total": 2, "images_per_second": 1.0, "eta_seconds": 1.0, "training_eta_seconds": 0.0,
-        "units_done": 1, "units_total": 2, "units_failed": 0, "models_trained": 0, "models_to_train": 0,
-        "elapsed_seconds": 1.0, "by_model": {"m": [1, 2]}, "training": {}})
-    code = (f"import sys\nline = {line!r} + '\\n'\nfor _ in range({count}):\n    sys.stdout.write(line)\n"
-            f"print({progress!r}, flush=True)\nimport time\ntime.sleep(600)")
-    job_id = client.submit_job(entrypoint=f"{sys.executable} -c {shlex.quote(code)}",
-                               metadata={"certify": "1", "name": "big-log", "output": "/nonexistent"})
+    progress = jobs.PROGRESS_PREFIX + json.dumps(
+        {
+            "images_done": 1,
+            "images_total": 2,
+            "images_per_second": 1.0,
+            "eta_seconds": 1.0,
+            "training_eta_seconds": 0.0,
+            "units_done": 1,
+            "units_total": 2,
+            "units_failed": 0,
+            "models_trained": 0,
+            "models_to_train": 0,
+            "elapsed_seconds": 1.0,
+            "by_model": {"m": [1, 2]},
+            "training": {},
+        }
+    )
+    code = (
+        f"import sys\nline = {line!r} + '\\n'\nfor _ in range({count}):\n    sys.stdout.write(line)\n"
+        f"print({progress!r}, flush=True)\nimport time\ntime.sleep(600)"
+    )
+    job_id = client.submit_job(
+        entrypoint=f"{sys.executable} -c {shlex.quote(code)}",
+        metadata={"certify": "1", "name": "big-log", "output": "/nonexistent"},
+    )
     deadline = time.time() + 600
     while time.time() < deadline and jobs.latest_progress(client, job_id, None) is None:
         time.sleep(2)
@@ -133,8 +169,12 @@ def status_on_a_big_log(instance, gigabytes: float) -> list[list[str]]:
     found = jobs.latest_progress(client, job_id, None)
     inside = time.perf_counter() - began
     began = time.perf_counter()
-    cli = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "big-log", "--address", instance.dashboard_url],
-                         capture_output=True, text=True, cwd=ROOT)
+    cli = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "status", "big-log", "--address", instance.dashboard_url],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     command = time.perf_counter() - began
     client.stop_job(job_id)
     ok = found is not None and "1/2 images" in cli.stdout
@@ -159,9 +199,13 @@ def main() -> None:
     threads = torch.get_num_threads()
     work = Path(tempfile.mkdtemp(prefix="certify-bench-"))
     sigma = load_checkpoint(args.checkpoint)[1].sigma if args.checkpoint else args.sigma
-    spec = {"dataset": {"name": "cifar10", "split": "test", "root": str(args.cifar), "limit": args.images},
-            "models": {"path": str(work / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
-            "methods": ["dssn"], "sigmas": [sigma], "certify": {"precision": "auto"}}
+    spec = {
+        "dataset": {"name": "cifar10", "split": "test", "root": str(args.cifar), "limit": args.images},
+        "models": {"path": str(work / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
+        "methods": ["dssn"],
+        "sigmas": [sigma],
+        "certify": {"precision": "auto"},
+    }
     sweep = parse_spec({**spec, "name": "probe", "output": str(work / "probe")})
     checkpoint = model_checkpoint(args, test, model_keys(sweep)[0].checkpoint(sweep))
 
@@ -170,9 +214,19 @@ def main() -> None:
     steady = per_image * args.images  # the engine's rate over every image, warm
     configs = [("one worker", {"workers": 1, "gpus_per_worker": 1 if gpu else 0, "cpus_per_worker": threads})]
     if gpu:
-        configs.append(("two packed (0.5 GPU each)", {"workers": 2, "gpus_per_worker": 0.5, "cpus_per_worker": max(1, threads // 2)}))
+        configs.append(
+            (
+                "two packed (0.5 GPU each)",
+                {"workers": 2, "gpus_per_worker": 0.5, "cpus_per_worker": max(1, threads // 2)},
+            )
+        )
     else:
-        configs.append(("two workers (half the CPUs each)", {"workers": 2, "gpus_per_worker": 0, "cpus_per_worker": max(1, threads // 2)}))
+        configs.append(
+            (
+                "two workers (half the CPUs each)",
+                {"workers": 2, "gpus_per_worker": 0, "cpus_per_worker": max(1, threads // 2)},
+            )
+        )
 
     began = time.perf_counter()
     instance = local_ray.start(num_cpus=threads, num_gpus=torch.cuda.device_count() if gpu else 0, private=True)
@@ -180,24 +234,58 @@ def main() -> None:
     rows = []
     try:
         for i, (label, resources) in enumerate(configs):
-            wall, driver, votes = job(instance, {**spec, "resources": {**resources, "shard_size": shard}}, work, f"job{i}")
+            wall, driver, votes = job(
+                instance, {**spec, "resources": {**resources, "shard_size": shard}}, work, f"job{i}"
+            )
             differ = int((votes != bare_votes).any(axis=1).sum())
-            rows.append([label, f"{wall:.1f}", f"{driver:.1f}", f"{args.images / wall:.2f}",
-                         f"{steady / wall:.3f}", f"{bare_seconds / wall:.3f}", f"{steady / driver:.3f}", str(differ)])
+            rows.append(
+                [
+                    label,
+                    f"{wall:.1f}",
+                    f"{driver:.1f}",
+                    f"{args.images / wall:.2f}",
+                    f"{steady / wall:.3f}",
+                    f"{bare_seconds / wall:.3f}",
+                    f"{steady / driver:.3f}",
+                    str(differ),
+                ]
+            )
         big_log = status_on_a_big_log(instance, args.log_gb)
     finally:
         local_ray.stop(instance)
-    print(f"# Pipeline against the bare engine: {args.images} CIFAR-10 images, DSSN sigma {sigma}, {checkpoint.name}, "
-          f"{args.device}, units of {shard} images\n")
-    print(f"Bare engine in this process: first unit {first:.1f} s (model load, float64 reference, compile), then "
-          f"{per_image * 1000:.1f} ms per image ({1 / per_image:.2f} images/s warm); all images {bare_seconds:.1f} s. "
-          f"Private Ray instance started in {startup:.1f} s (not in the walls).\n")
-    print(table(["job", "end-to-end s", "driver s", "images/s", "vs warm engine (end to end)",
-                 "vs engine with its first unit", "vs warm engine (driver)", "votes differing"], rows))
+    print(
+        f"# Pipeline against the bare engine: {args.images} CIFAR-10 images, DSSN sigma {sigma}, {checkpoint.name}, "
+        f"{args.device}, units of {shard} images\n"
+    )
+    print(
+        f"Bare engine in this process: first unit {first:.1f} s (model load, float64 reference, compile), then "
+        f"{per_image * 1000:.1f} ms per image ({1 / per_image:.2f} images/s warm); all images {bare_seconds:.1f} s. "
+        f"Private Ray instance started in {startup:.1f} s (not in the walls).\n"
+    )
+    print(
+        table(
+            [
+                "job",
+                "end-to-end s",
+                "driver s",
+                "images/s",
+                "vs warm engine (end to end)",
+                "vs engine with its first unit",
+                "vs warm engine (driver)",
+                "votes differing",
+            ],
+            rows,
+        )
+    )
     verdict = float(rows[0][4])
-    print(f"\n- {'PASS' if verdict >= TARGET else 'FAIL'}: one worker end to end {verdict:.3f} of the warm engine's rate "
-          f"(target {TARGET})")
-    print(f"\n`certify status` on a job whose log holds {args.log_gb:g} GB (the last progress line via the log tail API):\n")
+    print(
+        f"\n- {'PASS' if verdict >= TARGET else 'FAIL'}: one worker end to end {verdict:.3f} of the warm engine's rate "
+        f"(target {TARGET})"
+    )
+    print(
+        f"\n`certify status` on a job whose log holds {args.log_gb:g} GB "
+        "(the last progress line via the log tail API):\n"
+    )
     print(table(["log", "status call s (in process)", "`certify status` command s", "progress found"], big_log))
 
 

@@ -38,37 +38,41 @@ def simulated_device() -> None:
         result = compute(self, unit, images)
         time.sleep(max(0.0, seconds * unit.size - (time.perf_counter() - started)))
         return result
+
     UnitRunner.compute = slow_compute
 
 
 def run(nodes: int, args, work: Path) -> float:
     import ray
     import ray._private.utils
-    from ray.cluster_utils import Cluster
 
     from certlib.data import load_digits
-    from cluster.driver import run_sweep
-    from cluster.local_ray import free_port
-    from cluster.spec import model_keys, parse_spec
-    from tests.conftest import random_checkpoint
+    from cluster.executor import run_sweep
+    from cluster.plan import model_keys
+    from cluster.spec import parse_spec
+    from tests.conftest import random_checkpoint, simulated_cluster
 
-    ray._private.utils.write_ray_address = lambda *a, **k: None  # leave /tmp/ray's pointer to the user's Ray alone
-    temp_dir = tempfile.mkdtemp(prefix="certify-sc-")
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "gcs_server_port": free_port(), "include_dashboard": False, "temp_dir": temp_dir,
-        "ray_client_server_port": free_port(), "dashboard_agent_listen_port": free_port()})
-    for _ in range(nodes):
-        cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_port=free_port())
-    try:
-        ray.init(address=cluster.address, log_to_driver=False, runtime_env={
-            "worker_process_setup_hook": "bench.scaling.simulated_device",
-            "env_vars": {SECONDS_VARIABLE: str(args.seconds_per_image), "PYTHONPATH": str(ROOT)}})
-        sweep = parse_spec({
-            "name": "scaling", "output": str(work / f"out-{nodes}"), "dataset": {"name": "digits", "limit": args.images},
-            "models": {"path": str(work / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
-            "methods": ["uniform"], "sigmas": [0.5], "certify": {"n0": 8, "n": 64},
-            "resources": {"cpus_per_worker": 1, "shard_size": args.shard},
-        })
+    with simulated_cluster(nodes, "certify-sc-") as (cluster, _):
+        ray.init(
+            address=cluster.address,
+            log_to_driver=False,
+            runtime_env={
+                "worker_process_setup_hook": "bench.scaling.simulated_device",
+                "env_vars": {SECONDS_VARIABLE: str(args.seconds_per_image), "PYTHONPATH": str(ROOT)},
+            },
+        )
+        sweep = parse_spec(
+            {
+                "name": "scaling",
+                "output": str(work / f"out-{nodes}"),
+                "dataset": {"name": "digits", "limit": args.images},
+                "models": {"path": str(work / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
+                "methods": ["uniform"],
+                "sigmas": [0.5],
+                "certify": {"n0": 8, "n": 64},
+                "resources": {"cpus_per_worker": 1, "shard_size": args.shard},
+            }
+        )
         key = model_keys(sweep)[0]
         if not key.checkpoint(sweep).exists():
             random_checkpoint(key.checkpoint(sweep), load_digits("test"), key.method, key.sigma, key.seed)
@@ -77,10 +81,6 @@ def run(nodes: int, args, work: Path) -> float:
         wall = time.perf_counter() - started
         assert not progress.failures and progress.done == args.images, progress.failures
         return wall
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def main() -> None:
@@ -97,8 +97,10 @@ def main() -> None:
         ideal = args.images * args.seconds_per_image / nodes
         rows.append(f"| {nodes} | {wall:.1f} | {ideal:.1f} | {ideal / wall:.2f} |")
     shutil.rmtree(work, ignore_errors=True)
-    print(f"# Pipeline scaling over simulated nodes: {args.images} images in units of {args.shard}, "
-          f"{args.seconds_per_image} s of simulated device time per image\n")
+    print(
+        f"# Pipeline scaling over simulated nodes: {args.images} images in units of {args.shard}, "
+        f"{args.seconds_per_image} s of simulated device time per image\n"
+    )
     print("| nodes | wall s | ideal s | efficiency |\n|---|---|---|---|")
     print("\n".join(rows))
 

@@ -51,22 +51,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from certlib.cascade import LEVELS, Cascade, EXACT_TIE, disable_tf32, fold_batchnorm  # noqa: E402
+from certlib.cascade import EXACT_TIE, LEVELS, Cascade, disable_tf32, fold_batchnorm  # noqa: E402
 from certlib.checkpoint import load_checkpoint  # noqa: E402
-from certlib.data import load_cifar10, load_dataset  # noqa: E402
-from certlib.models import build_model  # noqa: E402
-from certlib.data import quantize  # noqa: E402
+from certlib.data import (  # noqa: E402
+    load_cifar10,
+    load_dataset,
+    quantize,  # noqa: E402
+)
 from certlib.families import DSSNNoise, GaussianNoise, UniformNoise  # noqa: E402
+from certlib.models import build_model  # noqa: E402
 from certlib.voting import MC_BLOCK, default_batch_size, dssn_votes, monte_carlo_counts, stream_seed  # noqa: E402
 
-DEFAULT_CIFAR = Path(os.environ.get("CIFAR") or Path(__file__).resolve().parents[1].parent / "shared" / "data" /
-                     "cifar-10-batches-bin")
+DEFAULT_CIFAR = Path(
+    os.environ.get("CIFAR") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-batches-bin"
+)
 SIGMAS = (0.25, 1.0, 3.5)
 TABLE1_SIGMAS = [0.15] + [0.25 * n for n in range(1, 15)]
 PAPER_DSSN_SECONDS_AT_3_5 = 0.41  # Levine & Feizi, 2080 Ti
 PAPER_UNIFORM_SECONDS = 13.44
-TARGETS = {"samples_per_s": 200_000, "ceiling_ratio": 0.8, "table1_minutes": 20, "mc_seconds_per_image": 0.5,
-           "cpu_fp32_ratio": 0.9}
+TARGETS = {
+    "samples_per_s": 200_000,
+    "ceiling_ratio": 0.8,
+    "table1_minutes": 20,
+    "mc_seconds_per_image": 0.5,
+    "cpu_fp32_ratio": 0.9,
+}
 
 
 def synchronize(device: torch.device) -> None:
@@ -104,17 +113,22 @@ def cycled(test, count: int, device) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- 0. the network
 
+
 def acceptance_model(cifar: Path, device: torch.device, epochs: int, out: Path):
-    from certlib.train import TrainConfig, train_model
+    from certlib.train import train_model
+    from certlib.train_config import TrainConfig
 
     train = load_dataset("cifar10", "train", cifar, limit=6_000)
     heldout = load_dataset("cifar10", "test", cifar, start=5_000, limit=1_000)  # the cells use images 0..
-    config = TrainConfig(dataset="cifar10", method="dssn", sigma=1.0, epochs=epochs, channels_last=True, heldout_limit=None)
+    config = TrainConfig(
+        dataset="cifar10", method="dssn", sigma=1.0, epochs=epochs, channels_last=True, heldout_limit=None
+    )
     card = train_model(config, out, train, heldout, device=device, log=lambda line: None)
     return load_checkpoint(out, device=device, dataset="cifar10")[0], card
 
 
 # --------------------------------------------------------------------------- 1. forward ceiling
+
 
 @torch.inference_mode()
 def forward_rate(forward, x, device, min_seconds: float) -> float:
@@ -135,6 +149,7 @@ def autocast_forward(net, level: str, device):
                 return net(x)
         finally:
             disable_tf32()
+
     return forward
 
 
@@ -148,13 +163,24 @@ def forward_ceilings(model, engine: Cascade, device, batch: int, min_seconds: fl
     folded = fold_batchnorm(model)
     folded.to(memory_format=torch.channels_last)
     compile_mode = "max-autotune" if gpu else None
-    cells = [(f"{level} eager", autocast_forward(model, level, device)) for level in fast + (["tf32"] if gpu else []) + ["fp32"]]
-    cells += [(f"{level} eager, BatchNorm folded", autocast_forward(folded, level, device)) for level in fast + ["fp32"]]
+    cells = [
+        (f"{level} eager", autocast_forward(model, level, device))
+        for level in fast + (["tf32"] if gpu else []) + ["fp32"]
+    ]
+    cells += [
+        (f"{level} eager, BatchNorm folded", autocast_forward(folded, level, device)) for level in fast + ["fp32"]
+    ]
     if engine.compiled:  # the unfolded network compiled as the engine compiles (each compilation takes minutes)
         level = engine.levels[0]
-        cells.append((f"{level} compiled ({compile_mode or 'default'}), unfolded",
-                      autocast_forward(torch.compile(model, mode=compile_mode, dynamic=False), level, device)))
-        cells.append((f"{engine.levels[0]} engine forward (folded, compiled)", lambda x: engine.logits(engine.levels[0], x)))
+        cells.append(
+            (
+                f"{level} compiled ({compile_mode or 'default'}), unfolded",
+                autocast_forward(torch.compile(model, mode=compile_mode, dynamic=False), level, device),
+            )
+        )
+        cells.append(
+            (f"{engine.levels[0]} engine forward (folded, compiled)", lambda x: engine.logits(engine.levels[0], x))
+        )
     rates = {name: forward_rate(fn, x, device, min_seconds) for name, fn in cells}
     best = max(rates.values())
     rows = [[name, f"{rate:,.0f}", f"{rate / best:.2f}"] for name, rate in rates.items()]
@@ -162,6 +188,7 @@ def forward_ceilings(model, engine: Cascade, device, batch: int, min_seconds: fl
 
 
 # --------------------------------------------------------------------------- 2. DSSN
+
 
 @torch.inference_mode()
 def reference_strategy_votes(model, images, noise: DSSNNoise, chunk: int = 128) -> np.ndarray:
@@ -179,8 +206,17 @@ def reference_strategy_votes(model, images, noise: DSSNNoise, chunk: int = 128) 
 class Cell:
     """One engine measurement: its rate, the share of samples each level evaluated, its votes."""
 
-    def __init__(self, name: str, engine: Cascade, sigma, samples: int, seconds: float, stats: dict, votes, images: int):
-        self.name, self.sigma, self.samples, self.seconds, self.votes, self.images = name, sigma, samples, seconds, votes, images
+    def __init__(
+        self, name: str, engine: Cascade, sigma, samples: int, seconds: float, stats: dict, votes, images: int
+    ):
+        self.name, self.sigma, self.samples, self.seconds, self.votes, self.images = (
+            name,
+            sigma,
+            samples,
+            seconds,
+            votes,
+            images,
+        )
         self.levels, self.stats = engine.name, stats
 
     @property
@@ -206,35 +242,83 @@ def dssn_cell(name, engine, test, sigma, device, budget, min_images) -> Cell:
 
     def run(count, stats=None):
         return dssn_votes(engine, cycled(test, count, device), noise, 10, stats=stats)
+
     count = max(min_images, sized(run, noise.levels, budget, device, probe))
     stats = {}
     votes, seconds = timed(lambda: run(count, stats), device)
     return Cell(name, engine, sigma, count * noise.levels, seconds, stats, votes, count)
 
 
-def dssn_section(engines: dict[str, Cascade], model, test, device, budget: float, min_images: int,
-                 best_ceiling: float) -> tuple[list[Cell], str]:
+def dssn_section(
+    engines: dict[str, Cascade], model, test, device, budget: float, min_images: int, best_ceiling: float
+) -> tuple[list[Cell], str]:
     cells = []
     for sigma in SIGMAS:
         for name, engine in engines.items():
             if sigma == SIGMAS[0] and name != "auto":
                 continue  # the other variants at the sigmas of the acceptance only
             cells.append(dssn_cell(name, engine, test, sigma, device, budget, min_images))
-    reference_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)  # NCHW, fp32, as the reference runs
-    rows = [[str(c.sigma), str(DSSNNoise(c.sigma).levels), f"{c.name} ({c.levels})", str(c.images), f"{c.seconds:.1f}", f"{c.rate:,.0f}",
-             f"{c.rate / best_ceiling:.2f}", f"{c.seconds / c.images:.4f}", c.shares()] for c in cells]
+    reference_model = copy.deepcopy(model).to(
+        memory_format=torch.contiguous_format
+    )  # NCHW, fp32, as the reference runs
+    rows = [
+        [
+            str(c.sigma),
+            str(DSSNNoise(c.sigma).levels),
+            f"{c.name} ({c.levels})",
+            str(c.images),
+            f"{c.seconds:.1f}",
+            f"{c.rate:,.0f}",
+            f"{c.rate / best_ceiling:.2f}",
+            f"{c.seconds / c.images:.4f}",
+            c.shares(),
+        ]
+        for c in cells
+    ]
     noise = DSSNNoise(1.0)
-    count = max(1, sized(lambda k: reference_strategy_votes(reference_model, cycled(test, k, device), noise),
-                         noise.levels, budget / 3, device, 1))
+    count = max(
+        1,
+        sized(
+            lambda k: reference_strategy_votes(reference_model, cycled(test, k, device), noise),
+            noise.levels,
+            budget / 3,
+            device,
+            1,
+        ),
+    )
     _, seconds = timed(lambda: reference_strategy_votes(reference_model, cycled(test, count, device), noise), device)
     rate = count * noise.levels / seconds
-    rows.append(["1.0", str(noise.levels), "reference strategy (fp32, NCHW, 128 copies)", str(count), f"{seconds:.1f}",
-                 f"{rate:,.0f}", f"{rate / best_ceiling:.2f}", f"{seconds / count:.4f}", "-"])
-    return cells, table(["sigma", "L", "engine", "images", "s", "samples/s", "of best ceiling", "s/image",
-                         "samples evaluated per level"], rows)
+    rows.append(
+        [
+            "1.0",
+            str(noise.levels),
+            "reference strategy (fp32, NCHW, 128 copies)",
+            str(count),
+            f"{seconds:.1f}",
+            f"{rate:,.0f}",
+            f"{rate / best_ceiling:.2f}",
+            f"{seconds / count:.4f}",
+            "-",
+        ]
+    )
+    return cells, table(
+        [
+            "sigma",
+            "L",
+            "engine",
+            "images",
+            "s",
+            "samples/s",
+            "of best ceiling",
+            "s/image",
+            "samples evaluated per level",
+        ],
+        rows,
+    )
 
 
 # --------------------------------------------------------------------------- 3. Monte Carlo
+
 
 @torch.inference_mode()
 def cohen_loop(model, images, noise, n0: int, n: int, chunk: int, seed: int) -> np.ndarray:
@@ -249,33 +333,73 @@ def cohen_loop(model, images, noise, n0: int, n: int, chunk: int, seed: int) -> 
     return counts
 
 
-def monte_carlo_section(engines: dict[str, Cascade], model, test, device, budget: float, n: int,
-                        best_ceiling: float) -> tuple[list[Cell], str]:
+def monte_carlo_section(
+    engines: dict[str, Cascade], model, test, device, budget: float, n: int, best_ceiling: float
+) -> tuple[list[Cell], str]:
     cells, rows = [], []
     for noise in (UniformNoise(0.5), GaussianNoise(0.5)):
         for name, engine in engines.items():
+
             def run(count, stats=None):
-                return monte_carlo_counts(engine, cycled(test, count, device), range(count), noise, 10, n0=64, n=n, seed=0,
-                                          stats=stats)
+                return monte_carlo_counts(
+                    engine, cycled(test, count, device), range(count), noise, 10, n0=64, n=n, seed=0, stats=stats
+                )
+
             count = sized(run, 64 + n, budget, device, 1)
             stats = {}
             counts, seconds = timed(lambda: run(count, stats), device)
             cell = Cell(f"{noise.name} {name}", engine, None, count * (64 + n), seconds, stats, counts, count)
             cells.append(cell)
-            rows.append([noise.name, f"{name} ({engine.name})", f"{n:,}", str(count), f"{seconds:.1f}", f"{cell.rate:,.0f}",
-                         f"{cell.rate / best_ceiling:.2f}", f"{(64 + 100_000) / cell.rate:.3f}", cell.shares()])
+            rows.append(
+                [
+                    noise.name,
+                    f"{name} ({engine.name})",
+                    f"{n:,}",
+                    str(count),
+                    f"{seconds:.1f}",
+                    f"{cell.rate:,.0f}",
+                    f"{cell.rate / best_ceiling:.2f}",
+                    f"{(64 + 100_000) / cell.rate:.3f}",
+                    cell.shares(),
+                ]
+            )
         reference_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
         loop_n = min(n, 20_000)
-        _, seconds = timed(lambda: cohen_loop(reference_model, cycled(test, 1, device), noise, 64, loop_n, 400, 0), device)
+        _, seconds = timed(
+            lambda: cohen_loop(reference_model, cycled(test, 1, device), noise, 64, loop_n, 400, 0), device
+        )
         rate = (64 + loop_n) / seconds
-        rows.append([noise.name, "Cohen loop (fp32, NCHW, chunks of 400)", f"{loop_n:,}", "1", f"{seconds:.1f}",
-                     f"{rate:,.0f}", f"{rate / best_ceiling:.2f}", f"{(64 + 100_000) / rate:.3f}", "-"])
-    return cells, table(["noise", "engine", "n", "images", "s", "samples/s", "of best ceiling", "s/image at n=100,000",
-                         "samples evaluated per level"], rows) + \
-        f"\npaper: {PAPER_UNIFORM_SECONDS} s/image (uniform, n = 100,000, 2080 Ti)"
+        rows.append(
+            [
+                noise.name,
+                "Cohen loop (fp32, NCHW, chunks of 400)",
+                f"{loop_n:,}",
+                "1",
+                f"{seconds:.1f}",
+                f"{rate:,.0f}",
+                f"{rate / best_ceiling:.2f}",
+                f"{(64 + 100_000) / rate:.3f}",
+                "-",
+            ]
+        )
+    return cells, table(
+        [
+            "noise",
+            "engine",
+            "n",
+            "images",
+            "s",
+            "samples/s",
+            "of best ceiling",
+            "s/image at n=100,000",
+            "samples evaluated per level",
+        ],
+        rows,
+    ) + f"\npaper: {PAPER_UNIFORM_SECONDS} s/image (uniform, n = 100,000, 2080 Ti)"
 
 
 # --------------------------------------------------------------------------- 5. ground truth
+
 
 @torch.inference_mode()
 def ground_truth(model, engine: Cascade, test, device, count: int, batch: int, mc_n: int) -> tuple[dict, dict, str]:
@@ -316,10 +440,20 @@ def ground_truth(model, engine: Cascade, test, device, count: int, batch: int, m
                 x = noise.sample(images[0][None].expand(min(MC_BLOCK, total - start), *images.shape[1:]), generator)
                 counts[stage] += np.bincount(exact_votes(x)[0].cpu().numpy(), minlength=10)
         mc_truth[noise.name] = counts
-    rows = [[level, *(f"{worst[(level, s)]:.2e}" for s in SIGMAS), f"{LEVELS[level].band:.0e}",
-             f"{LEVELS[level].band / (2 * max(worst[(level, s)] for s in SIGMAS)):,.1f}"] for level in levels]
-    return truth, mc_truth, table(["level (engine's network)", *(f"worst error, sigma {s}" for s in SIGMAS), "band",
-                                   "headroom"], rows)
+    rows = [
+        [
+            level,
+            *(f"{worst[(level, s)]:.2e}" for s in SIGMAS),
+            f"{LEVELS[level].band:.0e}",
+            f"{LEVELS[level].band / (2 * max(worst[(level, s)] for s in SIGMAS)):,.1f}",
+        ]
+        for level in levels
+    ]
+    return (
+        truth,
+        mc_truth,
+        table(["level (engine's network)", *(f"worst error, sigma {s}" for s in SIGMAS), "band", "headroom"], rows),
+    )
 
 
 def vote_differences(cells: list[Cell], truth: dict, mc_truth: dict, mc_n: int) -> tuple[int, str]:
@@ -339,6 +473,8 @@ def vote_differences(cells: list[Cell], truth: dict, mc_truth: dict, mc_n: int) 
             rows.append([f"Monte Carlo {noise_name}", cell.name.split(" ", 1)[1], "1", f"{differ}/{64 + mc_n}"])
         total += differ
     return total, table(["votes", "engine", "images", "differing from float64"], rows)
+
+
 # --------------------------------------------------------------------------- 4. pipeline
 
 
@@ -348,8 +484,9 @@ def pipeline_section(cifar: Path, images: int, workers: list[int], sigma: float,
     from certlib.analysis import load_results
     from certlib.checkpoint import ModelCard, save_checkpoint
     from certlib.smooth import Smooth
-    from cluster.driver import run_sweep
-    from cluster.spec import model_keys, parse_spec
+    from cluster.executor import run_sweep
+    from cluster.plan import model_keys
+    from cluster.spec import parse_spec
 
     test = load_cifar10(cifar, "test")
     noise = DSSNNoise(sigma)
@@ -357,9 +494,21 @@ def pipeline_section(cifar: Path, images: int, workers: list[int], sigma: float,
     torch.manual_seed(0)
     model = build_model(arch, 10, test.mean, test.std, test.input_shape)
     template = str(work / "{method}-{training}-{sigma}-{seed}.pt")
-    card = ModelCard(architecture=arch, dataset="cifar10", class_names=test.class_names, input_shape=list(test.input_shape),
-                     mean=list(test.mean), std=list(test.std), q=255, method="dssn", sigma=sigma, lam=noise.lam,
-                     levels=noise.levels, seed=0, training="standard")
+    card = ModelCard(
+        architecture=arch,
+        dataset="cifar10",
+        class_names=test.class_names,
+        input_shape=list(test.input_shape),
+        mean=list(test.mean),
+        std=list(test.std),
+        q=255,
+        method="dssn",
+        sigma=sigma,
+        lam=noise.lam,
+        levels=noise.levels,
+        seed=0,
+        training="standard",
+    )
     checkpoint = Path(template.format(method="dssn", training="standard", sigma=sigma, seed=0))
     save_checkpoint(checkpoint, model, card)
 
@@ -376,28 +525,58 @@ def pipeline_section(cifar: Path, images: int, workers: list[int], sigma: float,
     startup = time.perf_counter() - start
     bare_rate = images / bare
     for k in workers:
-        spec = parse_spec({
-            "name": "bench", "output": str(work / f"out-{k}"),
-            "dataset": {"name": "cifar10", "split": "test", "root": str(cifar), "limit": images},
-            "models": {"path": template}, "methods": ["dssn"], "sigmas": [sigma],
-            "resources": {"workers": k, "cpus_per_worker": 1, "gpus_per_worker": 0, "shard_size": max(1, images // (4 * k))},
-        })
+        spec = parse_spec(
+            {
+                "name": "bench",
+                "output": str(work / f"out-{k}"),
+                "dataset": {"name": "cifar10", "split": "test", "root": str(cifar), "limit": images},
+                "models": {"path": template},
+                "methods": ["dssn"],
+                "sigmas": [sigma],
+                "resources": {
+                    "workers": k,
+                    "cpus_per_worker": 1,
+                    "gpus_per_worker": 0,
+                    "shard_size": max(1, images // (4 * k)),
+                },
+            }
+        )
         assert model_keys(spec)[0].checkpoint(spec) == checkpoint
         _, wall = timed(lambda: run_sweep(spec, f"bench-{k}", log=lambda line: None), torch.device("cpu"))
         engine = float(load_results(spec.output, columns=["seconds"])["seconds"].sum())
         rate = images / wall
-        rows.append([str(k), f"{wall:.1f}", f"{engine:.1f}", f"{1 - engine / (k * wall):.1%}",
-                     f"{1 - engine / (k * (wall + startup)):.1%}", f"{rate:.2f}", f"{rate / (k * bare_rate):.2f}"])
+        rows.append(
+            [
+                str(k),
+                f"{wall:.1f}",
+                f"{engine:.1f}",
+                f"{1 - engine / (k * wall):.1%}",
+                f"{1 - engine / (k * (wall + startup)):.1%}",
+                f"{rate:.2f}",
+                f"{rate / (k * bare_rate):.2f}",
+            ]
+        )
     ray.shutdown()
-    header = (f"{images} CIFAR-10 images, DSSN sigma={sigma} (L={noise.levels}), {arch}; bare engine (1 thread, no Ray): "
-              f"{bare:.1f} s; Ray start-up {startup:.1f} s (not in the walls below)\n")
-    return header + table(["workers", "sweep wall s", "certification s (all workers)", "outside certification",
-                           "same, with Ray start-up", "images/s", "scaling efficiency (vs k x bare engine)"], rows)
-
-
+    header = (
+        f"{images} CIFAR-10 images, DSSN sigma={sigma} (L={noise.levels}), {arch}; bare engine (1 thread, no Ray): "
+        f"{bare:.1f} s; Ray start-up {startup:.1f} s (not in the walls below)\n"
+    )
+    return header + table(
+        [
+            "workers",
+            "sweep wall s",
+            "certification s (all workers)",
+            "outside certification",
+            "same, with Ray start-up",
+            "images/s",
+            "scaling efficiency (vs k x bare engine)",
+        ],
+        rows,
+    )
 
 
 # --------------------------------------------------------------------------- 6. projections, acceptance
+
 
 def verdicts(gpu: bool, ceilings: dict, dssn: list[Cell], mc: list[Cell], differences: int) -> tuple[float, str]:
     best = max(ceilings.values())
@@ -408,44 +587,65 @@ def verdicts(gpu: bool, ceilings: dict, dssn: list[Cell], mc: list[Cell], differ
 
     def check(ok: bool, what: str) -> None:
         lines.append(f"- {'PASS' if ok else 'FAIL'}: {what}")
+
     if gpu:
         for cell in [auto[1.0], auto[3.5]] + [c for c in mc if c.name.endswith(" auto")]:
             what = f"DSSN sigma {cell.sigma}" if cell.sigma else f"Monte Carlo {cell.name.split()[0]}"
-            check(cell.rate >= TARGETS["samples_per_s"] and cell.rate >= TARGETS["ceiling_ratio"] * best,
-                  f"{what}: {cell.rate:,.0f} samples/s (target {TARGETS['samples_per_s']:,}), "
-                  f"{cell.rate / best:.2f} of the best ceiling {best:,.0f} (target {TARGETS['ceiling_ratio']})")
-        check(table1_minutes < TARGETS["table1_minutes"],
-              f"projected DSSN Table 1 certification {table1_minutes:.1f} min (target < {TARGETS['table1_minutes']})")
+            check(
+                cell.rate >= TARGETS["samples_per_s"] and cell.rate >= TARGETS["ceiling_ratio"] * best,
+                f"{what}: {cell.rate:,.0f} samples/s (target {TARGETS['samples_per_s']:,}), "
+                f"{cell.rate / best:.2f} of the best ceiling {best:,.0f} (target {TARGETS['ceiling_ratio']})",
+            )
+        check(
+            table1_minutes < TARGETS["table1_minutes"],
+            f"projected DSSN Table 1 certification {table1_minutes:.1f} min (target < {TARGETS['table1_minutes']})",
+        )
         for cell in (c for c in mc if c.name.endswith(" auto")):
             seconds = (64 + 100_000) / cell.rate
-            check(seconds < TARGETS["mc_seconds_per_image"], f"Monte Carlo {cell.name.split()[0]} n = 100,000: "
-                  f"{seconds:.3f} s/image (target < {TARGETS['mc_seconds_per_image']})")
+            check(
+                seconds < TARGETS["mc_seconds_per_image"],
+                f"Monte Carlo {cell.name.split()[0]} n = 100,000: "
+                f"{seconds:.3f} s/image (target < {TARGETS['mc_seconds_per_image']})",
+            )
     else:
         fp32_ceiling = max(rate for name, rate in ceilings.items() if name.startswith("fp32"))
         # the engine as configured (default batch size); the odd-batch cell is there for its votes
-        for cell in (c for c in dssn if c.name in ("auto", "fp32") and c.levels == "fp32>fp64" and c.sigma in (1.0, 3.5)):
-            check(cell.rate >= TARGETS["cpu_fp32_ratio"] * fp32_ceiling,
-                  f"CPU fp32 engine ({cell.name}), DSSN sigma {cell.sigma}: {cell.rate / fp32_ceiling:.2f} of the fp32 ceiling "
-                  f"{fp32_ceiling:,.0f} (target {TARGETS['cpu_fp32_ratio']})")
-        lines.append("- the GPU targets (200,000 samples/s, 0.8 of the ceiling, Table 1 < 20 min, Monte Carlo < 0.5 s) "
-                     "need a GPU: run with --device cuda there")
+        for cell in (
+            c for c in dssn if c.name in ("auto", "fp32") and c.levels == "fp32>fp64" and c.sigma in (1.0, 3.5)
+        ):
+            check(
+                cell.rate >= TARGETS["cpu_fp32_ratio"] * fp32_ceiling,
+                f"CPU fp32 engine ({cell.name}), DSSN sigma {cell.sigma}: "
+                f"{cell.rate / fp32_ceiling:.2f} of the fp32 ceiling "
+                f"{fp32_ceiling:,.0f} (target {TARGETS['cpu_fp32_ratio']})",
+            )
+        lines.append(
+            "- the GPU targets (200,000 samples/s, 0.8 of the ceiling, Table 1 < 20 min, Monte Carlo < 0.5 s) "
+            "need a GPU: run with --device cuda there"
+        )
     check(differences == 0, f"{differences} votes differ from the float64 ground truth (target 0)")
     return table1_minutes, "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- main
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar", type=Path, default=DEFAULT_CIFAR)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--checkpoint", type=Path, help="a trained CIFAR-10 WRN-40-2 (bench/train_quick.py)")
-    parser.add_argument("--acceptance", action="store_true",
-                        help="sections 1, 2, 3, 5, 6 with PASS/FAIL; trains a WRN-40-2 unless --checkpoint is given")
+    parser.add_argument(
+        "--acceptance",
+        action="store_true",
+        help="sections 1, 2, 3, 5, 6 with PASS/FAIL; trains a WRN-40-2 unless --checkpoint is given",
+    )
     parser.add_argument("--train-epochs", type=int, default=None, help="epochs of the acceptance model (GPU 6, CPU 1)")
     parser.add_argument("--sections", default="1,2,3,5,6", help="which sections to run (comma-separated numbers)")
     parser.add_argument("--cell-seconds", type=float, default=10.0, help="device work per engine cell")
-    parser.add_argument("--truth-images", type=int, default=None, help="images per sigma checked in float64 (GPU 100, CPU 2)")
+    parser.add_argument(
+        "--truth-images", type=int, default=None, help="images per sigma checked in float64 (GPU 100, CPU 2)"
+    )
     parser.add_argument("--pipeline-images", type=int, default=400)
     parser.add_argument("--pipeline-workers", default="1,2", help="worker counts for section 4")
     args = parser.parse_args()
@@ -468,14 +668,20 @@ def main() -> None:
         else:
             torch.manual_seed(0)
             model, card = build_model("wrn40_2", 10, test.mean, test.std, test.input_shape).to(device).eval(), None
-        described = (f"WRN-40-2 trained with {card.method} sigma={card.sigma} for {card.epochs_done} epochs"
-                     f"{'' if args.checkpoint else ' on the first 6,000 training images'} (held-out noisy accuracy "
-                     f"{card.noisy_accuracy:.1%})" if card else "WRN-40-2 (random init)")
+        described = (
+            f"WRN-40-2 trained with {card.method} sigma={card.sigma} for {card.epochs_done} epochs"
+            f"{'' if args.checkpoint else ' on the first 6,000 training images'} (held-out noisy accuracy "
+            f"{card.noisy_accuracy:.1%})"
+            if card
+            else "WRN-40-2 (random init)"
+        )
         model.to(memory_format=torch.channels_last)  # the layout of every measurement but the reference strategy's
         batch = default_batch_size(device, 3 * 32 * 32)
         name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
-        print(f"# certify benchmark suite: {name}, torch {torch.__version__}, {described}, CIFAR-10 test images, "
-              f"engine batch {batch} {clock}\n")
+        print(
+            f"# certify benchmark suite: {name}, torch {torch.__version__}, {described}, CIFAR-10 test images, "
+            f"engine batch {batch} {clock}\n"
+        )
         auto = Cascade(model, 10, batch, device=device, precision="auto", compile="auto")
         first = DSSNNoise(1.0)
         x_int = quantize(test.pixels([0]).to(device), first.q).flatten(1)
@@ -491,8 +697,11 @@ def main() -> None:
             engines["auto without tf32"] = without_tf32
         odd = batch // 3 + 1
         engines[f"auto, eager, batch {odd}"] = Cascade(model, 10, odd, device=device, precision="auto", compile=False)
-        print("engines: " + "; ".join(f"{k} = {e.name}{' compiled' if e.compiled else ''}" for k, e in engines.items())
-              + f" {clock}\n")
+        print(
+            "engines: "
+            + "; ".join(f"{k} = {e.name}{' compiled' if e.compiled else ''}" for k, e in engines.items())
+            + f" {clock}\n"
+        )
         truth_images = args.truth_images or (100 if gpu else 2)
 
     ceilings: dict = {}
@@ -504,8 +713,10 @@ def main() -> None:
     if sections & {2, 6}:
         dssn_cells, text = dssn_section(engines, model, test, device, args.cell_seconds, truth_images, best)
         fastest = max((c for c in dssn_cells if c.sigma == 3.5), key=lambda c: c.rate)
-        print(f"## 2. DSSN exact voting {clock}\n{text}\npaper: {PAPER_DSSN_SECONDS_AT_3_5} s/image at sigma 3.5 "
-              f"(2080 Ti); here ({fastest.name}): {fastest.seconds / fastest.images:.3f} s\n")
+        print(
+            f"## 2. DSSN exact voting {clock}\n{text}\npaper: {PAPER_DSSN_SECONDS_AT_3_5} s/image at sigma 3.5 "
+            f"(2080 Ti); here ({fastest.name}): {fastest.seconds / fastest.images:.3f} s\n"
+        )
     mc_n = 100_000 if gpu else 2_000
     if sections & {3, 6}:
         mc_engines = {k: e for k, e in engines.items() if k in ("auto", "fp32", "bf16")}
@@ -513,21 +724,27 @@ def main() -> None:
         print(f"## 3. Monte Carlo CERTIFY (n0 = 64) {clock}\n{text}\n")
     if 4 in sections:
         workers = [int(v) for v in args.pipeline_workers.split(",")]
-        print(f"## 4. Pipeline through Ray against the bare engine (CPU workers) {clock}\n"
-              f"{pipeline_section(args.cifar, args.pipeline_images, workers, 0.25, 'small_cnn')}\n")
+        print(
+            f"## 4. Pipeline through Ray against the bare engine (CPU workers) {clock}\n"
+            f"{pipeline_section(args.cifar, args.pipeline_images, workers, 0.25, 'small_cnn')}\n"
+        )
     differences = None
     if 5 in sections:
         truth, mc_truth, text = ground_truth(model, auto, test, device, truth_images, batch, mc_n)
-        print(f"## 5. Ground truth: the float64 network on every copy of {truth_images} images per sigma {clock}\n"
-              f"Worst logit error against it, relative to 1 + |top logit| (headroom = band / twice the worst error):\n"
-              f"{text}\n")
+        print(
+            f"## 5. Ground truth: the float64 network on every copy of {truth_images} images per sigma {clock}\n"
+            f"Worst logit error against it, relative to 1 + |top logit| (headroom = band / twice the worst error):\n"
+            f"{text}\n"
+        )
         differences, text = vote_differences(dssn_cells + mc_cells, truth, mc_truth, mc_n)
         print(f"{text}\n")
     if 6 in sections and dssn_cells and mc_cells and differences is not None:
         minutes, text = verdicts(gpu, ceilings, dssn_cells, mc_cells, differences)
         total = sum(DSSNNoise(s).levels for s in TABLE1_SIGMAS) * 10_000
-        print(f"## 6. Projections and targets {clock}\nDSSN Table 1 certification ({total:.3g} forward passes, at the "
-              f"slower of the auto engine's sigma 1.0 and 3.5 rates, one device): {minutes:.1f} min\n{text}")
+        print(
+            f"## 6. Projections and targets {clock}\nDSSN Table 1 certification ({total:.3g} forward passes, at the "
+            f"slower of the auto engine's sigma 1.0 and 3.5 rates, one device): {minutes:.1f} min\n{text}"
+        )
 
 
 if __name__ == "__main__":

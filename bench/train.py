@@ -45,14 +45,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from certlib.data import QuantizedDataset, load_dataset  # noqa: E402
-from certlib.models import build_model  # noqa: E402
 from certlib.families import make_noise  # noqa: E402
-from certlib.train import TrainConfig, train_model  # noqa: E402
+from certlib.models import build_model  # noqa: E402
+from certlib.train import train_model  # noqa: E402
+from certlib.train_config import TrainConfig  # noqa: E402
 from certlib.train_step import augment, stability_loss  # noqa: E402
 from certlib.voting import stream_seed  # noqa: E402
 
-DEFAULT_CIFAR = Path(os.environ.get("CIFAR") or Path(__file__).resolve().parents[1].parent / "shared" / "data" /
-                     "cifar-10-batches-bin")
+DEFAULT_CIFAR = Path(
+    os.environ.get("CIFAR") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-batches-bin"
+)
 TARGETS = {"standard_images_per_s": 15_000, "stability_share": 0.5, "table1_gpu_hours": 12}
 TABLE1 = {"standard": 45, "stability": 45, "epochs": 120, "images": 50_000}
 
@@ -70,11 +72,13 @@ def synchronize(device: torch.device) -> None:
 def tiled(data: QuantizedDataset, rows: int) -> QuantizedDataset:
     """``rows`` rows cycling through ``data`` (an epoch of the full split's length)."""
     index = torch.arange(rows) % len(data)
-    return QuantizedDataset(data.name, data.split, data.values[index], data.labels[index], data.q, data.class_names,
-                            data.mean, data.std)
+    return QuantizedDataset(
+        data.name, data.split, data.values[index], data.labels[index], data.q, data.class_names, data.mean, data.std
+    )
 
 
 # --------------------------------------------------------------------------- 1. ceilings
+
 
 def ceiling(architecture: str, batch: int, stability: bool, device: torch.device, seconds: float) -> float:
     """Images/s of forward + backward + SGD on one static batch; a CUDA graph on a GPU."""
@@ -114,6 +118,7 @@ def ceiling(architecture: str, batch: int, stability: bool, device: torch.device
 
 # --------------------------------------------------------------------------- 2. one unit
 
+
 def landed_step_rate(config: TrainConfig, train_set: QuantizedDataset, device: torch.device, epochs: int) -> float:
     """The step as it landed before issue 11: each batch pulled from host memory, augmented and
     noised as floats, its loss and accuracy read back at once. Steady-state images/s."""
@@ -122,7 +127,9 @@ def landed_step_rate(config: TrainConfig, train_set: QuantizedDataset, device: t
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.architecture, 10, train_set.mean, train_set.std, train_set.input_shape).to(device)
     model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+    )
     labels = train_set.labels.to(device)
     amp = cfg.amp and device.type == "cuda"
     rates = []
@@ -132,15 +139,20 @@ def landed_step_rate(config: TrainConfig, train_set: QuantizedDataset, device: t
         synchronize(device)
         start, total, correct = time.perf_counter(), 0.0, 0
         for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            x = augment(train_set.grid_values(idx.cpu()).to(device).float() / train_set.q, generator, cfg.crop_padding, cfg.flip)
+            idx = order[i : i + cfg.batch_size]
+            x = augment(
+                train_set.grid_values(idx.cpu()).to(device).float() / train_set.q, generator, cfg.crop_padding, cfg.flip
+            )
             y = labels[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 noisy = noise.sample(x, generator)
                 noisy = noisy.contiguous(memory_format=torch.channels_last) if cfg.channels_last else noisy
                 logits = model(noisy)
-                loss = (stability_loss(logits, model(noise.sample(x, generator)), y, cfg.stability_weight)
-                        if cfg.training == "stability" else F.cross_entropy(logits, y))
+                loss = (
+                    stability_loss(logits, model(noise.sample(x, generator)), y, cfg.stability_weight)
+                    if cfg.training == "stability"
+                    else F.cross_entropy(logits, y)
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -157,12 +169,20 @@ def steady(rates: list[float]) -> float:
 
 def unit_rate(config: TrainConfig, train_set, heldout, device, out: Path) -> tuple[float, object]:
     rates = []
-    card = train_model(config, out, train_set, heldout, device=device, log=lambda line: None,
-                       on_epoch=lambda m: rates.append(m["images_per_second"]))
+    card = train_model(
+        config,
+        out,
+        train_set,
+        heldout,
+        device=device,
+        log=lambda line: None,
+        on_epoch=lambda m: rates.append(m["images_per_second"]),
+    )
     return steady(rates), card
 
 
 # --------------------------------------------------------------------------- 3. packed units
+
 
 def _packed_worker(config: TrainConfig, cifar: str, images: int, out: str, barrier, results) -> None:
     train_set = tiled(load_dataset("cifar10", "train", cifar), images)
@@ -171,8 +191,15 @@ def _packed_worker(config: TrainConfig, cifar: str, images: int, out: str, barri
     barrier.wait()
     rates = []
     start = time.perf_counter()
-    train_model(config, out, train_set, heldout, device="cuda", log=lambda line: None,
-                on_epoch=lambda m: rates.append(m["images_per_second"]))
+    train_model(
+        config,
+        out,
+        train_set,
+        heldout,
+        device="cuda",
+        log=lambda line: None,
+        on_epoch=lambda m: rates.append(m["images_per_second"]),
+    )
     results.put((steady(rates), time.perf_counter() - start))
 
 
@@ -182,8 +209,12 @@ def packed_rate(config: TrainConfig, k: int, cifar: Path, images: int, folder: P
 
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(k), ctx.Queue()
-    procs = [ctx.Process(target=_packed_worker, args=(config, str(cifar), images, str(folder / f"p{k}-{i}.pt"), barrier, results))
-             for i in range(k)]
+    procs = [
+        ctx.Process(
+            target=_packed_worker, args=(config, str(cifar), images, str(folder / f"p{k}-{i}.pt"), barrier, results)
+        )
+        for i in range(k)
+    ]
     for p in procs:
         p.start()
     got = [results.get() for _ in procs]
@@ -193,6 +224,7 @@ def packed_rate(config: TrainConfig, k: int, cifar: Path, images: int, folder: P
 
 
 # --------------------------------------------------------------------------- main
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -204,7 +236,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None, help="seconds per ceiling cell (GPU 10; CPU 3)")
     parser.add_argument("--packs", default="standard:2,4;stability:2", help="processes per GPU in section 3 (GPU only)")
     parser.add_argument("--accuracy-epochs", type=int, default=2)
-    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (section 2 is needed by 3 and 5)")
+    parser.add_argument(
+        "--sections", default="1,2,3,4,5", help="which sections to run (section 2 is needed by 3 and 5)"
+    )
     parser.add_argument("--acceptance", action="store_true", help="print issue 11's targets with PASS/FAIL")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -218,8 +252,10 @@ def main() -> None:
     train_set = tiled(staged, images)
     heldout = load_dataset("cifar10", "test", args.cifar, start=5_000, limit=1_000)
     name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# training benchmark: {name}, torch {torch.__version__}, {args.architecture}, batch 64, "
-          f"{len(staged):,} staged CIFAR-10 training images tiled to {images:,} per epoch {clock()}\n")
+    print(
+        f"# training benchmark: {name}, torch {torch.__version__}, {args.architecture}, batch 64, "
+        f"{len(staged):,} staged CIFAR-10 training images tiled to {images:,} per epoch {clock()}\n"
+    )
     folder = Path(tempfile.mkdtemp(prefix="certify-train-bench-"))
     modes = ("standard", "stability")
     sections = {int(v) for v in args.sections.split(",")}
@@ -227,15 +263,35 @@ def main() -> None:
 
     ceilings = {(mode, b): float("nan") for mode in modes for b in (64, 256)}
     if 1 in sections:
-        print(f"## 1. Ceilings: forward + backward + SGD on one static batch{' (CUDA graph, amp, channels_last)' if gpu else ''}\n")
-        ceilings = {(mode, b): ceiling(args.architecture, b, mode == "stability", device, seconds) for mode in modes for b in (64, 256)}
-        print(table(["training", "batch 64 images/s", "batch 256 images/s"],
-                    [[m, f"{ceilings[m, 64]:,.0f}", f"{ceilings[m, 256]:,.0f}"] for m in modes]) + f"\n{clock()}\n")
+        print(
+            "## 1. Ceilings: forward + backward + SGD on one static batch"
+            f"{' (CUDA graph, amp, channels_last)' if gpu else ''}\n"
+        )
+        ceilings = {
+            (mode, b): ceiling(args.architecture, b, mode == "stability", device, seconds)
+            for mode in modes
+            for b in (64, 256)
+        }
+        print(
+            table(
+                ["training", "batch 64 images/s", "batch 256 images/s"],
+                [[m, f"{ceilings[m, 64]:,.0f}", f"{ceilings[m, 256]:,.0f}"] for m in modes],
+            )
+            + f"\n{clock()}\n"
+        )
     if not sections & {2, 3, 4, 5}:
         return
 
-    base = TrainConfig("cifar10", "dssn", 0.5, architecture=args.architecture, epochs=epochs, amp=gpu, channels_last=gpu,
-                       heldout_limit=64)
+    base = TrainConfig(
+        "cifar10",
+        "dssn",
+        0.5,
+        architecture=args.architecture,
+        epochs=epochs,
+        amp=gpu,
+        channels_last=gpu,
+        heldout_limit=64,
+    )
     step = "CUDA graph" if gpu else "eager"
     one, rows = {}, []
     for mode in modes if sections & {2, 3, 5} else ():
@@ -244,15 +300,40 @@ def main() -> None:
         one[mode] = product
         eager = None
         if gpu:
-            eager, _ = unit_rate(dataclasses.replace(config, cuda_graph=False, epochs=2), baseline_set, heldout,
-                                 device, folder / f"e-{mode}.pt")
+            eager, _ = unit_rate(
+                dataclasses.replace(config, cuda_graph=False, epochs=2),
+                baseline_set,
+                heldout,
+                device,
+                folder / f"e-{mode}.pt",
+            )
         landed = landed_step_rate(config, baseline_set, device, 2)
-        rows.append([mode, f"{product:,.0f}", f"{product / ceilings[mode, 64]:.2f}", "-" if eager is None else f"{eager:,.0f}",
-                     f"{landed:,.0f}", f"{product / landed:.1f}x"])
+        rows.append(
+            [
+                mode,
+                f"{product:,.0f}",
+                f"{product / ceilings[mode, 64]:.2f}",
+                "-" if eager is None else f"{eager:,.0f}",
+                f"{landed:,.0f}",
+                f"{product / landed:.1f}x",
+            ]
+        )
     if one:
         print("## 2. One training unit (DSSN sigma 0.5, batch 64)\n")
-        print(table(["training", f"product step ({step}) images/s", "/ ceiling b64", "same step eager", "landed step",
-                     "product / landed"], rows) + f"\n{clock()}\n")
+        print(
+            table(
+                [
+                    "training",
+                    f"product step ({step}) images/s",
+                    "/ ceiling b64",
+                    "same step eager",
+                    "landed step",
+                    "product / landed",
+                ],
+                rows,
+            )
+            + f"\n{clock()}\n"
+        )
 
     packed = {mode: {1: rate} for mode, rate in one.items()}
     if gpu and 3 in sections:
@@ -264,9 +345,20 @@ def main() -> None:
             for k in (int(v) for v in counts.split(",")):
                 rate, wall = packed_rate(config, k, args.cifar, images, folder)
                 packed[mode][k] = rate
-                rows.append([mode, str(k), f"{rate:,.0f}", f"{rate / one[mode]:.2f}", f"{rate / ceilings[mode, 256]:.2f}", f"{wall:.0f}"])
-        print(table(["training", "units per GPU", "aggregate images/s", "/ one unit", "/ ceiling b256", "wall s"], rows)
-              + f"\n{clock()}\n")
+                rows.append(
+                    [
+                        mode,
+                        str(k),
+                        f"{rate:,.0f}",
+                        f"{rate / one[mode]:.2f}",
+                        f"{rate / ceilings[mode, 256]:.2f}",
+                        f"{wall:.0f}",
+                    ]
+                )
+        print(
+            table(["training", "units per GPU", "aggregate images/s", "/ one unit", "/ ceiling b256", "wall s"], rows)
+            + f"\n{clock()}\n"
+        )
 
     if 4 in sections:
         accuracy_rows(base, args.accuracy_epochs, train_set, heldout, device, folder, step, clock)
@@ -285,26 +377,40 @@ def accuracy_rows(base: TrainConfig, epochs: int, train_set, heldout, device, fo
         _, host_fed_card = unit_rate(host_fed, train_set, heldout, device, folder / f"l-{seed}.pt")
         rows.append([str(seed), f"{card.noisy_accuracy:.1%}", f"{host_fed_card.noisy_accuracy:.1%}"])
     spread = 2 * math.sqrt(0.25 / 1000)
-    print(table(["seed", f"product step ({step})", "host-fed eager step (the landed step's math)"], rows)
-          + f"\n(two binomial standard deviations at 1,000 images: {spread:.1%}) {clock()}\n")
+    print(
+        table(["seed", f"product step ({step})", "host-fed eager step (the landed step's math)"], rows)
+        + f"\n(two binomial standard deviations at 1,000 images: {spread:.1%}) {clock()}\n"
+    )
 
 
 def projection(packed: dict[str, dict[int, float]], acceptance: bool) -> None:
     print("## 5. Projection: DSSN Table 1 training (45 standard + 45 stability WRN-40-2, 120 epochs x 50,000)\n")
     best = {mode: max(rates.values()) for mode, rates in packed.items()}
     hours = sum(TABLE1[mode] * TABLE1["epochs"] * TABLE1["images"] / best[mode] for mode in best) / 3600
-    print(table(["training", "best aggregate images/s", "units per GPU"],
-                [[m, f"{best[m]:,.0f}", str(max(packed[m], key=packed[m].get))] for m in best]))
+    print(
+        table(
+            ["training", "best aggregate images/s", "units per GPU"],
+            [[m, f"{best[m]:,.0f}", str(max(packed[m], key=packed[m].get))] for m in best],
+        )
+    )
     print(f"\nprojected: {hours:.1f} device-hours on this device\n")
     if acceptance:
         checks = [
-            (f"standard training >= {TARGETS['standard_images_per_s']:,} images/s per GPU", best["standard"],
-             best["standard"] >= TARGETS["standard_images_per_s"]),
-            (f"stability >= {TARGETS['stability_share']} of standard", best["stability"] / best["standard"],
-             best["stability"] >= TARGETS["stability_share"] * best["standard"]),
+            (
+                f"standard training >= {TARGETS['standard_images_per_s']:,} images/s per GPU",
+                best["standard"],
+                best["standard"] >= TARGETS["standard_images_per_s"],
+            ),
+            (
+                f"stability >= {TARGETS['stability_share']} of standard",
+                best["stability"] / best["standard"],
+                best["stability"] >= TARGETS["stability_share"] * best["standard"],
+            ),
             (f"Table 1 training < {TARGETS['table1_gpu_hours']} GPU-hours", hours, hours < TARGETS["table1_gpu_hours"]),
         ]
-        print(table(["target", "measured", "result"], [[t, f"{v:,.2f}", "PASS" if ok else "FAIL"] for t, v, ok in checks]))
+        print(
+            table(["target", "measured", "result"], [[t, f"{v:,.2f}", "PASS" if ok else "FAIL"] for t, v, ok in checks])
+        )
 
 
 if __name__ == "__main__":

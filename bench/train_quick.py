@@ -14,7 +14,8 @@ import argparse
 from pathlib import Path
 
 from certlib.data import load_dataset
-from certlib.train import TrainConfig, train_model
+from certlib.train import train_model
+from certlib.train_config import TrainConfig
 
 DEFAULT_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-batches-bin"
 
@@ -24,14 +25,17 @@ def main() -> None:
     parser.add_argument("--cifar", type=Path, default=DEFAULT_CIFAR)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sigma", type=float, default=1.0)
-    parser.add_argument("--images", type=int, default=20_000, help="training images (the first ones of the train split)")
+    parser.add_argument(
+        "--images", type=int, default=20_000, help="training images (the first ones of the train split)"
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     train = load_dataset("cifar10", "train", args.cifar, limit=args.images)
     heldout = load_dataset("cifar10", "test", args.cifar, start=5_000, limit=1_000)  # the suite times images 0..
-    config = TrainConfig(dataset="cifar10", method="dssn", sigma=args.sigma, epochs=args.epochs, channels_last=True,
-                         heldout_limit=None)
+    config = TrainConfig(
+        dataset="cifar10", method="dssn", sigma=args.sigma, epochs=args.epochs, channels_last=True, heldout_limit=None
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     train_model(config, args.out, train, heldout, device=args.device)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write`` on a temporary file beside ``path`` (named ``.<name>.*.tmp``, which
     Parquet readers skip), fsync it, then rename it over ``path``."""
     path = Path(path)

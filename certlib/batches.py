@@ -24,7 +24,10 @@ def fits_on_device(data: QuantizedDataset, device: torch.device) -> bool:
         return False
     if device.type != "cuda":
         return True
-    return data.values.numel() * data.values.element_size() <= DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory
+    return (
+        data.values.numel() * data.values.element_size()
+        <= DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory
+    )
 
 
 class ResidentBatches:
@@ -38,7 +41,7 @@ class ResidentBatches:
         self.full_batches, remainder = divmod(len(self.labels), batch_size)
         self.order = torch.zeros(len(self.labels), dtype=torch.int64, device=device)
         self._grid = self.order[: self.full_batches * batch_size].view(self.full_batches, batch_size)
-        self._rest = self.order[self.full_batches * batch_size:] if remainder else None
+        self._rest = self.order[self.full_batches * batch_size :] if remainder else None
         self.cursor = torch.zeros(1, dtype=torch.int64, device=device)
 
     def start_epoch(self, order: torch.Tensor) -> None:
@@ -79,7 +82,7 @@ class _EpochOrder(Sampler):
 
     def __iter__(self):
         for start in range(0, len(self.order), self.batch_size):
-            yield self.order[start:start + self.batch_size]
+            yield self.order[start : start + self.batch_size]
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size)
@@ -92,9 +95,14 @@ class LoadedBatches:
     def __init__(self, data: QuantizedDataset, device: torch.device, batch_size: int, workers: int):
         self.device = device
         self.sampler = _EpochOrder(batch_size)
-        self.loader = DataLoader(_GridImages(data), batch_sampler=self.sampler, num_workers=workers,
-                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                 prefetch_factor=4 if workers > 0 else None)
+        self.loader = DataLoader(
+            _GridImages(data),
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
 
     def start_epoch(self, order: torch.Tensor) -> None:
         """Set the epoch's permutation of the rows (the epoch's one host read of it)."""

@@ -38,9 +38,9 @@ import contextlib
 import copy
 import math
 import warnings
-from typing import TypedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 
@@ -64,7 +64,8 @@ class Level:
 
 
 LEVELS: dict[str, Level] = {
-    level.name: level for level in (
+    level.name: level
+    for level in (
         Level("fp16", torch.float16, False, band=8e-3, worst_error=2.0e-3),
         Level("bf16", torch.bfloat16, False, band=1e-1, worst_error=2.1e-2),
         Level("tf32", None, True, band=7e-3, worst_error=1.7e-3),
@@ -97,7 +98,7 @@ def cascade_levels(first: str, device_type: str) -> tuple[str, ...]:
     if first in ("fp16", "tf32") and device_type != "cuda":
         raise ValueError(f"precision {first} needs a CUDA device; use bf16 or fp32 on a CPU")
     order = ["fp16" if first == "fp16" else "bf16", "tf32", "fp32", "fp64"]
-    chain = order[order.index(first):]
+    chain = order[order.index(first) :]
     return tuple(level for level in chain if level != "tf32" or device_type == "cuda")
 
 
@@ -162,8 +163,9 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     try:
         return fuse(model.eval())
     except Exception as err:  # untraceable (data-dependent control flow, custom modules): run it unfolded
-        warnings.warn(f"BatchNorm not folded ({type(err).__name__}: {err}); evaluating the network unfolded",
-                      stacklevel=2)
+        warnings.warn(
+            f"BatchNorm not folded ({type(err).__name__}: {err}); evaluating the network unfolded", stacklevel=2
+        )
         return model
 
 
@@ -190,8 +192,16 @@ class Cascade:
     mode; a model with nothing to fold is also switched to channels_last in place.
     """
 
-    def __init__(self, model: torch.nn.Module, num_classes: int, batch_size: int, *,
-                 device: torch.device | str | None = None, precision: str = "auto", compile: bool | str = "auto"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_classes: int,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        precision: str = "auto",
+        compile: bool | str = "auto",
+    ):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if precision not in PRECISIONS:
@@ -205,7 +215,7 @@ class Cascade:
         self.compiled = resolve_compile(compile, self.device)
         self._compile_asked = compile is True
         self._fast: torch.nn.Module | None = None
-        self._compiled_fast = None
+        self._compiled_fast: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._reference: torch.nn.Module | None = None
         self._checked = False
         disable_tf32()
@@ -224,14 +234,18 @@ class Cascade:
     def logits(self, level: str, x: torch.Tensor) -> torch.Tensor:
         """float32 logits (B, num_classes) of ``x`` evaluated at ``level`` (not fp64)."""
         spec = LEVELS[level]
-        with torch.autocast(self.device.type, dtype=spec.autocast or torch.float32, enabled=spec.autocast is not None), \
-                _tf32(spec.tf32):
+        with (
+            torch.autocast(self.device.type, dtype=spec.autocast or torch.float32, enabled=spec.autocast is not None),
+            _tf32(spec.tf32),
+        ):
             if level == self.levels[0] and self.compiled:
                 logits = self._compiled_logits(x)
             else:
                 logits = self.fast_network()(_layout(x))
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}, expected (batch, {self.num_classes})")
+            raise ValueError(
+                f"the model returned logits of shape {tuple(logits.shape)}, expected (batch, {self.num_classes})"
+            )
         return logits.float()
 
     @torch.inference_mode()
@@ -269,8 +283,11 @@ class Cascade:
         except Exception as err:
             if self._compile_asked:
                 raise
-            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                          "evaluating eagerly", stacklevel=2)
+            warnings.warn(
+                f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                "evaluating eagerly",
+                stacklevel=2,
+            )
             self.compiled = False
             return self.fast_network()(_layout(x[:size]))
 
@@ -300,9 +317,11 @@ class Cascade:
             if error <= allowed:
                 kept.append(level)
                 continue
-            message = (f"{level} logits on this device differ from the float64 network's by {error:.1e} (relative), "
-                       f"more than the {allowed:.1e} its near-tie band {self.band(level):.0e} allows: "
-                       "votes could depend on the batching")
+            message = (
+                f"{level} logits on this device differ from the float64 network's by {error:.1e} (relative), "
+                f"more than the {allowed:.1e} its near-tie band {self.band(level):.0e} allows: "
+                "votes could depend on the batching"
+            )
             if level == self.levels[0] and not self.auto:
                 raise RuntimeError(message + "; refusing to count them")
             warnings.warn(message + f"; leaving {level} out of the cascade", stacklevel=2)

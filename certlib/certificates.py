@@ -14,7 +14,7 @@ Conventions:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy.stats import norm
@@ -24,6 +24,7 @@ ABSTAIN = -1
 
 
 # --------------------------------------------------------------------------- input checks
+
 
 def _probabilities(p, name: str) -> np.ndarray:
     p = np.asarray(p, dtype=np.float64)
@@ -57,6 +58,7 @@ def _counts(k, n):
 
 
 # --------------------------------------------------------------------------- DSSN (exact)
+
 
 def dssn_radius(votes, levels: int, q: int = 255) -> tuple[np.ndarray, np.ndarray]:
     """Exact DSSN prediction and L1 radius from the vote counts over all L offsets.
@@ -103,6 +105,7 @@ def dssn_radius(votes, levels: int, q: int = 255) -> tuple[np.ndarray, np.ndarra
 
 # --------------------------------------------------------------------------- confidence bounds
 
+
 def clopper_pearson_lower(k, n, alpha: float) -> np.ndarray:
     """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion from k of n
     (Cohen et al. 2019, Appendix C: ``proportion_confint(k, n, alpha=2*alpha, method="beta")[0]``)."""
@@ -119,6 +122,7 @@ def clopper_pearson_upper(k, n, alpha: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- L1: uniform / SSN
+
 
 def l1_uniform_radius(p_a_lower, lam: float, p_b_upper=None) -> np.ndarray:
     """L1 radius for uniform noise on [-lam, lam]^d and for independent SSN.
@@ -249,6 +253,7 @@ def l1_box_radius(p_a_lower, lam: float, p_b_upper=None, x=None, *, method: str 
 
 # --------------------------------------------------------------------------- L2 Gaussian, L1 Laplace
 
+
 def l2_gaussian_radius(p_a_lower, sigma: float, p_b_upper=None) -> np.ndarray:
     """L2 radius for Gaussian noise N(0, sigma^2 I) (Cohen et al. 2019, Theorem 1).
 
@@ -275,6 +280,7 @@ def l1_laplace_radius(p_a_lower, b: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- Monte Carlo CERTIFY
+
 
 def monte_carlo_certify(
     counts_selection,
@@ -320,6 +326,7 @@ def monte_carlo_certify(
 
 
 # --------------------------------------------------------------------------- test-set accuracy
+
 
 def certified_accuracy_lower_bound(y_count, m: int, alpha: float, rho: float) -> np.ndarray:
     """Lower bound on the true certified accuracy that holds with probability >= 1 - rho over

@@ -66,14 +66,17 @@ class ModelCard:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelCard":
+    def from_json(cls, text: str) -> ModelCard:
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"model card has unknown fields {unknown}: written by a newer library?")
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"model card lacks the fields {missing}")
@@ -115,14 +118,24 @@ def _load(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is not ours
-        raise ValueError(f"{path} is not a certlib checkpoint (it cannot be loaded with weights_only=True): {err}") from None
+        raise ValueError(
+            f"{path} is not a certlib checkpoint (it cannot be loaded with weights_only=True): {err}"
+        ) from None
     if not isinstance(payload, dict) or "card" not in payload or "state_dict" not in payload:
         raise ValueError(f"{path} is not a certlib checkpoint: it has no model card")
     return payload
 
 
-def check_card(card: ModelCard, *, method: str | None = None, sigma: float | None = None, seed: int | None = None,
-               q: int | None = None, dataset: str | None = None, training: str | None = None) -> list[str]:
+def check_card(
+    card: ModelCard,
+    *,
+    method: str | None = None,
+    sigma: float | None = None,
+    seed: int | None = None,
+    q: int | None = None,
+    dataset: str | None = None,
+    training: str | None = None,
+) -> list[str]:
     """Differences between the card and a requested certification, one readable string each.
 
     Method, sigma, dataset and training always count; the family names what else must match
@@ -141,13 +154,16 @@ def check_card(card: ModelCard, *, method: str | None = None, sigma: float | Non
     requested = {"seed": seed, "q": q}
     for key in family(method or card.method).card_keys:
         if requested[key] is not None and requested[key] != getattr(card, key):
-            problems.append(f"{key}: the {method or card.method} model was trained with {key} {getattr(card, key)}, "
-                            f"certifying with {requested[key]}")
+            problems.append(
+                f"{key}: the {method or card.method} model was trained with {key} {getattr(card, key)}, "
+                f"certifying with {requested[key]}"
+            )
     return problems
 
 
-def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", override: bool = False,
-                    **expected) -> tuple[torch.nn.Module, ModelCard]:
+def load_checkpoint(
+    path: str | Path, *, device: torch.device | str = "cpu", override: bool = False, **expected
+) -> tuple[torch.nn.Module, ModelCard]:
     """The model (in eval mode on ``device``) and its card.
 
     ``expected`` may name method, sigma, seed, q, dataset and training of the intended certification; a
@@ -158,12 +174,18 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", ove
     card = ModelCard.from_json(payload["card"])
     problems = check_card(card, **expected)
     if problems and not override:
-        raise CardMismatch(f"{path}: the model card does not match the certification: " + "; ".join(problems)
-                           + " (pass override to certify anyway)")
+        raise CardMismatch(
+            f"{path}: the model card does not match the certification: "
+            + "; ".join(problems)
+            + " (pass override to certify anyway)"
+        )
     state = payload["state_dict"]
     digest = weights_sha256(state)
     if digest != card.weights_sha256:
-        raise ValueError(f"{path}: weights hash {digest[:12]}… does not match the card's {card.weights_sha256[:12]}…: the file is corrupt")
+        raise ValueError(
+            f"{path}: weights hash {digest[:12]}… does not match the card's {card.weights_sha256[:12]}…: "
+            "the file is corrupt"
+        )
     model = build_model(card.architecture, card.num_classes, card.mean, card.std, card.input_shape)
     model.load_state_dict(state)
     return model.to(device).eval(), card

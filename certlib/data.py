@@ -41,8 +41,9 @@ DATASETS = {
     "digits": DatasetInfo(16, SPLITS, "test", (1, 8, 8), 10, DIGITS_MEAN, DIGITS_STD, needs_root=False),
     "cifar10": DatasetInfo(255, SPLITS, "test", (3, 32, 32), 10, CIFAR10_MEAN, CIFAR10_STD, needs_root=True),
     # ImageNet's "test" is its validation split, as in the papers.
-    "imagenet": DatasetInfo(255, ("train", "val", "test"), "val", (3, 224, 224), 1000, IMAGENET_MEAN, IMAGENET_STD,
-                            needs_root=True),
+    "imagenet": DatasetInfo(
+        255, ("train", "val", "test"), "val", (3, 224, 224), 1000, IMAGENET_MEAN, IMAGENET_STD, needs_root=True
+    ),
 }
 
 
@@ -79,7 +80,8 @@ class QuantizedDataset:
     class_names: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    indices: np.ndarray = field(default=None)  # dataset index of each row (official order)
+    # The dataset index of each row (official order); None: 0..N-1, filled in by __post_init__.
+    indices: np.ndarray = field(default=None)  # type: ignore[arg-type]
 
     def __post_init__(self):
         if self.indices is None:
@@ -106,15 +108,22 @@ class QuantizedDataset:
         v = self.grid_values(range(len(self)) if rows is None else rows)
         return v.to(torch.float32) / self.q
 
-    def subset(self, rows) -> "QuantizedDataset":
+    def subset(self, rows) -> QuantizedDataset:
         """The rows ``rows`` of this dataset, keeping their original dataset indices."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise ValueError(f"subset rows must lie in [0, {len(self)}), got [{rows.min()}, {rows.max()}]")
         t = torch.as_tensor(rows)
         return QuantizedDataset(
-            self.name, self.split, self.values[t], self.labels[t], self.q, self.class_names,
-            self.mean, self.std, self.indices[rows],
+            self.name,
+            self.split,
+            self.values[t],
+            self.labels[t],
+            self.q,
+            self.class_names,
+            self.mean,
+            self.std,
+            self.indices[rows],
         )
 
 
@@ -129,6 +138,7 @@ def every_kth(n: int, k: int = 1, start: int = 0, limit: int | None = None) -> n
 
 # --------------------------------------------------------------------------- CIFAR-10
 
+
 def _read_cifar10_binary(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     files = [root / f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else [root / "test_batch.bin"]
     missing = [str(f) for f in files if not f.is_file()]
@@ -136,7 +146,9 @@ def _read_cifar10_binary(root: Path, split: str) -> tuple[np.ndarray, np.ndarray
         raise FileNotFoundError(f"CIFAR-10 binary file not found: {missing[0]}")
     raw = np.concatenate([np.fromfile(f, dtype=np.uint8) for f in files])
     if raw.size % 3073:
-        raise ValueError(f"CIFAR-10 binary files under {root} are truncated ({raw.size} bytes is not a multiple of 3073)")
+        raise ValueError(
+            f"CIFAR-10 binary files under {root} are truncated ({raw.size} bytes is not a multiple of 3073)"
+        )
     records = raw.reshape(-1, 3073)
     return records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0].astype(np.int64)
 
@@ -172,17 +184,26 @@ def load_cifar10(root: str | Path, split: str = "test", download: bool = False) 
         try:
             ds = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=download)
         except RuntimeError:
-            raise FileNotFoundError(f"no CIFAR-10 under {root}: neither the binary version (test_batch.bin) "
-                                    "nor torchvision's python version") from None
+            raise FileNotFoundError(
+                f"no CIFAR-10 under {root}: neither the binary version (test_batch.bin) "
+                "nor torchvision's python version"
+            ) from None
         values, labels = ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, dtype=np.int64)
     info = DATASETS["cifar10"]
     return QuantizedDataset(
-        "cifar10", split, torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(labels), info.q,
-        CIFAR10_CLASSES, info.mean, info.std,
+        "cifar10",
+        split,
+        torch.from_numpy(np.ascontiguousarray(values)),
+        torch.from_numpy(labels),
+        info.q,
+        CIFAR10_CLASSES,
+        info.mean,
+        info.std,
     )
 
 
 # --------------------------------------------------------------------------- digits (offline)
+
 
 def load_digits(split: str = "test") -> QuantizedDataset:
     """scikit-learn's 8x8 handwritten digits (1,797 images, values 0..16, so q = 16); it ships
@@ -199,12 +220,20 @@ def load_digits(split: str = "test") -> QuantizedDataset:
     rows = all_rows[all_rows % 5 == 0] if split == "test" else all_rows[all_rows % 5 != 0]
     info = DATASETS["digits"]
     return QuantizedDataset(
-        "digits", split, torch.from_numpy(values[rows]), torch.from_numpy(labels[rows]), info.q,
-        [str(c) for c in range(info.num_classes)], info.mean, info.std, rows,
+        "digits",
+        split,
+        torch.from_numpy(values[rows]),
+        torch.from_numpy(labels[rows]),
+        info.q,
+        [str(c) for c in range(info.num_classes)],
+        info.mean,
+        info.std,
+        rows,
     )
 
 
 # --------------------------------------------------------------------------- ImageNet
+
 
 class ImageFolderImages(QuantizedDataset):
     """ImageNet-style images decoded on demand from their files (too many to hold in memory):
@@ -212,8 +241,18 @@ class ImageFolderImages(QuantizedDataset):
 
     def __init__(self, split: str, files: list[str], labels: list[int], class_names: list[str], indices: np.ndarray):
         info = DATASETS["imagenet"]
-        super().__init__("imagenet", split, None, torch.tensor(labels, dtype=torch.int64), info.q, class_names,
-                         info.mean, info.std, np.asarray(indices))
+        # No values in memory (None): grid_values decodes the rows asked for.
+        super().__init__(
+            "imagenet",
+            split,
+            None,  # type: ignore[arg-type]
+            torch.tensor(labels, dtype=torch.int64),
+            info.q,
+            class_names,
+            info.mean,
+            info.std,
+            np.asarray(indices),
+        )
         self.files = files
 
     @property
@@ -230,16 +269,18 @@ class ImageFolderImages(QuantizedDataset):
             return torch.zeros(0, *self.input_shape, dtype=torch.uint8)
         return torch.stack([prep(Image.open(self.files[r]).convert("RGB")) for r in rows])
 
-    def subset(self, rows) -> "ImageFolderImages":
+    def subset(self, rows) -> ImageFolderImages:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise ValueError(f"subset rows must lie in [0, {len(self)}), got [{rows.min()}, {rows.max()}]")
-        return ImageFolderImages(self.split, [self.files[r] for r in rows], self.labels[rows].tolist(), self.class_names,
-                                 self.indices[rows])
+        return ImageFolderImages(
+            self.split, [self.files[r] for r in rows], self.labels[rows].tolist(), self.class_names, self.indices[rows]
+        )
 
 
-def load_imagenet(root: str | Path, split: str = "val", every: int = 1, start: int = 0,
-                  limit: int | None = None) -> ImageFolderImages:
+def load_imagenet(
+    root: str | Path, split: str = "val", every: int = 1, start: int = 0, limit: int | None = None
+) -> ImageFolderImages:
     """ImageNet from an ImageFolder tree ``root/<split>/<wnid>/*.JPEG`` (q = 255), images decoded
     when used. ``every=100`` gives Cohen et al.'s 500-image validation subset (every 100th image
     in ImageFolder order); indices refer to that order."""
@@ -250,22 +291,30 @@ def load_imagenet(root: str | Path, split: str = "val", every: int = 1, start: i
         raise FileNotFoundError(f"no ImageNet split folder {folder}")
     ds = torchvision.datasets.ImageFolder(str(folder))
     rows = every_kth(len(ds), every, start, limit)
-    return ImageFolderImages(split, [ds.samples[r][0] for r in rows], [ds.samples[r][1] for r in rows], list(ds.classes), rows)
+    return ImageFolderImages(
+        split, [ds.samples[r][0] for r in rows], [ds.samples[r][1] for r in rows], list(ds.classes), rows
+    )
 
 
-def load_dataset(name: str, split: str = "test", root: str | Path | None = None, every: int = 1, start: int = 0,
-                 limit: int | None = None) -> QuantizedDataset:
+def load_dataset(
+    name: str,
+    split: str = "test",
+    root: str | Path | None = None,
+    every: int = 1,
+    start: int = 0,
+    limit: int | None = None,
+) -> QuantizedDataset:
     """Dataset by name: ``digits`` (offline), ``cifar10`` (root: binary or python version
     directory), ``imagenet`` (root: ImageFolder tree with ``val``/``train``); optionally only
     every k-th image from ``start``, at most ``limit`` (see ``every_kth``)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    if DATASETS[name].needs_root and root is None:
-        raise ValueError(f"dataset {name!r} needs a root directory")
-    if name == "imagenet":
-        return load_imagenet(root, "val" if split == "test" else split, every, start, limit)
     if name == "digits":
         data = load_digits(split)
+    elif root is None:
+        raise ValueError(f"dataset {name!r} needs a root directory")
+    elif name == "imagenet":
+        return load_imagenet(root, "val" if split == "test" else split, every, start, limit)
     else:
         data = load_cifar10(root, split)
     if (every, start, limit) == (1, 0, None):

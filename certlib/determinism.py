@@ -38,8 +38,12 @@ def enable_deterministic_kernels() -> None:
 def deterministic_kernels(enabled: bool) -> Iterator[None]:
     """Deterministic kernels (``enabled``) or the fastest ones (cuDNN autotuning) inside the
     block; the process's previous settings are restored after it."""
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
     _set(enabled)
     try:
         yield

@@ -13,6 +13,9 @@ from torch import nn
 class Standardize(nn.Module):
     """(x - mean) / std per channel: the first layer of every model."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -32,6 +35,7 @@ class GlobalAvgPool(nn.Module):
 
 
 # --------------------------------------------------------------------------- WRN-40-2
+
 
 class _WideBlock(nn.Module):
     """Pre-activation wide-ResNet block (Zagoruyko & Komodakis 2016)."""
@@ -63,7 +67,11 @@ class WideResNet(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)]
         for group, stride in zip(range(3), (1, 2, 2)):
             for i in range(n):
-                layers.append(_WideBlock(widths[group] if i == 0 else widths[group + 1], widths[group + 1], stride if i == 0 else 1))
+                layers.append(
+                    _WideBlock(
+                        widths[group] if i == 0 else widths[group + 1], widths[group + 1], stride if i == 0 else 1
+                    )
+                )
         layers += [nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True), GlobalAvgPool(), nn.Flatten()]
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(widths[3], num_classes)
@@ -74,6 +82,7 @@ class WideResNet(nn.Module):
 
 # --------------------------------------------------------------------------- ResNet-110
 
+
 class _BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -82,7 +91,8 @@ class _BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample = (
-            None if cin == cout and stride == 1
+            None
+            if cin == cout and stride == 1
             else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
         )
 
@@ -99,7 +109,11 @@ class CifarResNet(nn.Module):
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+        ]
         cin = 16
         for cout, stride in ((16, 1), (32, 2), (64, 2)):
             for i in range(n):
@@ -115,16 +129,21 @@ class CifarResNet(nn.Module):
 
 # --------------------------------------------------------------------------- small CNN (8x8 digits)
 
+
 class SmallCNN(nn.Module):
     """A small CNN for 8x8 images (scikit-learn digits): fast enough to train on a CPU in seconds."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2), nn.Flatten(),
-            nn.LazyLinear(128), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.LazyLinear(128),
+            nn.ReLU(inplace=True),
             nn.Linear(128, num_classes),
         )
 

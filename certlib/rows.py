@@ -26,48 +26,53 @@ from certlib.atomic import atomic_write
 from certlib.families import SmoothingNoise
 
 # The configuration of a row; these columns live in the directory names, not in the files.
-PARTITION_SCHEMA = pa.schema([("method", pa.string()), ("training", pa.string()), ("sigma", pa.float64()), ("seed", pa.int64())])
+PARTITION_SCHEMA = pa.schema(
+    [("method", pa.string()), ("training", pa.string()), ("sigma", pa.float64()), ("seed", pa.int64())]
+)
 CONFIG = tuple(PARTITION_SCHEMA.names)
 
 # The row schema (partition columns method, training, sigma, seed live in the path).
-ROW_SCHEMA = pa.schema([
-    pa.field("job_id", pa.string()),
-    pa.field("unit_id", pa.string()),
-    pa.field("dataset", pa.string()),
-    pa.field("split", pa.string()),
-    pa.field("index", pa.int64()),  # the image's index in the dataset's official order
-    pa.field("label", pa.int64()),
-    pa.field("lambda", pa.float64()),  # effective lambda (DSSN: L/(2q)); null for Gaussian/Laplace
-    pa.field("noise_scale", pa.float64()),  # sigma for Gaussian, b for Laplace, lambda otherwise
-    pa.field("levels", pa.int64()),  # DSSN: L; null otherwise
-    pa.field("q", pa.int64()),
-    pa.field("n0", pa.int64()),  # Monte Carlo only
-    pa.field("n", pa.int64()),
-    pa.field("alpha", pa.float64()),
-    pa.field("certificate", pa.string()),  # dssn_exact | binary | multiclass
-    pa.field("selected", pa.int64()),  # DSSN: the prediction; Monte Carlo: the n0 samples' class
-    pa.field("prediction", pa.int64()),  # -1 = abstain
-    pa.field("correct", pa.bool_()),  # prediction == label
-    pa.field("votes", pa.list_(pa.int64())),  # DSSN: votes over all L offsets; MC: counts of the n samples
-    pa.field("selection_votes", pa.list_(pa.int64())),  # MC: counts of the n0 samples; null for DSSN
-    pa.field("p_a_lower", pa.float64()),
-    pa.field("p_b_upper", pa.float64()),
-    pa.field("radius_l1", pa.float64()),  # NaN where abstaining or not an L1 certificate
-    pa.field("radius_l2", pa.float64()),
-    pa.field("seconds", pa.float64()),  # certification time per image (unit wall time / images)
-    pa.field("precision", pa.string()),
-    pa.field("batch_size", pa.int64()),
-    pa.field("worker_host", pa.string()),
-    pa.field("device", pa.string()),
-    pa.field("model_sha256", pa.string()),
-    pa.field("library_version", pa.string()),
-])
+ROW_SCHEMA = pa.schema(
+    [
+        pa.field("job_id", pa.string()),
+        pa.field("unit_id", pa.string()),
+        pa.field("dataset", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("index", pa.int64()),  # the image's index in the dataset's official order
+        pa.field("label", pa.int64()),
+        pa.field("lambda", pa.float64()),  # effective lambda (DSSN: L/(2q)); null for Gaussian/Laplace
+        pa.field("noise_scale", pa.float64()),  # sigma for Gaussian, b for Laplace, lambda otherwise
+        pa.field("levels", pa.int64()),  # DSSN: L; null otherwise
+        pa.field("q", pa.int64()),
+        pa.field("n0", pa.int64()),  # Monte Carlo only
+        pa.field("n", pa.int64()),
+        pa.field("alpha", pa.float64()),
+        pa.field("certificate", pa.string()),  # dssn_exact | binary | multiclass
+        pa.field("selected", pa.int64()),  # DSSN: the prediction; Monte Carlo: the n0 samples' class
+        pa.field("prediction", pa.int64()),  # -1 = abstain
+        pa.field("correct", pa.bool_()),  # prediction == label
+        pa.field("votes", pa.list_(pa.int64())),  # DSSN: votes over all L offsets; MC: counts of the n samples
+        pa.field("selection_votes", pa.list_(pa.int64())),  # MC: counts of the n0 samples; null for DSSN
+        pa.field("p_a_lower", pa.float64()),
+        pa.field("p_b_upper", pa.float64()),
+        pa.field("radius_l1", pa.float64()),  # NaN where abstaining or not an L1 certificate
+        pa.field("radius_l2", pa.float64()),
+        pa.field("seconds", pa.float64()),  # certification time per image (unit wall time / images)
+        pa.field("precision", pa.string()),
+        pa.field("batch_size", pa.int64()),
+        pa.field("worker_host", pa.string()),
+        pa.field("device", pa.string()),
+        pa.field("model_sha256", pa.string()),
+        pa.field("library_version", pa.string()),
+    ]
+)
 RADIUS_COLUMNS = {"l1": "radius_l1", "l2": "radius_l2"}  # the column of each norm's radius
 UNIT_METADATA_KEY = b"certify.unit"
 SHARD_GLOB = "method=*/training=*/sigma=*/seed=*/part-*.parquet"
 
 
 # --------------------------------------------------------------------------- layout
+
 
 def partition_dir(output: str | Path, method: str, training: str, sigma: float, seed: int) -> Path:
     """The directory of one configuration's shards."""
@@ -82,8 +87,12 @@ def shard_path(output: str | Path, config: Mapping[str, Any], unit_id: str) -> P
 def shard_config(output: str | Path, path: str | Path) -> dict[str, Any]:
     """The configuration a shard's path names (the inverse of ``shard_path``), typed."""
     parts = dict(p.split("=", 1) for p in Path(path).relative_to(output).parts[:-1])
-    return {"method": parts["method"], "training": parts["training"], "sigma": float(parts["sigma"]),
-            "seed": int(parts["seed"])}
+    return {
+        "method": parts["method"],
+        "training": parts["training"],
+        "sigma": float(parts["sigma"]),
+        "seed": int(parts["seed"]),
+    }
 
 
 def existing_shards(output: str | Path) -> list[Path]:
@@ -91,6 +100,7 @@ def existing_shards(output: str | Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- building and writing
+
 
 def rows_table(columns: Mapping[str, Any]) -> pa.Table:
     """A table in ROW_SCHEMA from a dict of column arrays or scalars (missing columns are null)."""
@@ -105,12 +115,23 @@ def rows_table(columns: Mapping[str, Any]) -> pa.Table:
         elif isinstance(value, (str, int, float)):
             arrays.append(pa.array([value] * n, f.type))
         else:
-            arrays.append(pa.array(value, f.type) if f.type == pa.string() else pa.array(np.asarray(value), f.type, from_pandas=True))
+            arrays.append(
+                pa.array(value, f.type)
+                if f.type == pa.string()
+                else pa.array(np.asarray(value), f.type, from_pandas=True)
+            )
     return pa.Table.from_arrays(arrays, schema=ROW_SCHEMA)
 
 
-def certification_rows(noise: SmoothingNoise, result: Mapping[str, Any], settings: Mapping[str, Any], *,
-                       indices: np.ndarray, labels: np.ndarray, **context: Any) -> pa.Table:
+def certification_rows(
+    noise: SmoothingNoise,
+    result: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    *,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    **context: Any,
+) -> pa.Table:
     """The rows of one certification: ``result`` as ``Smooth.certify`` returns it for images of
     dataset ``indices`` with ``labels``, under the family's ``settings``; ``context`` gives the
     remaining columns (job_id, unit_id, dataset, split, q, seconds, precision, ...)."""
@@ -118,15 +139,28 @@ def certification_rows(noise: SmoothingNoise, result: Mapping[str, Any], setting
     prediction = np.asarray(result["prediction"])
     radius = np.asarray(result["radius"], dtype=np.float64)
     nan = np.full(len(prediction), np.nan)
-    return rows_table({
-        **context, "index": indices, "label": labels,
-        "lambda": described.get("lambda"), "noise_scale": noise.scale, "levels": described.get("levels"),
-        "n0": settings.get("n0"), "n": settings.get("n"), "alpha": settings.get("alpha"),
-        "certificate": result["certificate"], "selected": result["selected"], "prediction": prediction,
-        "correct": prediction == labels, "votes": result["votes"], "selection_votes": result["selection_votes"],
-        "p_a_lower": result["p_a_lower"], "p_b_upper": result["p_b_upper"],
-        **{column: radius if norm == noise.norm else nan for norm, column in RADIUS_COLUMNS.items()},
-    })
+    return rows_table(
+        {
+            **context,
+            "index": indices,
+            "label": labels,
+            "lambda": described.get("lambda"),
+            "noise_scale": noise.scale,
+            "levels": described.get("levels"),
+            "n0": settings.get("n0"),
+            "n": settings.get("n"),
+            "alpha": settings.get("alpha"),
+            "certificate": result["certificate"],
+            "selected": result["selected"],
+            "prediction": prediction,
+            "correct": prediction == labels,
+            "votes": result["votes"],
+            "selection_votes": result["selection_votes"],
+            "p_a_lower": result["p_a_lower"],
+            "p_b_upper": result["p_b_upper"],
+            **{column: radius if norm == noise.norm else nan for norm, column in RADIUS_COLUMNS.items()},
+        }
+    )
 
 
 def write_shard(path: str | Path, table: pa.Table, unit_parameters: str) -> None:
@@ -156,6 +190,7 @@ def shard_state(path: str | Path, unit_parameters: str, rows: int) -> str:
 
 # --------------------------------------------------------------------------- reading
 
+
 def _expression(filters):
     if not isinstance(filters, dict):
         return filters
@@ -180,11 +215,18 @@ def load_results(path: str | Path, filters=None, columns: Sequence[str] | None =
         raise FileNotFoundError(f"no results directory at {path}")
     # Only the Parquet shards: other files (a plot, notes) may sit beside them; names starting
     # with '.' or '_' are temporary files and failure records.
-    files = [str(f) for f in sorted(path.rglob("*.parquet"))
-             if not any(part.startswith((".", "_")) for part in f.relative_to(path).parts)]
+    files = [
+        str(f)
+        for f in sorted(path.rglob("*.parquet"))
+        if not any(part.startswith((".", "_")) for part in f.relative_to(path).parts)
+    ]
     if not files:
         raise FileNotFoundError(f"no result shards under {path}")
-    dataset = pds.dataset(files, format="parquet", partition_base_dir=str(path),
-                          partitioning=pds.partitioning(PARTITION_SCHEMA, flavor="hive"))
+    dataset = pds.dataset(
+        files,
+        format="parquet",
+        partition_base_dir=str(path),
+        partitioning=pds.partitioning(PARTITION_SCHEMA, flavor="hive"),
+    )
     table = dataset.to_table(columns=list(columns) if columns is not None else None, filter=_expression(filters))
     return table.to_pandas()

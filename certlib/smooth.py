@@ -26,15 +26,25 @@ class Smooth:
 
     ABSTAIN = certificates.ABSTAIN
 
-    def __init__(self, model: torch.nn.Module | Cascade, noise: SmoothingNoise, num_classes: int,
-                 **engine: Unpack[EngineOptions]):
+    def __init__(
+        self, model: torch.nn.Module | Cascade, noise: SmoothingNoise, num_classes: int, **engine: Unpack[EngineOptions]
+    ):
         self.model = model
         self.noise = noise
         self.num_classes = int(num_classes)
         self.engine = engine
 
-    def certify(self, images: torch.Tensor, indices=None, *, n0: int = 64, n: int = 100_000,
-                alpha: float = 0.001, seed: int = 0, multiclass: bool = False) -> dict[str, Any]:
+    def certify(
+        self,
+        images: torch.Tensor,
+        indices=None,
+        *,
+        n0: int = 64,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        seed: int = 0,
+        multiclass: bool = False,
+    ) -> dict[str, Any]:
         """Predictions and certified radii (in ``noise.norm``, pixel scale) for a batch of images.
 
         DSSN (exact): votes over all L offsets; prediction = argmax (ties to the lower index),

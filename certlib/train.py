@@ -7,9 +7,7 @@
   C * KL(f(x + d1) || f(x + d2)) between the predictions on two noisy copies, C = 6
   (Voracek & Hein 2023, Section 3.1).
 
-Defaults follow Levine & Feizi Table 2 / Voracek & Hein 3.1: SGD, lr 0.1, Nesterov momentum
-0.9, weight decay 1e-4, cosine annealing, batch 64; CIFAR-10: WRN-40-2, 120 epochs, random crop
-and horizontal flip; ImageNet: ResNet-50, 30 epochs. Every knob can be overridden.
+The configuration and its per-dataset paper defaults are ``certlib.train_config``'s.
 
 Training is resumable at epoch granularity: the state after each epoch is written atomically
 next to the output (``<out>.state``), and all randomness of epoch e comes from a generator
@@ -28,11 +26,9 @@ and accuracy are summed there and read once per epoch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,83 +37,16 @@ import torch
 from certlib.atomic import atomic_write
 from certlib.batches import LoadedBatches, ResidentBatches, fits_on_device
 from certlib.checkpoint import ModelCard, save_checkpoint
-from certlib.data import DATASETS, QuantizedDataset
+from certlib.data import QuantizedDataset
 from certlib.determinism import deterministic_kernels
-from certlib.models import build_model
 from certlib.families import SmoothingNoise, make_noise
+from certlib.models import build_model
+from certlib.train_config import ResolvedConfig, TrainConfig, json_config
 from certlib.train_step import GraphedStep, TrainStep
 from certlib.voting import stream_seed
 
-TRAINING_MODES = ("standard", "stability")
-DATA_PLACEMENTS = ("auto", "device", "loader")
-# How a run executes, not what it computes: free to change between an interruption and its resume.
-EXECUTION_SETTINGS = ("deterministic", "cuda_graph", "data", "loader_workers")
 # Random-stream stages of stream_seed (0 and 1 are certification's selection and estimation).
 _TRAIN_STREAM, _HELDOUT_STREAM = 2, 3
-
-# Per dataset: architecture, epochs and augmentation (crop padding in pixels, horizontal flip).
-PAPER_DEFAULTS = {
-    "cifar10": {"architecture": "wrn40_2", "epochs": 120, "crop_padding": 4, "flip": True},
-    "imagenet": {"architecture": "resnet50", "epochs": 30, "crop_padding": 16, "flip": True},
-    "digits": {"architecture": "small_cnn", "epochs": 30, "crop_padding": 1, "flip": False},
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainSettings:
-    """The training knobs (hyper-parameters and augmentation) shared by every run of a sweep.
-    None means the dataset's paper default (PAPER_DEFAULTS)."""
-
-    architecture: str | None = None
-    epochs: int | None = None
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    stability_weight: float = 6.0
-    crop_padding: int | None = None
-    flip: bool | None = None
-    amp: bool = False
-    channels_last: bool = False
-    heldout_limit: int | None = 1000
-    deterministic: bool = False
-    cuda_graph: bool | str = "auto"
-    data: str = "auto"
-    loader_workers: int | None = None
-
-
-@dataclass(frozen=True)
-class TrainConfig(TrainSettings):
-    """One training run: the settings plus what the model is for. ``seed`` seeds the weights,
-    the data order, the noise and, for DSSN, the offset vector v."""
-
-    dataset: str
-    method: str
-    sigma: float
-    seed: int = 0
-    training: str = "standard"
-
-    def resolved(self) -> "TrainConfig":
-        """A copy with the dataset's paper defaults filled in, validated."""
-        if self.dataset not in PAPER_DEFAULTS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {sorted(PAPER_DEFAULTS)}")
-        if self.training not in TRAINING_MODES:
-            raise ValueError(f"training must be one of {TRAINING_MODES}, got {self.training!r}")
-        defaults = PAPER_DEFAULTS[self.dataset]
-        cfg = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-        for name in ("epochs", "batch_size"):
-            if int(getattr(cfg, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-        if not cfg.lr > 0 or cfg.weight_decay < 0 or cfg.stability_weight < 0:
-            raise ValueError("lr must be > 0; weight_decay and stability_weight >= 0")
-        if cfg.data not in DATA_PLACEMENTS:
-            raise ValueError(f"data must be one of {DATA_PLACEMENTS}, got {cfg.data!r}")
-        if cfg.cuda_graph not in ("auto", True, False):
-            raise ValueError(f"cuda_graph must be true, false or 'auto', got {cfg.cuda_graph!r}")
-        if cfg.loader_workers is not None and cfg.loader_workers < 0:
-            raise ValueError(f"loader_workers must be >= 0, got {cfg.loader_workers}")
-        return cfg
 
 
 def _accuracy(model, data: QuantizedDataset, noise: SmoothingNoise | None, device, batch_size: int, seed: int) -> float:
@@ -140,13 +69,16 @@ def _progress(epoch: int, epochs: int, done: int, total: int) -> None:
         sys.stderr.flush()
 
 
-def _batches(cfg: "TrainConfig", train_set: QuantizedDataset, device: torch.device,
-             step: TrainStep) -> tuple[ResidentBatches | LoadedBatches, GraphedStep | None]:
+def _batches(
+    cfg: ResolvedConfig, train_set: QuantizedDataset, device: torch.device, step: TrainStep
+) -> tuple[ResidentBatches | LoadedBatches, GraphedStep | None]:
     """The epoch's batch source and, where it pays, the step as a CUDA graph (module docstring)."""
     resident = fits_on_device(train_set, device) if cfg.data == "auto" else cfg.data == "device"
     if resident and train_set.values is None:
-        raise ValueError("data: 'device' needs the split in memory; an image folder streams through DataLoader "
-                         "workers (data: auto or loader)")
+        raise ValueError(
+            "data: 'device' needs the split in memory; an image folder streams through DataLoader "
+            "workers (data: auto or loader)"
+        )
     if cfg.cuda_graph is True and (device.type != "cuda" or not resident):
         raise ValueError("cuda_graph: true needs a CUDA device and the training split on it (data: auto or device)")
     if not resident:
@@ -158,8 +90,14 @@ def _batches(cfg: "TrainConfig", train_set: QuantizedDataset, device: torch.devi
     return batches, GraphedStep(step, batches)
 
 
-def _run_epoch(step: TrainStep, batches: ResidentBatches | LoadedBatches, graphed: GraphedStep | None,
-               epoch: int, epochs: int, total: int) -> None:
+def _run_epoch(
+    step: TrainStep,
+    batches: ResidentBatches | LoadedBatches,
+    graphed: GraphedStep | None,
+    epoch: int,
+    epochs: int,
+    total: int,
+) -> None:
     """Every step of one epoch (its order set by ``batches.start_epoch``); returns without
     waiting for the device."""
     if isinstance(batches, LoadedBatches):
@@ -179,6 +117,18 @@ def _run_epoch(step: TrainStep, batches: ResidentBatches | LoadedBatches, graphe
     _progress(epoch, epochs, total, total)
 
 
+def _save_state(state_path: Path, config_json: str, epochs_done: int, model, optimizer, scheduler) -> None:
+    """The resume point after an epoch, written atomically."""
+    state = {
+        "config": config_json,
+        "epoch": epochs_done,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
+    atomic_write(state_path, lambda handle: torch.save(state, handle))
+
+
 def _load_state(state_path: Path, config_json: str, device, model, optimizer, scheduler) -> int:
     """Epochs already done by an interrupted run of this configuration (its state restored)."""
     if not state_path.is_file():
@@ -192,21 +142,24 @@ def _load_state(state_path: Path, config_json: str, device, model, optimizer, sc
     return int(state["epoch"])
 
 
-def _build(cfg: TrainConfig, train_set: QuantizedDataset, device: torch.device):
+def _build(cfg: ResolvedConfig, train_set: QuantizedDataset, device: torch.device):
     """The model, its SGD optimizer and cosine schedule, as the papers train them."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.architecture, train_set.num_classes, train_set.mean, train_set.std,
-                        train_set.input_shape).to(device)
+    model = build_model(
+        cfg.architecture, train_set.num_classes, train_set.mean, train_set.std, train_set.input_shape
+    ).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     return model, optimizer, scheduler
 
 
-def _epoch(cfg: TrainConfig, epoch: int, step: TrainStep, batches, graphed, generator: torch.Generator,
-           scheduler, size: int) -> dict:
+def _epoch(
+    cfg: ResolvedConfig, epoch: int, step: TrainStep, batches, graphed, generator: torch.Generator, scheduler, size: int
+) -> dict:
     """One epoch (its randomness seeded by (seed, epoch)); returns its metrics."""
     started = time.perf_counter()
     step.model.train()
@@ -220,19 +173,75 @@ def _epoch(cfg: TrainConfig, epoch: int, step: TrainStep, batches, graphed, gene
     scheduler.step()
     lr = step.optimizer.param_groups[0]["lr"]  # the next epoch's, as logged since the first version
     seconds = time.perf_counter() - started
-    return {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": total_loss / size, "train_accuracy": correct / size,
-            "lr": lr, "images": size, "seconds": seconds, "images_per_second": size / seconds}
+    return {
+        "epoch": epoch + 1,
+        "epochs": cfg.epochs,
+        "loss": total_loss / size,
+        "train_accuracy": correct / size,
+        "lr": lr,
+        "images": size,
+        "seconds": seconds,
+        "images_per_second": size / seconds,
+    }
 
 
-def _card(cfg: TrainConfig, noise: SmoothingNoise, train_set: QuantizedDataset, heldout: str, clean: float,
-          noisy: float) -> ModelCard:
+def _step(
+    cfg: ResolvedConfig,
+    model,
+    optimizer,
+    noise: SmoothingNoise,
+    train_set: QuantizedDataset,
+    generator: torch.Generator,
+) -> TrainStep:
+    """The training step of ``cfg``'s mode, primed for the split's input shape."""
+    step = TrainStep(
+        model,
+        optimizer,
+        noise,
+        train_set.q,
+        generator,
+        training=cfg.training,
+        stability_weight=cfg.stability_weight,
+        crop_padding=cfg.crop_padding,
+        flip=cfg.flip,
+        amp=cfg.amp,
+        channels_last=cfg.channels_last,
+    )
+    step.prime(train_set.input_shape)
+    model.train()
+    return step
+
+
+def _heldout(cfg: ResolvedConfig, heldout_set: QuantizedDataset) -> QuantizedDataset:
+    """The first ``heldout_limit`` images of the held-out split (all where None)."""
+    if cfg.heldout_limit is None:
+        return heldout_set
+    return heldout_set.subset(np.arange(min(len(heldout_set), cfg.heldout_limit)))
+
+
+def _card(
+    cfg: ResolvedConfig, noise: SmoothingNoise, train_set: QuantizedDataset, heldout: str, clean: float, noisy: float
+) -> ModelCard:
     described = noise.describe()
     return ModelCard(
-        architecture=cfg.architecture, dataset=cfg.dataset, class_names=list(train_set.class_names),
-        input_shape=list(train_set.input_shape), mean=list(train_set.mean), std=list(train_set.std), q=train_set.q,
-        method=cfg.method, sigma=cfg.sigma, lam=described.get("lambda"), levels=described.get("levels"), seed=cfg.seed,
-        training=cfg.training, hyperparameters=dataclasses.asdict(cfg), epochs_done=cfg.epochs, clean_accuracy=clean,
-        noisy_accuracy=noisy, heldout=heldout,
+        architecture=cfg.architecture,
+        dataset=cfg.dataset,
+        class_names=list(train_set.class_names),
+        input_shape=list(train_set.input_shape),
+        mean=list(train_set.mean),
+        std=list(train_set.std),
+        q=train_set.q,
+        method=cfg.method,
+        sigma=cfg.sigma,
+        lam=described.get("lambda"),
+        levels=described.get("levels"),
+        seed=cfg.seed,
+        training=cfg.training,
+        hyperparameters=dataclasses.asdict(cfg),
+        epochs_done=cfg.epochs,
+        clean_accuracy=clean,
+        noisy_accuracy=noisy,
+        heldout=heldout,
     )
 
 
@@ -270,54 +279,27 @@ def train_model(
         if start_epoch:
             log(f"resuming {out_path.name} after epoch {start_epoch}/{cfg.epochs}")
         generator = torch.Generator(device=device)
-        step = TrainStep(model, optimizer, noise, train_set.q, generator, training=cfg.training,
-                         stability_weight=cfg.stability_weight, crop_padding=cfg.crop_padding, flip=cfg.flip,
-                         amp=cfg.amp, channels_last=cfg.channels_last)
-        step.prime(train_set.input_shape)
-        model.train()
+        step = _step(cfg, model, optimizer, noise, train_set, generator)
         batches, graphed = _batches(cfg, train_set, device, step)
         for epoch in range(start_epoch, cfg.epochs):
             metrics = _epoch(cfg, epoch, step, batches, graphed, generator, scheduler, len(train_set))
-            state = {"config": config_json, "epoch": epoch + 1, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-            atomic_write(state_path, lambda handle: torch.save(state, handle))
+            _save_state(state_path, config_json, epoch + 1, model, optimizer, scheduler)
             if sys.stderr.isatty():
                 sys.stderr.write("\n")
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['loss']:.4f}  noisy train acc "
-                f"{100 * metrics['train_accuracy']:.2f}%  lr {metrics['lr']:.4g}  {metrics['images_per_second']:.0f} img/s")
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['loss']:.4f}  noisy train acc "
+                f"{100 * metrics['train_accuracy']:.2f}%  lr {metrics['lr']:.4g}  "
+                f"{metrics['images_per_second']:.0f} img/s"
+            )
             if on_epoch is not None:
                 on_epoch(metrics)
-        graphed = batches = None  # frees the graph's memory pool and the resident split
+        del graphed, batches  # frees the graph's memory pool and the resident split
 
-        heldout = heldout_set if cfg.heldout_limit is None else heldout_set.subset(np.arange(min(len(heldout_set), cfg.heldout_limit)))
-        eval_batch = 4 * cfg.batch_size
-        clean = _accuracy(model, heldout, None, device, eval_batch, cfg.seed)
-        noisy = _accuracy(model, heldout, noise, device, eval_batch, cfg.seed)
+        heldout = _heldout(cfg, heldout_set)
+        clean = _accuracy(model, heldout, None, device, 4 * cfg.batch_size, cfg.seed)
+        noisy = _accuracy(model, heldout, noise, device, 4 * cfg.batch_size, cfg.seed)
     card = _card(cfg, noise, train_set, f"{heldout_set.split}[:{len(heldout)}]", clean, noisy)
     log(f"held-out {card.heldout}: clean accuracy {100 * clean:.2f}%, noisy accuracy {100 * noisy:.2f}%")
     card = save_checkpoint(out_path, model.to(memory_format=torch.contiguous_format), card)
     state_path.unlink(missing_ok=True)  # the run is complete: its resume state is no longer needed
     return card
-
-
-def step_flops(config: TrainConfig) -> float:
-    """Floating-point operations of one training step of ``config`` (forward and backward, about
-    3x the forward, for every noisy copy of every image of a batch), counted by torch's
-    FlopCounterMode on a model built on the meta device (no memory, no data)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cfg = config.resolved()
-    shape = DATASETS[cfg.dataset].input_shape
-    with torch.device("meta"):
-        model = build_model(cfg.architecture, DATASETS[cfg.dataset].num_classes, [0.5] * shape[0], [0.25] * shape[0], shape)
-        with FlopCounterMode(display=False) as counter:
-            model(torch.empty(1, *shape))
-    copies = 2 if cfg.training == "stability" else 1
-    return 3.0 * counter.get_total_flops() * copies * cfg.batch_size
-
-
-def json_config(cfg: TrainConfig) -> str:
-    """What the run computes, as canonical JSON: a resumed run must match it exactly (the
-    execution settings may differ)."""
-    computed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_SETTINGS}
-    return json.dumps(computed, sort_keys=True)

@@ -24,7 +24,9 @@ from certlib.families import SmoothingNoise
 WARMUP_STEPS = 3  # eager steps before the first capture: cuDNN, cuBLAS and autograd set up lazily
 
 
-def stability_loss(logits_1: torch.Tensor, logits_2: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
+def stability_loss(
+    logits_1: torch.Tensor, logits_2: torch.Tensor, targets: torch.Tensor, weight: float
+) -> torch.Tensor:
     """Stability training loss (Li et al. 2019; Voracek & Hein Sec. 3.1), batch mean:
     -log f(x + d1)_y + weight * KL(f(x + d1) || f(x + d2)), f the softmax of the logits."""
     log_p1, log_p2 = F.log_softmax(logits_1, dim=1), F.log_softmax(logits_2, dim=1)
@@ -42,7 +44,12 @@ def augment(x: torch.Tensor, generator: torch.Generator | None, padding: int, fl
         dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        x = padded[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+        x = padded[
+            torch.arange(b, device=x.device)[:, None, None, None],
+            torch.arange(c, device=x.device)[None, :, None, None],
+            rows,
+            cols,
+        ]
     if flip:
         mirrored = torch.rand(b, generator=generator, device=x.device) < 0.5
         x = torch.where(mirrored[:, None, None, None], x.flip(-1), x)
@@ -55,9 +62,21 @@ class TrainStep:
     ``training`` is "standard" or "stability"; ``amp`` runs the forward pass in bfloat16 on
     CUDA; ``channels_last`` feeds the network NHWC inputs (its weights must be NHWC too)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.SGD, noise: SmoothingNoise, q: int,
-                 generator: torch.Generator, *, training: str, stability_weight: float, crop_padding: int,
-                 flip: bool, amp: bool, channels_last: bool):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.SGD,
+        noise: SmoothingNoise,
+        q: int,
+        generator: torch.Generator,
+        *,
+        training: str,
+        stability_weight: float,
+        crop_padding: int,
+        flip: bool,
+        amp: bool,
+        channels_last: bool,
+    ):
         self.model, self.optimizer, self.noise, self.q, self.generator = model, optimizer, noise, q, generator
         self.stability = training == "stability"
         self.stability_weight, self.crop_padding, self.flip = stability_weight, crop_padding, flip
@@ -75,14 +94,17 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             if group["momentum"]:
                 for p in group["params"]:
-                    self.optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
+                    self.optimizer.state[p].setdefault(
+                        "momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format)
+                    )
 
     def prime(self, input_shape: tuple[int, ...]) -> None:
         """One draw of the noise before the first epoch: a noise that builds a device table on
         first use (DSSN's offset vector, copied from the host) does it here, not mid-epoch.
         Every epoch re-seeds the generator, so this draw changes nothing."""
-        self.noise.sample_grid(torch.zeros((1, *input_shape), dtype=torch.uint8, device=self.device), self.q,
-                               self.generator)
+        self.noise.sample_grid(
+            torch.zeros((1, *input_shape), dtype=torch.uint8, device=self.device), self.q, self.generator
+        )
 
     def _noisy(self, x: torch.Tensor) -> torch.Tensor:
         noisy = self.noise.sample_grid(x, self.q, self.generator)
@@ -158,10 +180,14 @@ class GraphedStep:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.step(*self.batches.next_batch())
         except RuntimeError as err:
-            raise RuntimeError(f"the training step cannot be captured as a CUDA graph ({str(err).splitlines()[0]}); "
-                               "train with cuda_graph: false") from err
+            raise RuntimeError(
+                f"the training step cannot be captured as a CUDA graph ({str(err).splitlines()[0]}); "
+                "train with cuda_graph: false"
+            ) from err
         # The previous epoch's graph goes only now: its own memory pool is released with it.
         self.graph = graph
 
     def replay(self) -> None:
+        if self.graph is None:
+            raise RuntimeError("replay before capture: call capture() at the start of each epoch")
         self.graph.replay()

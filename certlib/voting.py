@@ -65,8 +65,9 @@ def default_batch_size(device: torch.device | str, sample_numel: int) -> int:
     return 1 << (size.bit_length() - 1)
 
 
-def make_cascade(classifier: torch.nn.Module | Cascade, images: torch.Tensor, num_classes: int,
-                 **engine: Unpack[EngineOptions]) -> Cascade:
+def make_cascade(
+    classifier: torch.nn.Module | Cascade, images: torch.Tensor, num_classes: int, **engine: Unpack[EngineOptions]
+) -> Cascade:
     """``classifier`` itself if it is a Cascade (whose options then stand), else a cascade for
     this call: on ``device`` (default: the model's), ``precision`` and ``compile`` default
     ``auto``, ``batch_size`` sized to the device."""
@@ -81,8 +82,14 @@ def make_cascade(classifier: torch.nn.Module | Cascade, images: torch.Tensor, nu
     device = torch.device(device) if device is not None else model_device(classifier, images.device)
     batch_size = engine.get("batch_size") or default_batch_size(device, int(np.prod(images.shape[1:])))
     compile = engine.get("compile")
-    return Cascade(classifier, num_classes, batch_size, device=device, precision=engine.get("precision") or "auto",
-                   compile="auto" if compile is None else compile)
+    return Cascade(
+        classifier,
+        num_classes,
+        batch_size,
+        device=device,
+        precision=engine.get("precision") or "auto",
+        compile="auto" if compile is None else compile,
+    )
 
 
 class _Queue:
@@ -99,7 +106,7 @@ class _Queue:
 
     def append(self, x: torch.Tensor, rows: torch.Tensor, selected: torch.Tensor) -> None:
         """Append the ``selected`` samples, in order, without reading anything back."""
-        slot = torch.where(selected, self.length + selected.cumsum(0) - 1, self._scratch[:len(x)])
+        slot = torch.where(selected, self.length + selected.cumsum(0) - 1, self._scratch[: len(x)])
         self.x.index_put_((slot,), x)  # slots are distinct: deterministic, no atomics
         self.rows.index_put_((slot,), rows)
         self.length += selected.sum()
@@ -108,8 +115,8 @@ class _Queue:
     def keep_from(self, start: int) -> None:
         """Drop the first ``start`` samples (evaluated); move the rest to the front."""
         rest = self.bound - start
-        self.x[:rest] = self.x[start:self.bound].clone()
-        self.rows[:rest] = self.rows[start:self.bound].clone()
+        self.x[:rest] = self.x[start : self.bound].clone()
+        self.rows[:rest] = self.rows[start : self.bound].clone()
         self.length.fill_(rest)
         self.bound = rest
 
@@ -129,7 +136,8 @@ class _Tally:
         self.ones = torch.ones(self.batch_size, dtype=torch.int64, device=device)
         self.not_finite = torch.zeros((), dtype=torch.bool, device=device)
         self.evaluated = dict.fromkeys(LEVELS, 0)
-        self.queues: dict[str, _Queue] | None = None  # built once the spot check has fixed the levels
+        self.queues: dict[str, _Queue] = {}  # one per later level, once the spot check has fixed the levels
+        self.checked = False
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pending_size = 0
 
@@ -143,14 +151,14 @@ class _Tally:
         """(rows, num_classes) counts, once every sample has been decided."""
         if self._pending_size:
             self._first_level(*self._take(self._pending_size))
-        for level in self.cascade.levels[1:] if self.queues is not None else ():
+        for level in self.cascade.levels[1:] if self.checked else ():
             self._synchronize()
             self._drain(level, final=True)
         self._synchronize()
         if stats is not None:
             for level, samples in self.evaluated.items():
                 stats[level] = stats.get(level, 0) + samples
-        return self.counts[:-self.num_classes].view(-1, self.num_classes).cpu().numpy()
+        return self.counts[: -self.num_classes].view(-1, self.num_classes).cpu().numpy()
 
     def _take(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         if len(self._pending) == 1:  # the DSSN engine adds whole batches: no copy needed
@@ -163,11 +171,14 @@ class _Tally:
         return xs[:size], rows[:size]
 
     def _first_level(self, x: torch.Tensor, rows: torch.Tensor) -> None:
-        if self.queues is None:
+        if not self.checked:
             self.cascade.check(x)
+            self.checked = True
             capacity = max(2, QUEUE_BATCHES) * self.batch_size  # a drained queue (< 1 batch) takes a batch
-            self.queues = {level: _Queue(capacity, self.batch_size, self.sample_shape, self.cascade.device)
-                           for level in self.cascade.levels[1:]}
+            self.queues = {
+                level: _Queue(capacity, self.batch_size, self.sample_shape, self.cascade.device)
+                for level in self.cascade.levels[1:]
+            }
         self._evaluate(self.cascade.levels[0], x, rows)
 
     def _evaluate(self, level: str, x: torch.Tensor, rows: torch.Tensor) -> None:
@@ -195,11 +206,11 @@ class _Tally:
 
     def _count(self, rows: torch.Tensor, prediction: torch.Tensor) -> None:
         # index_put_ with accumulate: integer sums, exact in any order, and deterministic on CUDA
-        self.counts.index_put_((rows * self.num_classes + prediction,), self.ones[:len(rows)], accumulate=True)
+        self.counts.index_put_((rows * self.num_classes + prediction,), self.ones[: len(rows)], accumulate=True)
 
     def _synchronize(self) -> None:
         """Read the queues' true lengths (and the finiteness flag) back: one host sync."""
-        queues = list(self.queues.values()) if self.queues else []
+        queues = list(self.queues.values())
         *lengths, not_finite = torch.stack([q.length for q in queues] + [self.not_finite.long()]).tolist()
         if not_finite:
             raise ValueError(NOT_FINITE)
@@ -213,7 +224,7 @@ class _Tally:
         start = 0
         while queue.bound - start >= self.batch_size or (final and queue.bound > start):
             size = min(self.batch_size, queue.bound - start)
-            self._evaluate(level, queue.x[start:start + size], queue.rows[start:start + size])
+            self._evaluate(level, queue.x[start : start + size], queue.rows[start : start + size])
             start += size
         if start:
             queue.keep_from(start)

@@ -7,12 +7,9 @@ the traceback instead.
 from __future__ import annotations
 
 import base64
-import dataclasses
-import functools
 import hashlib
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,38 +18,14 @@ import click
 
 import certlib
 from cluster import jobs, local_ray
-
-class UserError(click.ClickException):
-    """One line for the user, exit code 2."""
-
-    exit_code = 2
-
-    def show(self, file=None):
-        click.echo(f"error: {self.message}", err=True)
-
-
-def user_errors(fn):
-    """Turn errors into one-line UserErrors with exit code 2 (tracebacks with --debug): bad
-    specs and cards (ValueError), missing or unreadable files and unreachable clusters
-    (OSError), the Ray client's refusals (RuntimeError), a failed `ray start`."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except BrokenPipeError:  # the reader went away (`certify logs x | head`): not an error
-            sys.stderr.close()
-            sys.exit(0)
-        except (ValueError, OSError, RuntimeError, subprocess.CalledProcessError) as err:
-            if os.environ.get("CERTIFY_DEBUG"):
-                raise
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            raise UserError(lines[0] if lines else type(err).__name__) from None
-    return wrapper
+from cluster.cli_errors import UserError, user_errors
+from cluster.cli_tables import plot, table
 
 
 def address_option(command):
-    return click.option("--address", help="Ray dashboard address (http://head:8265); default RAY_ADDRESS, "
-                        "else the local instance.")(command)
+    return click.option(
+        "--address", help="Ray dashboard address (http://head:8265); default RAY_ADDRESS, else the local instance."
+    )(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,6 +40,7 @@ def main(debug: bool) -> None:
 
 # --------------------------------------------------------------------------- Ray connection
 
+
 def _client(address: str | None, start: bool = False):
     """A JobSubmissionClient for ``address`` (or RAY_ADDRESS; ``auto``: the Ray running here);
     without either, the embedded local Ray instance, started (dashboard on 127.0.0.1, token
@@ -78,10 +52,15 @@ def _client(address: str | None, start: bool = False):
         return jobs.connect(jobs.LOCAL_DASHBOARD)
     except jobs.ClusterError:
         if not start:
-            raise UserError(f"no local Ray instance at {jobs.LOCAL_DASHBOARD} (submit a job to start one, "
-                            "or pass --address / set RAY_ADDRESS)") from None
-    click.echo(f"starting a local Ray instance (dashboard on {jobs.LOCAL_DASHBOARD}, token authentication on; "
-               "`certify stop` shuts it down)...", err=True)
+            raise UserError(
+                f"no local Ray instance at {jobs.LOCAL_DASHBOARD} (submit a job to start one, "
+                "or pass --address / set RAY_ADDRESS)"
+            ) from None
+    click.echo(
+        f"starting a local Ray instance (dashboard on {jobs.LOCAL_DASHBOARD}, token authentication on; "
+        "`certify stop` shuts it down)...",
+        err=True,
+    )
     instance = local_ray.start(num_cpus=os.cpu_count() or 1)
     local_ray.save_record(instance)
     return jobs.connect(instance.dashboard_url)
@@ -89,41 +68,11 @@ def _client(address: str | None, start: bool = False):
 
 # --------------------------------------------------------------------------- submit-job
 
+
 def submission_id(spec_json: str, name: str) -> str:
     """Deterministic: the same validated spec always gets the same job id (its later attempts
     add -r2, -r3, ...)."""
     return f"certify-{name}-{hashlib.sha256(spec_json.encode()).hexdigest()[:10]}"
-
-
-def preflight(sweep) -> None:
-    """Checks that need the files: the dataset, the models' cards, the output directory."""
-    from certlib.checkpoint import check_card, read_card
-    from cluster.driver import plan_sweep, recorded_shard_size
-    from cluster.spec import SpecError, model_keys
-    from cluster.worker import select_images
-
-    try:
-        images = select_images(sweep)
-    except (FileNotFoundError, ValueError) as err:
-        raise SpecError(f"dataset: {err}") from None
-    if len(images) == 0:
-        raise SpecError("dataset: the selection (every/start/limit) holds no image")
-    for key in model_keys(sweep):
-        path = key.checkpoint(sweep)
-        if path.is_file():
-            try:
-                card = read_card(path)
-            except ValueError as err:
-                raise SpecError(f"models.path: {err}") from None
-            problems = check_card(card, method=key.method, sigma=key.sigma, seed=key.seed, q=sweep.q,
-                                  dataset=sweep.dataset.name, training=key.training)
-            if problems and not sweep.models.override_card:
-                raise SpecError(f"models.path: {path}: the card does not match: {problems[0]} (models.override_card: true to use it)")
-    size = sweep.resources.shard_size
-    size = recorded_shard_size(sweep.output) if size == "auto" else size
-    if size is not None:  # else the driver sizes the units: no shard can be there yet
-        sized = dataclasses.replace(sweep, resources=dataclasses.replace(sweep.resources, shard_size=size))
-        plan_sweep(sized, len(images), log=lambda line: None)
 
 
 @main.command("submit-job")
@@ -134,6 +83,7 @@ def preflight(sweep) -> None:
 def submit_job(spec_file: Path, address: str | None, wait: bool) -> None:
     """Validate SPEC_FILE completely, then submit it as one Ray job."""
     from cluster.driver import SPEC_VARIABLE
+    from cluster.plan import preflight
     from cluster.spec import SpecError, load_spec, relative_paths, resolve_paths
 
     sweep = load_spec(spec_file)
@@ -142,15 +92,20 @@ def submit_job(spec_file: Path, address: str | None, wait: bool) -> None:
     if remote:  # the files are the cluster's: only the spec itself can be checked here
         relative = relative_paths(sweep)
         if relative:
-            raise SpecError(f"{relative[0]}: give an absolute path on the cluster's shared storage for a remote cluster")
+            raise SpecError(
+                f"{relative[0]}: give an absolute path on the cluster's shared storage for a remote cluster"
+            )
     else:  # relative paths are relative to where the user runs the command
         sweep = resolve_paths(sweep, Path.cwd())
         preflight(sweep)
     spec_json = sweep.to_json()
     base_id = submission_id(spec_json, sweep.name)
     client = _client(address, start=True)
-    attempts = {j.submission_id: j for j in client.list_jobs()
-                if (j.submission_id or "") == base_id or (j.submission_id or "").startswith(base_id + "-r")}
+    attempts = {
+        j.submission_id: j
+        for j in client.list_jobs()
+        if (j.submission_id or "") == base_id or (j.submission_id or "").startswith(base_id + "-r")
+    }
     running = [j for j in attempts.values() if jobs.job_status(j) not in jobs.TERMINAL]
     if running:
         job_id = running[0].submission_id
@@ -160,7 +115,7 @@ def submit_job(spec_file: Path, address: str | None, wait: bool) -> None:
         return
     # A resubmission (after a cancel, a failure or a crash) is a new attempt of the same sweep:
     # its units already on disk are skipped.
-    numbers = [1] + [int(j[len(base_id) + 2:]) for j in attempts if j[len(base_id) + 2:].isdigit()]
+    numbers = [1] + [int(j[len(base_id) + 2 :]) for j in attempts if j[len(base_id) + 2 :].isdigit()]
     job_id = base_id if not attempts else f"{base_id}-r{max(numbers) + 1}"
     if attempts:
         click.echo(f"resubmitting as {job_id} (attempt {max(numbers) + 1}); finished units are kept")
@@ -172,8 +127,10 @@ def submit_job(spec_file: Path, address: str | None, wait: bool) -> None:
         metadata={"certify": "1", "name": sweep.name, "output": sweep.output, "spec": spec_json},
     )
     click.echo(f"submitted {job_id}: {sweep.name} -> {sweep.output}")
-    click.echo(f"dashboard: {url or jobs.LOCAL_DASHBOARD}  |  "
-               f"certify status {job_id}  |  certify logs {job_id}  |  certify cancel {job_id}")
+    click.echo(
+        f"dashboard: {url or jobs.LOCAL_DASHBOARD}  |  "
+        f"certify status {job_id}  |  certify logs {job_id}  |  certify cancel {job_id}"
+    )
     if wait:
         sys.exit(_wait(client, job_id))
 
@@ -195,6 +152,7 @@ def _wait(client, job_id: str, show_logs: bool = True) -> int:
 
 
 # --------------------------------------------------------------------------- status, list, logs, cancel
+
 
 def _resolve_job(client, job: str) -> str:
     """A submission id, or the name of a sweep (its latest job)."""
@@ -242,7 +200,9 @@ def status(job: str, address: str | None) -> None:
 def list_jobs(address: str | None) -> None:
     """The certify jobs on the cluster."""
     client = _client(address)
-    ours = sorted((j for j in client.list_jobs() if (j.metadata or {}).get("certify") == "1"), key=lambda j: j.start_time or 0)
+    ours = sorted(
+        (j for j in client.list_jobs() if (j.metadata or {}).get("certify") == "1"), key=lambda j: j.start_time or 0
+    )
     if not ours:
         click.echo("no certify jobs")
     for j in ours:
@@ -283,7 +243,9 @@ def cancel(job: str, address: str | None) -> None:
 
 
 @main.command()
-@click.option("--force", is_flag=True, help="Stop it even while certify jobs run on it (they stop; resubmit to resume).")
+@click.option(
+    "--force", is_flag=True, help="Stop it even while certify jobs run on it (they stop; resubmit to resume)."
+)
 @user_errors
 def stop(force: bool) -> None:
     """Shut down the local Ray instance that `certify submit-job` started (never another one)."""
@@ -295,114 +257,27 @@ def stop(force: bool) -> None:
         except Exception:  # noqa: BLE001 - nothing answers: nothing to stop
             click.echo("no local Ray instance started by certify is running")
             return
-        raise UserError(f"the Ray instance at {jobs.LOCAL_DASHBOARD} was not started by certify; stop it with `ray stop`")
+        raise UserError(
+            f"the Ray instance at {jobs.LOCAL_DASHBOARD} was not started by certify; stop it with `ray stop`"
+        )
     if not force:
-        running = [j.submission_id for j in jobs.connect(instance.dashboard_url).list_jobs()
-                   if jobs.job_status(j) not in jobs.TERMINAL]
+        running = [
+            j.submission_id
+            for j in jobs.connect(instance.dashboard_url).list_jobs()
+            if jobs.job_status(j) not in jobs.TERMINAL
+        ]
         if running:
-            raise UserError(f"{len(running)} job(s) still running on the local Ray instance ({', '.join(running)}): "
-                            "cancel them, or pass --force")
+            raise UserError(
+                f"{len(running)} job(s) still running on the local Ray instance ({', '.join(running)}): "
+                "cancel them, or pass --force"
+            )
     count = local_ray.stop(instance)
     local_ray.forget_record()
     click.echo(f"stopped the local Ray instance ({count} processes)")
 
 
-# --------------------------------------------------------------------------- table, plot
-
-def _floats(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return sorted(float(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise UserError(f"--radii: give numbers separated by commas, got {text!r}") from None
-
-
-def _default_radii(results: Path) -> list[float]:
-    """The radii of the sweep that wrote ``results`` (its _sweep.json), else 0, 0.5, ..., 4."""
-    from cluster.driver import SWEEP_FILE
-    from cluster.spec import Sweep
-
-    try:
-        return list(Sweep.from_json((results / SWEEP_FILE).read_text()).radii)
-    except (OSError, ValueError):
-        return list(Sweep.radii)
-
-
-def recertify_options(command):
-    """--certificate and --dataset-root, shared by table and plot."""
-    command = click.option("--dataset-root", help="Dataset directory for --certificate box_input (CIFAR-10, ImageNet).")(command)
-    return click.option("--certificate", type=click.Choice(["stored", "standard", "box", "box_input"]), default="stored",
-                        show_default=True, help="Re-certify the Monte Carlo rows from their stored counts first "
-                        "(box: Voracek & Hein uniform++/split++; box_input: their Theorem 2.8 with the images).")(command)
-
-
-def _read_results(results: Path, certificate: str, dataset_root: str | None, by: str):
-    """The rows (re-certified with ``certificate`` unless ``stored``) and the columns that name
-    a table row or curve: ``by``, plus the certificate when re-certifying."""
-    import pandas as pd
-
-    from certlib.analysis import load_results, recertify
-    from certlib.families import family
-
-    df = load_results(results)
-    if df.empty:
-        raise UserError(f"{results}: no result rows")
-    columns = [c.strip() for c in by.split(",") if c.strip()]
-    unknown = [c for c in columns if c not in df.columns]
-    if unknown:
-        raise UserError(f"--by: no column {unknown[0]!r} in the results")
-    if certificate != "stored":
-        monte_carlo = ~df["method"].map(lambda m: family(m).exact)
-        if not monte_carlo.any():
-            raise UserError(f"--certificate {certificate}: the results hold exact rows only, which need no re-certification")
-        try:
-            redone = recertify(df[monte_carlo], certificate, dataset_root=dataset_root)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-        df = pd.concat([df[~monte_carlo], redone], ignore_index=True)
-        columns += [] if "certificate" in columns else ["certificate"]
-    return df, columns
-
-
-@main.command()
-@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--radii", help="Radii, comma-separated (default: the sweep's radii, else 0, 0.5, ..., 4).")
-@click.option("--by", default="method,training", show_default=True, help="Columns that name a table row.")
-@click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "latex"]), default="markdown", show_default=True)
-@click.option("--seeds", is_flag=True, help="Levine & Feizi Table 3: the envelope per seed with mean, std and max-min.")
-@recertify_options
-@user_errors
-def table(results: Path, radii: str | None, by: str, fmt: str, seeds: bool, certificate: str, dataset_root: str | None) -> None:
-    """Best certified accuracy over the sigma grid, as in Levine & Feizi Table 1."""
-    from certlib.analysis import best_certified_accuracy, format_envelope, format_seed_table, seed_table
-
-    df, columns = _read_results(results, certificate, dataset_root, by)
-    radii_list = _floats(radii) or _default_radii(results)
-    if "sigma" in columns or (seeds and "seed" in columns):
-        raise UserError("--by: sigma (and with --seeds, seed) is what the table chooses over, not a row name")
-    if seeds:
-        click.echo(format_seed_table(seed_table(df, radii_list, columns), columns, fmt=fmt))
-    else:
-        click.echo(format_envelope(best_certified_accuracy(df, radii_list, columns), columns, fmt=fmt))
-
-
-@main.command()
-@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG or SVG file.")
-@click.option("--by", default="method,training", show_default=True, help="Columns that name a curve family.")
-@recertify_options
-@user_errors
-def plot(results: Path, output: Path, by: str, certificate: str, dataset_root: str | None) -> None:
-    """Certified accuracy against radius: one curve per sigma, the envelope bold."""
-    from certlib.analysis import plot_curves
-
-    df, columns = _read_results(results, certificate, dataset_root, by)
-    try:
-        path = plot_curves(df, output, columns)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    click.echo(f"wrote {path}")
+main.add_command(table)
+main.add_command(plot)
 
 
 if __name__ == "__main__":

@@ -86,10 +86,19 @@ def connect(url: str):
 class Backoff:
     """Doubling waits between attempts; gives up after GIVE_UP_SECONDS of failures in a row."""
 
-    def __init__(self, first: float = RETRY_FIRST, most: float = RETRY_MAX, give_up: float = GIVE_UP_SECONDS,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        first: float = RETRY_FIRST,
+        most: float = RETRY_MAX,
+        give_up: float = GIVE_UP_SECONDS,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.first, self.most, self.give_up, self.sleep, self.clock = first, most, give_up, sleep, clock
-        self.reset()
+        self.delay, self.failing_since = first, None
+
+    delay: float
+    failing_since: float | None
 
     def reset(self) -> None:
         self.delay, self.failing_since = self.first, None
@@ -97,17 +106,21 @@ class Backoff:
     def wait(self, what: str, err: BaseException, echo: Callable[[str], None]) -> None:
         """After a failed attempt: wait, or raise ClusterError once failures have lasted too long."""
         now = self.clock()
-        self.failing_since = now if self.failing_since is None else self.failing_since
+        if self.failing_since is None:
+            self.failing_since = now
         if now - self.failing_since >= self.give_up:
-            raise ClusterError(f"{what}: the dashboard did not answer for {self.give_up:.0f} s ({first_line(err)}); "
-                               "the job may still run: ask again with `certify status`")
+            raise ClusterError(
+                f"{what}: the dashboard did not answer for {self.give_up:.0f} s ({first_line(err)}); "
+                "the job may still run: ask again with `certify status`"
+            )
         echo(f"[certify] {what}: {first_line(err)}; retrying in {self.delay:.0f} s")
         self.sleep(self.delay)
         self.delay = min(self.most, 2 * self.delay)
 
 
-def follow(client, job_id: str, echo: Callable[[str], None], *, show_logs: bool = True,
-           backoff: Backoff | None = None) -> str:
+def follow(
+    client, job_id: str, echo: Callable[[str], None], *, show_logs: bool = True, backoff: Backoff | None = None
+) -> str:
     """Print the job's log as it grows (Ray's log tailing) until the job ends; returns its end:
     SUCCEEDED, FAILED or STOPPED, or LOST when its driver's node died while Ray still lists it
     as running. Transient faults (a dashboard answering 500, a dropped connection, a dead
@@ -141,14 +154,16 @@ def follow(client, job_id: str, echo: Callable[[str], None], *, show_logs: bool 
 def _stream(client, job_id: str, printed: list[int], echo: Callable[[str], None]) -> None:
     """Echo the log beyond its first ``printed[0]`` characters until Ray closes the stream (the
     job ended) or it breaks; ``printed[0]`` follows what has been shown either way."""
+
     async def run() -> None:
         seen = 0
         async for chunk in client.tail_job_logs(job_id):
-            new = chunk[max(0, printed[0] - seen):]
+            new = chunk[max(0, printed[0] - seen) :]
             seen += len(chunk)
             if new:
                 echo(new.rstrip("\n"))
                 printed[0] = seen
+
     asyncio.run(run())
 
 
@@ -189,8 +204,18 @@ def log_tail(client, job_id: str, lines: int) -> str:
     node's log agent (the dashboard's log API; ``ray.util.state.get_log`` would want the GCS
     address). Through the client's own request helper, which carries its authentication."""
     node_id = client.get_job_info(job_id).driver_node_id  # the log agent of the driver's node serves it
-    response = client._do_request("GET", "/api/v0/logs/file", params={
-        "submission_id": job_id, "node_id": node_id, "lines": lines, "timeout": 30, "suffix": "out", "attempt_number": 0})
+    response = client._do_request(
+        "GET",
+        "/api/v0/logs/file",
+        params={
+            "submission_id": job_id,
+            "node_id": node_id,
+            "lines": lines,
+            "timeout": 30,
+            "suffix": "out",
+            "attempt_number": 0,
+        },
+    )
     if response.status_code != 200:
         raise ClusterError(f"log of {job_id}: {first_line(RuntimeError(response.text))}")
     return response.content.decode("utf-8", errors="replace")

@@ -52,7 +52,9 @@ class LocalRay:
 
     def _scan(self) -> tuple[list[psutil.Process], bool]:
         gcs = f"--gcs_server_port={self.gcs_address.rsplit(':', 1)[1]}"
-        mark = re.compile("|".join(re.escape(m) + r"(?![\w.])" for m in [self.gcs_address, *filter(None, [self.temp_dir])]))
+        mark = re.compile(
+            "|".join(re.escape(m) + r"(?![\w.])" for m in [self.gcs_address, *filter(None, [self.temp_dir])])
+        )
         group, marked, own_gcs = [], [], False
         for proc in psutil.process_iter(["pid", "cmdline"]):
             if proc.pid == os.getpid():
@@ -86,8 +88,30 @@ def _ensure_token(env: dict) -> None:
         subprocess.run(ray_cli() + ["get-auth-token", "--generate"], env=env, check=True, capture_output=True)
 
 
-def start(*, num_cpus: int | None = None, num_gpus: int | None = None, private: bool = False,
-          dashboard_port: int = 8265, object_store_bytes: int | None = None) -> LocalRay:
+def _private_args(temp_dir: str) -> list[str]:
+    """`ray start` arguments that keep an instance off every other's ports and files."""
+    ports = (
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+        "ray-client-server-port",
+        "node-manager-port",
+        "object-manager-port",
+    )
+    return [f"--temp-dir={temp_dir}", "--min-worker-port=0", "--max-worker-port=0"] + [
+        f"--{name}={free_port()}" for name in ports
+    ]
+
+
+def start(
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    private: bool = False,
+    dashboard_port: int = 8265,
+    object_store_bytes: int | None = None,
+) -> LocalRay:
     """Start a head node (dashboard on 127.0.0.1, Ray's token authentication on).
 
     ``private``: every port chosen free, workers on random ports and a temporary directory of
@@ -98,27 +122,31 @@ def start(*, num_cpus: int | None = None, num_gpus: int | None = None, private: 
     _ensure_token(env)
     gcs_port = free_port() if private else 6379
     dashboard_port = free_port() if private else dashboard_port
-    args = ["start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-            "--include-dashboard=true", "--disable-usage-stats"]
-    temp_dir = None
-    if private:
-        temp_dir = tempfile.mkdtemp(prefix="certify-ray-")
-        args += [f"--temp-dir={temp_dir}", "--min-worker-port=0", "--max-worker-port=0"]
-        args += [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                         "runtime-env-agent-port", "metrics-export-port",
-                                                         "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    if num_cpus is not None:
-        args.append(f"--num-cpus={num_cpus}")
-    if num_gpus is not None:
-        args.append(f"--num-gpus={num_gpus}")
-    if object_store_bytes is not None:
-        args.append(f"--object-store-memory={object_store_bytes}")
+    args = [
+        "start",
+        "--head",
+        f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+    ]
+    temp_dir = tempfile.mkdtemp(prefix="certify-ray-") if private else None
+    if temp_dir is not None:
+        args += _private_args(temp_dir)
+    resources = {"num-cpus": num_cpus, "num-gpus": num_gpus, "object-store-memory": object_store_bytes}
+    args += [f"--{name}={value}" for name, value in resources.items() if value is not None]
     # A new session: every daemon `ray start` leaves behind keeps this process group.
-    started = subprocess.Popen(ray_cli() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    started = subprocess.Popen(
+        ray_cli() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     output, _ = started.communicate(timeout=START_SECONDS)
-    instance = LocalRay(gcs_address=_gcs_address(output, gcs_port), dashboard_url=f"http://127.0.0.1:{dashboard_port}",
-                        pgid=started.pid, temp_dir=temp_dir)
+    instance = LocalRay(
+        gcs_address=_gcs_address(output, gcs_port),
+        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+        pgid=started.pid,
+        temp_dir=temp_dir,
+    )
     if started.returncode != 0:
         stop(instance)
         lines = [line for line in output.strip().splitlines() if line.strip()] or ["no output"]

@@ -1,4 +1,4 @@
-"""The driver's Ray actors: training workers and certification workers, created while the
+"""The executor's Ray actors: training workers and certification workers, created while the
 cluster's CPUs and GPUs allow, re-counted as nodes join or leave.
 
 A certification worker holds up to CERTIFY_DEPTH calls at once, so that the unit queued next
@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 
-from certlib.train import TrainConfig, TrainSettings, step_flops
-from cluster.spec import ModelKey, Sweep, Unit
+from certlib.train_config import TrainConfig, TrainSettings, step_flops
+from cluster.plan import ModelKey, Unit
+from cluster.spec import Sweep
 from cluster.worker import Worker
 
 # A training step below about this many floating-point operations does not fill a GPU: a
@@ -41,8 +43,14 @@ def training_gpu_share(sweep: Sweep) -> float:
     if setting != "auto":
         return float(setting)
     settings = dataclasses.asdict(sweep.models.train or TrainSettings())
-    flops = max(step_flops(TrainConfig(dataset=sweep.dataset.name, method=sweep.methods[0], sigma=sweep.sigmas[0], training=mode, **settings))
-                for mode in sweep.training)
+    flops = max(
+        step_flops(
+            TrainConfig(
+                dataset=sweep.dataset.name, method=sweep.methods[0], sigma=sweep.sigmas[0], training=mode, **settings
+            )
+        )
+        for mode in sweep.training
+    )
     return 1.0 / max(1, min(MAX_PACKED, int(FILL_STEP_FLOPS // flops)))
 
 
@@ -61,7 +69,7 @@ class Task:
 @dataclass(eq=False)
 class Slot:
     kind: str  # "train" or "certify"
-    actor: object
+    actor: Any  # a Ray actor handle of cluster.worker.Worker
     tasks: list[Task] = field(default_factory=list)  # in the order the worker runs them
     model: ModelKey | None = None  # the model of its latest call: kept loaded by the worker
 
@@ -90,8 +98,10 @@ class Pool:
         self.need = {"train": (cpus, train_gpus), "certify": (cpus, certify_gpus)}
         self.cap = 10**9 if sweep.resources.workers == "auto" else int(sweep.resources.workers)
         threads = max(1, int(cpus))
-        self.factory = {kind: ray.remote(Worker).options(num_cpus=c, num_gpus=g, max_concurrency=2 * CERTIFY_DEPTH + 2)
-                        for kind, (c, g) in self.need.items()}
+        self.factory = {
+            kind: ray.remote(Worker).options(num_cpus=c, num_gpus=g, max_concurrency=2 * CERTIFY_DEPTH + 2)
+            for kind, (c, g) in self.need.items()
+        }
         self.args = (sweep.to_json(), job_id, threads)
         self.slots: list[Slot] = []
 

@@ -72,17 +72,29 @@ class Progress:
             entry = {"state": info["state"]}
             if "epoch" in info:
                 left = (info["epochs"] - info["epoch"]) * info["images"] / max(info["images_per_second"], 1e-9)
-                entry |= {"epoch": info["epoch"], "epochs": info["epochs"],
-                          "images_per_second": round(info["images_per_second"], 1),
-                          "eta_seconds": round(max(0.0, left - (now - info["reported"])), 1) if info["state"] == "training" else 0.0}
+                entry |= {
+                    "epoch": info["epoch"],
+                    "epochs": info["epochs"],
+                    "images_per_second": round(info["images_per_second"], 1),
+                    "eta_seconds": round(max(0.0, left - (now - info["reported"])), 1)
+                    if info["state"] == "training"
+                    else 0.0,
+                }
             training[label] = entry
         return {
-            "images_done": self.done, "images_total": self.total, "images_per_second": round(rate, 3),
+            "images_done": self.done,
+            "images_total": self.total,
+            "images_per_second": round(rate, 3),
             "eta_seconds": None if eta is None else round(eta, 1),
             "training_eta_seconds": None if training_left is None else round(training_left, 1),
-            "units_done": self.units_done, "units_total": self.units_total, "units_failed": self.units_failed,
-            "models_trained": self.models_trained, "models_to_train": self.models_to_train,
-            "elapsed_seconds": round(elapsed, 1), "by_model": self.by_model, "training": training,
+            "units_done": self.units_done,
+            "units_total": self.units_total,
+            "units_failed": self.units_failed,
+            "models_trained": self.models_trained,
+            "models_to_train": self.models_to_train,
+            "elapsed_seconds": round(elapsed, 1),
+            "by_model": self.by_model,
+            "training": training,
         }
 
 
@@ -101,17 +113,20 @@ def describe_progress(snap: dict) -> str:
     train_part = f"models trained {snap['models_trained']}/{snap['models_to_train']}"
     if snap["models_trained"] < snap["models_to_train"]:
         train_part += f" ({running} training, training ETA {format_seconds(snap.get('training_eta_seconds'))})"
-    return (f"progress: {snap['images_done']}/{snap['images_total']} images "
-            f"({100 * snap['images_done'] / max(snap['images_total'], 1):.1f}%), {snap['images_per_second']:.1f} images/s, "
-            f"ETA {format_seconds(snap['eta_seconds'])}, units {snap['units_done']}/{snap['units_total']} "
-            f"({snap['units_failed']} failed), {train_part}")
+    return (
+        f"progress: {snap['images_done']}/{snap['images_total']} images "
+        f"({100 * snap['images_done'] / max(snap['images_total'], 1):.1f}%), {snap['images_per_second']:.1f} images/s, "
+        f"ETA {format_seconds(snap['eta_seconds'])}, units {snap['units_done']}/{snap['units_total']} "
+        f"({snap['units_failed']} failed), {train_part}"
+    )
 
 
 def describe_training(label: str, entry: dict) -> str:
     """One line per model to train: its state, epoch, images/s and ETA."""
     if "epoch" not in entry:
         return f"{label}: {entry['state']}"
-    line = f"{label}: {entry['state']}, epoch {entry['epoch']}/{entry['epochs']}, {entry['images_per_second']:,.0f} images/s"
+    line = f"{label}: {entry['state']}, epoch {entry['epoch']}/{entry['epochs']}"
+    line += f", {entry['images_per_second']:,.0f} images/s"
     return line + (f", ETA {format_seconds(entry['eta_seconds'])}" if entry["state"] == "training" else "")
 
 

@@ -1,7 +1,8 @@
-"""The sweep spec: schema, validation with one-line errors, expansion into work units.
+"""The sweep spec: schema, validation with one-line errors, path resolution.
 
 A spec is a YAML file (see jobs/). Every error a user can make is caught here, before anything
-starts, and reported as one ``SpecError`` line naming the field.
+starts, and reported as one ``SpecError`` line naming the field. ``cluster.plan`` expands a
+sweep into its units.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from typing import Any
 
 import yaml
 
-from certlib.cascade import PRECISIONS
+from certlib.cascade import PRECISIONS, EngineOptions
 from certlib.data import DATASETS
-from certlib.rows import shard_path
-from certlib.families import FAMILIES, SmoothingNoise, family, make_noise
-from certlib.train import DATA_PLACEMENTS, PAPER_DEFAULTS, TRAINING_MODES, TrainSettings
+from certlib.families import FAMILIES, family, make_noise
+from certlib.train_config import DATA_PLACEMENTS, PAPER_DEFAULTS, TRAINING_MODES, TrainSettings
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MODEL_FIELDS = ("method", "training", "sigma", "seed")
@@ -30,6 +30,7 @@ class SpecError(ValueError):
 
 
 # --------------------------------------------------------------------------- schema
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -62,6 +63,10 @@ class CertifySpec:
     def settings(self) -> dict[str, Any]:
         """What a family's certificate may depend on (the rest is how the engine runs)."""
         return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "multiclass": self.multiclass}
+
+    def engine(self) -> EngineOptions:
+        """How the engine runs: speed only, never a vote (``certlib.cascade.EngineOptions``)."""
+        return {"batch_size": self.batch_size, "precision": self.precision, "compile": self.compile}
 
 
 @dataclass(frozen=True)
@@ -99,11 +104,12 @@ class Sweep:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Sweep":
+    def from_json(cls, text: str) -> Sweep:
         return parse_spec(json.loads(text))
 
 
 # --------------------------------------------------------------------------- parsing
+
 
 def _where(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
@@ -119,9 +125,7 @@ def _check_keys(data: Any, cls, path: str) -> dict:
     return data
 
 
-def _int(value, where: str, minimum: int | None = None, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
+def _int(value, where: str, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"{where}: must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
@@ -129,7 +133,13 @@ def _int(value, where: str, minimum: int | None = None, allow_none: bool = False
     return value
 
 
-def _float(value, where: str, *, positive: bool = False, minimum: float | None = None, below: float | None = None) -> float:
+def _optional_int(value, where: str, minimum: int | None = None) -> int | None:
+    return None if value is None else _int(value, where, minimum)
+
+
+def _float(
+    value, where: str, *, positive: bool = False, minimum: float | None = None, below: float | None = None
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise SpecError(f"{where}: must be a finite number, got {value!r}")
     if positive and value <= 0:
@@ -190,8 +200,12 @@ def _dataset(data, path="dataset") -> DatasetSpec:
     else:
         root = _str(root, f"{path}.root")
     return DatasetSpec(
-        name, split, root, _int(data.get("every", 1), f"{path}.every", 1), _int(data.get("start", 0), f"{path}.start", 0),
-        _int(data.get("limit"), f"{path}.limit", 1, allow_none=True),
+        name,
+        split,
+        root,
+        _int(data.get("every", 1), f"{path}.every", 1),
+        _int(data.get("start", 0), f"{path}.start", 0),
+        _optional_int(data.get("limit"), f"{path}.limit", 1),
     )
 
 
@@ -205,22 +219,24 @@ def _train(data, path="models.train") -> TrainSettings:
         arch = _str(arch, f"{path}.architecture", sorted(ARCHITECTURES))
     return TrainSettings(
         architecture=arch,
-        epochs=_int(data.get("epochs"), f"{path}.epochs", 1, allow_none=True),
+        epochs=_optional_int(data.get("epochs"), f"{path}.epochs", 1),
         batch_size=_int(data.get("batch_size", d.batch_size), f"{path}.batch_size", 1),
         lr=_float(data.get("lr", d.lr), f"{path}.lr", positive=True),
         momentum=_float(data.get("momentum", d.momentum), f"{path}.momentum", minimum=0, below=1),
         nesterov=_bool(data.get("nesterov", d.nesterov), f"{path}.nesterov"),
         weight_decay=_float(data.get("weight_decay", d.weight_decay), f"{path}.weight_decay", minimum=0),
-        stability_weight=_float(data.get("stability_weight", d.stability_weight), f"{path}.stability_weight", minimum=0),
-        crop_padding=_int(data.get("crop_padding"), f"{path}.crop_padding", 0, allow_none=True),
+        stability_weight=_float(
+            data.get("stability_weight", d.stability_weight), f"{path}.stability_weight", minimum=0
+        ),
+        crop_padding=_optional_int(data.get("crop_padding"), f"{path}.crop_padding", 0),
         flip=None if data.get("flip") is None else _bool(data["flip"], f"{path}.flip"),
         amp=_bool(data.get("amp", d.amp), f"{path}.amp"),
         channels_last=_bool(data.get("channels_last", d.channels_last), f"{path}.channels_last"),
-        heldout_limit=_int(data.get("heldout_limit", d.heldout_limit), f"{path}.heldout_limit", 1, allow_none=True),
+        heldout_limit=_optional_int(data.get("heldout_limit", d.heldout_limit), f"{path}.heldout_limit", 1),
         deterministic=_bool(data.get("deterministic", d.deterministic), f"{path}.deterministic"),
         cuda_graph=_auto_or_bool(data.get("cuda_graph", d.cuda_graph), f"{path}.cuda_graph"),
         data=_str(data.get("data", d.data), f"{path}.data", DATA_PLACEMENTS),
-        loader_workers=_int(data.get("loader_workers", d.loader_workers), f"{path}.loader_workers", 0, allow_none=True),
+        loader_workers=_optional_int(data.get("loader_workers", d.loader_workers), f"{path}.loader_workers", 0),
     )
 
 
@@ -230,7 +246,9 @@ def _models(data, path="models") -> ModelsSpec:
     try:
         template.format(method="m", training="t", sigma=1.0, seed=0, dataset="d")
     except Exception as err:  # noqa: BLE001 - any formatting failure is a bad template
-        raise SpecError(f"{path}.path: bad template ({err}); use the fields {{method}} {{training}} {{sigma}} {{seed}} {{dataset}}") from None
+        raise SpecError(
+            f"{path}.path: bad template ({err}); use the fields {{method}} {{training}} {{sigma}} {{seed}} {{dataset}}"
+        ) from None
     missing = [f for f in MODEL_FIELDS if "{" + f + "}" not in template]
     if missing:
         raise SpecError(f"{path}.path: the template must contain {{{missing[0]}}} so that every model has its own file")
@@ -246,7 +264,7 @@ def _certify(data, path="certify") -> CertifySpec:
         n=_int(data.get("n", d.n), f"{path}.n", 1),
         alpha=_float(data.get("alpha", d.alpha), f"{path}.alpha", positive=True, below=0.5),
         multiclass=_bool(data.get("multiclass", d.multiclass), f"{path}.multiclass"),
-        batch_size=_int(data.get("batch_size"), f"{path}.batch_size", 1, allow_none=True),
+        batch_size=_optional_int(data.get("batch_size"), f"{path}.batch_size", 1),
         precision=_str(data.get("precision", d.precision), f"{path}.precision", PRECISIONS),
         deterministic=_bool(data.get("deterministic", d.deterministic), f"{path}.deterministic"),
         compile=_auto_or_bool(data.get("compile", d.compile), f"{path}.compile"),
@@ -268,8 +286,13 @@ def _resources(data, path="resources") -> ResourcesSpec:
         if train_gpus > 1:
             raise SpecError(f"{path}.gpus_per_train_worker: a training run uses one GPU at most, got {train_gpus}")
     return ResourcesSpec(
-        workers, gpus, train_gpus, _float(data.get("cpus_per_worker", d.cpus_per_worker), f"{path}.cpus_per_worker", positive=True),
-        _int(shard_size, f"{path}.shard_size", 1) if (shard_size := data.get("shard_size", d.shard_size)) != "auto" else "auto",
+        workers,
+        gpus,
+        train_gpus,
+        _float(data.get("cpus_per_worker", d.cpus_per_worker), f"{path}.cpus_per_worker", positive=True),
+        _int(shard_size, f"{path}.shard_size", 1)
+        if (shard_size := data.get("shard_size", d.shard_size)) != "auto"
+        else "auto",
         _int(data.get("max_retries", d.max_retries), f"{path}.max_retries", 0),
     )
 
@@ -296,8 +319,9 @@ def parse_spec(data: Any) -> Sweep:
     certify = _certify(data.get("certify"))
     binary_only = [m for m in methods if family(m).binary_only]
     if certify.multiclass and binary_only:
-        raise SpecError(f"certify.multiclass: {family(binary_only[0]).binary_only}; "
-                        f"certify {binary_only[0]} in a sweep of its own")
+        raise SpecError(
+            f"certify.multiclass: {family(binary_only[0]).binary_only}; certify {binary_only[0]} in a sweep of its own"
+        )
     radii = _list(data.get("radii", list(Sweep.radii)), "radii", lambda v, w: _float(v, w, minimum=0))
     sweep = Sweep(
         name=name,
@@ -312,7 +336,11 @@ def parse_spec(data: Any) -> Sweep:
         radii=tuple(sorted(radii)),
         resources=_resources(data.get("resources")),
     )
-    if sweep.models.train is not None and sweep.models.train.architecture is None and dataset.name not in PAPER_DEFAULTS:
+    if (
+        sweep.models.train is not None
+        and sweep.models.train.architecture is None
+        and dataset.name not in PAPER_DEFAULTS
+    ):
         raise SpecError("models.train.architecture: missing")
     return sweep
 
@@ -339,12 +367,15 @@ def load_spec(path: str | Path) -> Sweep:
 def relative_paths(sweep: Sweep) -> list[str]:
     """The spec fields holding relative paths (a remote cluster cannot know what they mean)."""
     candidates = {"output": sweep.output, "models.path": sweep.models.path, "dataset.root": sweep.dataset.root}
-    return [key for key, value in candidates.items() if value is not None and not Path(value).expanduser().is_absolute()]
+    return [
+        key for key, value in candidates.items() if value is not None and not Path(value).expanduser().is_absolute()
+    ]
 
 
 def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
     """The sweep with its relative file paths (output, models.path, dataset.root) made
     absolute against ``base``: a job's driver runs in another working directory."""
+
     def absolute(p: str | None) -> str | None:
         return None if p is None else str(base / Path(p).expanduser())  # an absolute p stays as it is
 
@@ -362,73 +393,3 @@ def _lists(data):
     if isinstance(data, (list, tuple)):
         return [_lists(v) for v in data]
     return data
-
-
-# --------------------------------------------------------------------------- expansion
-
-@dataclass(frozen=True)
-class ModelKey:
-    """One smoothed classifier of the sweep: a trained model and how it is certified."""
-
-    method: str
-    training: str
-    sigma: float
-    seed: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.method}/{self.training}/sigma={self.sigma}/seed={self.seed}"
-
-    def noise(self, sweep: Sweep) -> SmoothingNoise:
-        """The smoothing this model is certified with, on the sweep's grid."""
-        return make_noise(self.method, self.sigma, q=sweep.q, seed=self.seed)
-
-    def checkpoint(self, sweep: Sweep) -> Path:
-        return Path(sweep.models.path.format(method=self.method, training=self.training, sigma=self.sigma,
-                                             seed=self.seed, dataset=sweep.dataset.name))
-
-
-@dataclass(frozen=True)
-class Unit:
-    """Certification of rows [start, stop) of the sweep's selected images with one model:
-    idempotent, its output is exactly one Parquet file."""
-
-    model: ModelKey
-    start: int
-    stop: int
-
-    @property
-    def unit_id(self) -> str:
-        m = self.model
-        return f"{m.method}-{m.training}-s{m.sigma}-seed{m.seed}-{self.start:07d}-{self.stop:07d}"
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-    def path(self, sweep: Sweep) -> Path:
-        """The unit's Parquet shard."""
-        return shard_path(sweep.output, asdict(self.model), self.unit_id)
-
-
-def model_keys(sweep: Sweep) -> list[ModelKey]:
-    return [ModelKey(m, t, s, seed) for m in sweep.methods for t in sweep.training for s in sweep.sigmas for seed in sweep.seeds]
-
-
-def expand(sweep: Sweep, num_images: int) -> list[Unit]:
-    """All units of the sweep over ``num_images`` selected images, shard by shard."""
-    size = sweep.resources.shard_size
-    if size == "auto":
-        raise ValueError("expand: resources.shard_size must be resolved (cluster.driver.resolve_shard_size) first")
-    return [Unit(key, start, min(start + size, num_images)) for key in model_keys(sweep) for start in range(0, num_images, size)]
-
-
-def unit_parameters(sweep: Sweep, unit: Unit, model_sha256: str) -> str:
-    """The JSON of everything that determines a unit's rows, the model's weights included;
-    stored in its Parquet file so a resumed job can tell a valid earlier shard from one
-    computed under other parameters or with another model."""
-    # How the votes are computed does not change them (the precision cascade): batch size,
-    # precision, kernels and compilation are recorded in the rows, not part of a shard's identity.
-    certify = unit.model.noise(sweep).settings(**sweep.certify.settings())
-    return json.dumps({"dataset": asdict(sweep.dataset) | {"root": None}, "model": asdict(unit.model), "certify": certify,
-                       "start": unit.start, "stop": unit.stop, "model_sha256": model_sha256}, sort_keys=True)

@@ -13,6 +13,7 @@ import platform
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,21 +22,17 @@ import torch
 import certlib
 from certlib.atomic import exclusive_lock
 from certlib.cascade import Cascade
-from certlib.determinism import enable_deterministic_kernels
-from certlib.checkpoint import load_checkpoint, read_card
+from certlib.checkpoint import ModelCard, load_checkpoint, read_card
 from certlib.data import DATASETS, QuantizedDataset, load_dataset
+from certlib.determinism import enable_deterministic_kernels
 from certlib.models import build_model
-from certlib.smooth import Smooth
-from certlib.voting import default_batch_size
-from certlib.train import TrainConfig, train_model
 from certlib.rows import certification_rows, write_shard
-from cluster.spec import ModelKey, Sweep, Unit, unit_parameters
-
-
-def select_images(sweep: Sweep) -> QuantizedDataset:
-    """The images the sweep certifies: its split, every k-th from ``start``, at most ``limit``."""
-    ds = sweep.dataset
-    return load_dataset(ds.name, ds.split, ds.root, ds.every, ds.start, ds.limit)
+from certlib.smooth import Smooth
+from certlib.train import train_model
+from certlib.train_config import TrainConfig
+from certlib.voting import make_cascade
+from cluster.plan import ModelKey, Unit, select_images, unit_parameters
+from cluster.spec import Sweep
 
 
 def device_name(device: torch.device) -> str:
@@ -55,7 +52,7 @@ class UnitRunner:
             enable_deterministic_kernels()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._images: QuantizedDataset | None = None
-        self._model: tuple[str, Cascade, object] | None = None
+        self._model: tuple[str, Cascade, ModelCard] | None = None
         self._epoch: dict | None = None  # the latest epoch metrics of the model in training
 
     @property
@@ -81,17 +78,36 @@ class UnitRunner:
                 card = read_card(path)
                 log(f"{path} was trained meanwhile by another process; using it")
             else:
+                if sweep.models.train is None:
+                    raise ValueError(f"no checkpoint {path} and no models.train section to train it")
                 settings = dataclasses.asdict(sweep.models.train)
-                config = TrainConfig(dataset=sweep.dataset.name, method=key.method, sigma=key.sigma, seed=key.seed,
-                                     training=key.training, **settings)
+                config = TrainConfig(
+                    dataset=sweep.dataset.name,
+                    method=key.method,
+                    sigma=key.sigma,
+                    seed=key.seed,
+                    training=key.training,
+                    **settings,
+                )
                 heldout_split = DATASETS[sweep.dataset.name].heldout
                 train_set = load_dataset(sweep.dataset.name, "train", sweep.dataset.root)
                 heldout = load_dataset(sweep.dataset.name, heldout_split, sweep.dataset.root)
                 self._epoch = None
-                card = train_model(config, path, train_set, heldout, device=self.device, log=log,
-                                   on_epoch=lambda metrics: setattr(self, "_epoch", {**metrics, "reported": time.time()}))
-        return {"model": key.label, "seconds": time.perf_counter() - started, "clean_accuracy": card.clean_accuracy,
-                "noisy_accuracy": card.noisy_accuracy}
+                card = train_model(
+                    config,
+                    path,
+                    train_set,
+                    heldout,
+                    device=self.device,
+                    log=log,
+                    on_epoch=lambda metrics: setattr(self, "_epoch", {**metrics, "reported": time.time()}),
+                )
+        return {
+            "model": key.label,
+            "seconds": time.perf_counter() - started,
+            "clean_accuracy": card.clean_accuracy,
+            "noisy_accuracy": card.noisy_accuracy,
+        }
 
     def training_progress(self) -> dict | None:
         """The latest epoch's metrics (epoch, epochs, images, images_per_second, ...) and when
@@ -99,21 +115,30 @@ class UnitRunner:
         while ``train`` runs."""
         return self._epoch
 
-    def _load(self, key: ModelKey) -> tuple[Cascade, object]:
+    def _cascade(self, model: torch.nn.Module, num_classes: int, input_shape, **override: Any) -> Cascade:
+        """``model`` behind the precision cascade the sweep's engine options describe."""
+        engine = {**self.sweep.certify.engine(), **override}
+        return make_cascade(model, torch.empty(0, *input_shape), num_classes, device=self.device, **engine)
+
+    def _load(self, key: ModelKey) -> tuple[Cascade, ModelCard]:
         """The model of ``key`` behind its precision cascade, kept across this worker's units:
         the folded and compiled network, the float64 reference and the spot check are paid by
         the first unit of each model only."""
         path = str(key.checkpoint(self.sweep))
         if self._model is None or self._model[0] != path:
             self._model = None  # free the previous replica before loading the next
-            model, card = load_checkpoint(path, device=self.device, override=self.sweep.models.override_card,
-                                          method=key.method, sigma=key.sigma, seed=key.seed, q=self.sweep.q,
-                                          dataset=self.sweep.dataset.name, training=key.training)
-            cert = self.sweep.certify
-            batch_size = cert.batch_size or default_batch_size(self.device, int(np.prod(card.input_shape)))
-            cascade = Cascade(model, card.num_classes, batch_size, device=self.device, precision=cert.precision,
-                              compile=cert.compile)
-            self._model = (path, cascade, card)
+            model, card = load_checkpoint(
+                path,
+                device=self.device,
+                override=self.sweep.models.override_card,
+                method=key.method,
+                sigma=key.sigma,
+                seed=key.seed,
+                q=self.sweep.q,
+                dataset=self.sweep.dataset.name,
+                training=key.training,
+            )
+            self._model = (path, self._cascade(model, card.num_classes, card.input_shape), card)
         return self._model[1], self._model[2]
 
     def pixels(self, unit: Unit) -> torch.Tensor:
@@ -135,15 +160,34 @@ class UnitRunner:
         cert = sweep.certify
         started = time.perf_counter()
         result = Smooth(cascade, noise, card.num_classes).certify(
-            images, self.images.indices[rows], n0=cert.n0, n=cert.n, alpha=cert.alpha, seed=key.seed,
-            multiclass=cert.multiclass)
+            images,
+            self.images.indices[rows],
+            n0=cert.n0,
+            n=cert.n,
+            alpha=cert.alpha,
+            seed=key.seed,
+            multiclass=cert.multiclass,
+        )
         seconds = time.perf_counter() - started
         table = certification_rows(
-            noise, result, noise.settings(**cert.settings()), indices=self.images.indices[rows],
-            labels=self.images.labels.numpy()[rows], job_id=self.job_id, unit_id=unit.unit_id,
-            dataset=sweep.dataset.name, split=sweep.dataset.split, q=sweep.q, seconds=seconds / len(rows),
-            precision=cascade.name, batch_size=cascade.batch_size, worker_host=socket.gethostname(),
-            device=device_name(self.device), model_sha256=card.weights_sha256, library_version=certlib.__version__)
+            noise,
+            result,
+            noise.settings(**cert.settings()),
+            indices=self.images.indices[rows],
+            labels=self.images.labels.numpy()[rows],
+            job_id=self.job_id,
+            unit_id=unit.unit_id,
+            dataset=sweep.dataset.name,
+            split=sweep.dataset.split,
+            q=sweep.q,
+            seconds=seconds / len(rows),
+            precision=cascade.name,
+            batch_size=cascade.batch_size,
+            worker_host=socket.gethostname(),
+            device=device_name(self.device),
+            model_sha256=card.weights_sha256,
+            library_version=certlib.__version__,
+        )
         return table, {"unit_id": unit.unit_id, "model": key.label, "images": len(rows), "seconds": seconds}
 
     def write(self, unit: Unit, table: pa.Table) -> None:
@@ -156,9 +200,8 @@ class UnitRunner:
         compiled; sizes the units when the spec leaves ``shard_size`` to ``auto``."""
         ds = self.images
         model = build_model(architecture, ds.num_classes, ds.mean, ds.std, ds.input_shape).to(self.device)
-        cert = self.sweep.certify
-        batch_size = cert.batch_size or default_batch_size(self.device, int(np.prod(ds.input_shape)))
-        cascade = Cascade(model, ds.num_classes, batch_size, device=self.device, precision=cert.precision, compile=False)
+        cascade = self._cascade(model, ds.num_classes, ds.input_shape, compile=False)
+        batch_size = cascade.batch_size
         x = torch.rand(batch_size, *ds.input_shape, device=self.device)
         cascade.logits(cascade.levels[0], x)  # warm-up: kernels chosen, memory allocated
         done, started = 0, time.perf_counter()

@@ -3,7 +3,10 @@ classifiers written as torch modules."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,7 @@ def cifar10_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def dssn_paper() -> "pandas.DataFrame":  # noqa: F821
+def dssn_paper() -> pandas.DataFrame:  # noqa: F821
     if not DSSN_PAPER_FILE.is_file():
         pytest.skip(f"the DSSN paper's per-image results are not at {DSSN_PAPER_FILE}")
     import pandas as pd
@@ -85,13 +88,21 @@ def ray_session():
         local_ray.stop(instance)
 
 
-def random_checkpoint(path: Path, dataset, method: str, sigma: float, seed: int, training: str = "standard",
-                      architecture: str = "small_cnn", poison: bool = False) -> Path:
+def random_checkpoint(
+    path: Path,
+    dataset,
+    method: str,
+    sigma: float,
+    seed: int,
+    training: str = "standard",
+    architecture: str = "small_cnn",
+    poison: bool = False,
+) -> Path:
     """A checkpoint of a randomly initialised model with a matching card (no training); with
     ``poison`` its weights are NaN, so that certifying it fails."""
     from certlib.checkpoint import ModelCard, save_checkpoint
-    from certlib.models import build_model
     from certlib.families import make_noise
+    from certlib.models import build_model
 
     torch.manual_seed(seed)
     model = build_model(architecture, dataset.num_classes, dataset.mean, dataset.std, dataset.input_shape)
@@ -100,9 +111,57 @@ def random_checkpoint(path: Path, dataset, method: str, sigma: float, seed: int,
             for p in model.parameters():
                 p.fill_(float("nan"))
     noise = make_noise(method, sigma, q=dataset.q, seed=seed).describe()
-    card = ModelCard(architecture=architecture, dataset=dataset.name, class_names=list(dataset.class_names),
-                     input_shape=list(dataset.input_shape), mean=list(dataset.mean), std=list(dataset.std), q=dataset.q,
-                     method=method, sigma=sigma, lam=noise.get("lambda"), levels=noise.get("levels"), seed=seed,
-                     training=training)
+    card = ModelCard(
+        architecture=architecture,
+        dataset=dataset.name,
+        class_names=list(dataset.class_names),
+        input_shape=list(dataset.input_shape),
+        mean=list(dataset.mean),
+        std=list(dataset.std),
+        q=dataset.q,
+        method=method,
+        sigma=sigma,
+        lam=noise.get("lambda"),
+        levels=noise.get("levels"),
+        seed=seed,
+        training=training,
+    )
     save_checkpoint(path, model, card)
     return path
+
+
+@contextlib.contextmanager
+def simulated_cluster(nodes: int, prefix: str, **head_args):
+    """A Ray cluster of ``nodes`` simulated nodes in this process (``ray.cluster_utils``): a
+    head without CPUs, and nodes with one CPU and one (fake) GPU each, every port chosen free
+    and a temporary directory of its own, so that it runs beside any other Ray. Yields the
+    cluster and its nodes; shuts Ray, the cluster and its directory down afterwards."""
+    import ray
+    import ray._private.utils
+    from ray.cluster_utils import Cluster
+
+    from cluster.local_ray import free_port
+
+    ray._private.utils.write_ray_address = lambda *args, **kwargs: None  # leave /tmp/ray's pointer alone
+    temp_dir = tempfile.mkdtemp(prefix=prefix)  # short: Ray's socket paths must fit 107 bytes
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "gcs_server_port": free_port(),
+            "include_dashboard": False,
+            "ray_client_server_port": free_port(),
+            "dashboard_agent_listen_port": free_port(),
+            "temp_dir": temp_dir,
+            **head_args,
+        },
+    )
+    try:
+        yield (
+            cluster,
+            [cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_port=free_port()) for _ in range(nodes)],
+        )
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -17,12 +17,21 @@ from click.testing import CliRunner
 
 from certlib import certificates
 from certlib.analysis import (
-    ANALYSIS_COLUMNS, best_certified_accuracy, certified_accuracy, format_envelope, high_probability_accuracy, load_results,
-    plot_curves, recertify, runtime_summary, seed_table,
+    ANALYSIS_COLUMNS,
+    best_certified_accuracy,
+    certified_accuracy,
+    format_envelope,
+    high_probability_accuracy,
+    load_results,
+    plot_curves,
+    recertify,
+    runtime_summary,
+    seed_table,
 )
 from certlib.data import load_digits
 from cluster.cli import main
-from cluster.spec import expand, model_keys, parse_spec
+from cluster.plan import expand, model_keys
+from cluster.spec import parse_spec
 from cluster.worker import UnitRunner
 from tests.conftest import random_checkpoint
 from tests.test_paper_results import RADII, TABLE_1
@@ -37,17 +46,29 @@ def paper_as_results(paper: pd.DataFrame, out) -> None:
     exact = (paper["method"] == "dssn").to_numpy()
     published = paper["radius_l1_published"].to_numpy()
     certified = exact | (published > 0)
-    frame = pd.DataFrame({
-        "method": paper["method"].map(PAPER_METHODS), "training": paper["training"], "sigma": paper["sigma"], "seed": 0,
-        "index": paper["index"].astype(np.int64), "label": paper["label"].astype(np.int64),
-        "selected": selected, "prediction": np.where(certified, selected, -1),
-        "radius_l1": np.where(certified, published, np.nan), "radius_l2": np.nan,
-        "votes": [list(v) if e else None for v, e in zip(votes, exact)],
-        "selection_votes": [None if e else list(v) for v, e in zip(votes, exact)],
-        "p_a_lower": paper["prob_lower_published"], "alpha": np.where(exact, np.nan, 0.001),
-        "seconds": paper["seconds_per_image_published"], "device": "2080 Ti",
-    })
-    pq.write_to_dataset(pa.Table.from_pandas(frame, preserve_index=False), out, partition_cols=["method", "training", "sigma", "seed"])
+    frame = pd.DataFrame(
+        {
+            "method": paper["method"].map(PAPER_METHODS),
+            "training": paper["training"],
+            "sigma": paper["sigma"],
+            "seed": 0,
+            "index": paper["index"].astype(np.int64),
+            "label": paper["label"].astype(np.int64),
+            "selected": selected,
+            "prediction": np.where(certified, selected, -1),
+            "radius_l1": np.where(certified, published, np.nan),
+            "radius_l2": np.nan,
+            "votes": [list(v) if e else None for v, e in zip(votes, exact)],
+            "selection_votes": [None if e else list(v) for v, e in zip(votes, exact)],
+            "p_a_lower": paper["prob_lower_published"],
+            "alpha": np.where(exact, np.nan, 0.001),
+            "seconds": paper["seconds_per_image_published"],
+            "device": "2080 Ti",
+        }
+    )
+    pq.write_to_dataset(
+        pa.Table.from_pandas(frame, preserve_index=False), out, partition_cols=["method", "training", "sigma", "seed"]
+    )
 
 
 def test_table_1_reproduced_cell_by_cell(dssn_paper, tmp_path):
@@ -64,21 +85,41 @@ def test_table_1_reproduced_cell_by_cell(dssn_paper, tmp_path):
 
 def test_filters_are_pushed_down(dssn_paper, tmp_path):
     paper_as_results(dssn_paper[dssn_paper.sigma.isin([0.25, 0.5])], tmp_path / "paper")
-    df = load_results(tmp_path / "paper", filters={"method": "dssn", "sigma": [0.5]}, columns=["index", "sigma", "method"])
+    df = load_results(
+        tmp_path / "paper", filters={"method": "dssn", "sigma": [0.5]}, columns=["index", "sigma", "method"]
+    )
     assert len(df) == 20_000 and set(df["sigma"]) == {0.5} and set(df["method"]) == {"dssn"}
 
 
 def toy_rows():
     """Two seeds x two sigmas of a hand-made DSSN sweep: 4 images each."""
     rows = []
-    radius = {(0, 0.25): [0.1, 0.6, 0.0, 1.2], (0, 0.5): [0.9, 0.9, 0.0, 0.0],
-              (1, 0.25): [0.2, 0.2, 0.2, 0.2], (1, 0.5): [0.7, 0.8, 0.0, 0.5]}
+    radius = {
+        (0, 0.25): [0.1, 0.6, 0.0, 1.2],
+        (0, 0.5): [0.9, 0.9, 0.0, 0.0],
+        (1, 0.25): [0.2, 0.2, 0.2, 0.2],
+        (1, 0.5): [0.7, 0.8, 0.0, 0.5],
+    }
     correct = {(0, 0.25): [1, 1, 0, 1], (0, 0.5): [1, 1, 1, 0], (1, 0.25): [1, 1, 1, 0], (1, 0.5): [1, 1, 0, 1]}
     for (seed, sigma), radii in radius.items():
         for i, (r, c) in enumerate(zip(radii, correct[(seed, sigma)])):
-            rows.append({"method": "dssn", "training": "standard", "sigma": sigma, "seed": seed, "index": i, "label": 1,
-                         "selected": 1 if c else 2, "prediction": 1 if c else 2, "radius_l1": r, "radius_l2": np.nan,
-                         "alpha": np.nan, "seconds": 0.5, "device": "cpu"})
+            rows.append(
+                {
+                    "method": "dssn",
+                    "training": "standard",
+                    "sigma": sigma,
+                    "seed": seed,
+                    "index": i,
+                    "label": 1,
+                    "selected": 1 if c else 2,
+                    "prediction": 1 if c else 2,
+                    "radius_l1": r,
+                    "radius_l2": np.nan,
+                    "alpha": np.nan,
+                    "seconds": 0.5,
+                    "device": "cpu",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -120,12 +161,18 @@ def test_runtime_summary():
 def own_results(tmp_path_factory):
     """A sweep of the project's own (digits, random-init models; every method) run in-process."""
     tmp = tmp_path_factory.mktemp("own")
-    sweep = parse_spec({
-        "name": "own", "output": str(tmp / "out"), "dataset": {"name": "digits", "split": "test", "limit": 30},
-        "models": {"path": str(tmp / "{method}-{training}-{sigma}-{seed}.pt")},
-        "methods": ["dssn", "uniform", "ssn", "gaussian", "laplace"], "sigmas": [0.5, 1.5],
-        "certify": {"n0": 32, "n": 2000, "alpha": 0.001}, "resources": {"shard_size": 15},
-    })
+    sweep = parse_spec(
+        {
+            "name": "own",
+            "output": str(tmp / "out"),
+            "dataset": {"name": "digits", "split": "test", "limit": 30},
+            "models": {"path": str(tmp / "{method}-{training}-{sigma}-{seed}.pt")},
+            "methods": ["dssn", "uniform", "ssn", "gaussian", "laplace"],
+            "sigmas": [0.5, 1.5],
+            "certify": {"n0": 32, "n": 2000, "alpha": 0.001},
+            "resources": {"shard_size": 15},
+        }
+    )
     digits = load_digits("test")
     for key in model_keys(sweep):
         random_checkpoint(key.checkpoint(sweep), digits, key.method, key.sigma, key.seed)
@@ -192,7 +239,9 @@ def test_plot_and_table_commands(own_results, tmp_path):
     table = runner.invoke(main, ["table", sweep.output, "--radii", "0,0.5,1.5"])
     assert table.exit_code == 0 and "| dssn / standard |" in table.output and "@ σ=" in table.output
     csv = runner.invoke(main, ["table", sweep.output, "--radii", "0.5", "--format", "csv", "--certificate", "box"])
-    assert csv.exit_code == 2 and "it applies to uniform, ssn rows" in csv.output  # gaussian rows cannot be box-certified
+    assert (
+        csv.exit_code == 2 and "it applies to uniform, ssn rows" in csv.output
+    )  # gaussian rows cannot be box-certified
     l1_only = tmp_path / "l1"
     for path in (Path(sweep.output) / "method=uniform", Path(sweep.output) / "method=dssn"):
         shutil.copytree(path, l1_only / path.name)

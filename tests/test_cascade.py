@@ -13,10 +13,10 @@ import torch
 
 from certlib import cascade as cascade_module
 from certlib import voting
-from certlib.cascade import (LEVELS, Cascade, cascade_levels, fold_batchnorm, resolve_compile, resolve_precision)
+from certlib.cascade import LEVELS, Cascade, cascade_levels, fold_batchnorm, resolve_compile, resolve_precision
 from certlib.data import load_digits
-from certlib.models import build_model
 from certlib.families import DSSNNoise, UniformNoise
+from certlib.models import build_model
 from certlib.voting import dssn_votes, monte_carlo_counts
 from tests.test_voting import random_cnn
 
@@ -143,8 +143,9 @@ def test_an_exact_tie_goes_through_every_level_to_the_lower_class():
     assert stats == {"fp16": 0, "bf16": samples, "tf32": 0, "fp32": samples, "fp64": samples}
     assert (votes[:, 0] == noise.levels).all()
     stats = {}
-    counts = monte_carlo_counts(Constant(), images[:2], [0, 1], UniformNoise(0.5), 3, n0=8, n=40, seed=0,
-                                precision="bf16", stats=stats)
+    counts = monte_carlo_counts(
+        Constant(), images[:2], [0, 1], UniformNoise(0.5), 3, n0=8, n=40, seed=0, precision="bf16", stats=stats
+    )
     assert stats["bf16"] == stats["fp32"] == stats["fp64"] == 2 * 48 and (counts[1][:, 0] == 40).all()
 
 
@@ -155,7 +156,9 @@ def test_votes_do_not_depend_on_precision_batch_or_queue_size(monkeypatch):
     model = random_cnn(1, seed=6)
     noise = DSSNNoise(0.25, q=16, seed=2)
     exact = dssn_votes(model, images, noise, 10, precision="fp64")
-    mc_exact = monte_carlo_counts(model, images, range(6), UniformNoise(0.25), 10, n0=16, n=300, seed=3, precision="fp64")
+    mc_exact = monte_carlo_counts(
+        model, images, range(6), UniformNoise(0.25), 10, n0=16, n=300, seed=3, precision="fp64"
+    )
     for queue_batches in (1, 2, 4):  # 1: taken as 2, the least that holds a drained queue and a batch
         monkeypatch.setattr(voting, "QUEUE_BATCHES", queue_batches)
         for precision in ("bf16", "fp32"):
@@ -163,13 +166,24 @@ def test_votes_do_not_depend_on_precision_batch_or_queue_size(monkeypatch):
                 stats = {}
                 votes = dssn_votes(model, images, noise, 10, batch_size=batch_size, precision=precision, stats=stats)
                 np.testing.assert_array_equal(votes, exact)
-                counts = monte_carlo_counts(model, images, range(6), UniformNoise(0.25), 10, n0=16, n=300, seed=3,
-                                            batch_size=batch_size, precision=precision)
+                counts = monte_carlo_counts(
+                    model,
+                    images,
+                    range(6),
+                    UniformNoise(0.25),
+                    10,
+                    n0=16,
+                    n=300,
+                    seed=3,
+                    batch_size=batch_size,
+                    precision=precision,
+                )
                 np.testing.assert_array_equal(counts[0], mc_exact[0])
                 np.testing.assert_array_equal(counts[1], mc_exact[1])
     assert stats["fp32"] > 0  # the random network's small margins did reach the refinement levels
-    as_float64 = monte_carlo_counts(model, images.double(), range(6), UniformNoise(0.25), 10, n0=16, n=300, seed=3,
-                                    precision="bf16")
+    as_float64 = monte_carlo_counts(
+        model, images.double(), range(6), UniformNoise(0.25), 10, n0=16, n=300, seed=3, precision="bf16"
+    )
     np.testing.assert_array_equal(as_float64[1], mc_exact[1])  # images of another dtype are taken as float32
 
 
@@ -220,9 +234,11 @@ class OffInFloat32(torch.nn.Module):
 def test_an_evaluation_less_precise_than_its_band_is_refused_or_left_out():
     images = torch.full((1, 1, 2, 2), 0.75)
     noise = DSSNNoise(0.5, q=16)
-    message = (r"fp32 logits on this device differ from the float64 network's by \d\.\de-04 \(relative\), "
-               r"more than the 5\.0e-05 its near-tie band 1e-04 allows: votes could depend on the batching; "
-               r"refusing to count them")
+    message = (
+        r"fp32 logits on this device differ from the float64 network's by \d\.\de-04 \(relative\), "
+        r"more than the 5\.0e-05 its near-tie band 1e-04 allows: votes could depend on the batching; "
+        r"refusing to count them"
+    )
     with pytest.raises(RuntimeError, match=message):
         dssn_votes(OffInFloat32(), images, noise, 2, precision="fp32")
     with pytest.raises(RuntimeError, match="near-tie band"):
@@ -259,7 +275,9 @@ def test_nan_logits_are_refused_whatever_the_precision():
             with pytest.raises(ValueError, match="NaN"):
                 dssn_votes(Broken(), images, DSSNNoise(0.5, q=16), 3, precision=precision)
             with pytest.raises(ValueError, match="NaN"):
-                monte_carlo_counts(Broken(), images, [0, 1], UniformNoise(0.5), 3, n0=4, n=10, seed=0, precision=precision)
+                monte_carlo_counts(
+                    Broken(), images, [0, 1], UniformNoise(0.5), 3, n0=4, n=10, seed=0, precision=precision
+                )
     late = torch.zeros(1, 1, 8, 8)
     late[0, 0, 0, 0] = 1.0
     images = torch.cat([torch.zeros(1, 1, 8, 8), late])  # the second image's copies reach above 0.9

@@ -20,6 +20,7 @@ lams = st.floats(0.05, 20.0, allow_nan=False)
 
 # --------------------------------------------------------------------------- DSSN radius
 
+
 def test_dssn_radius_hand_checked():
     # top 6 vs 2 (class 2 > class 0): floor((6 - 2 - 0)/2) = 2; q = 4 -> 0.5
     assert C.dssn_radius([6, 1, 2, 1], 10, 4) == (0, 0.5)
@@ -48,7 +49,8 @@ def test_dssn_radius_properties(votes, data):
     # ...and k is the largest such integer.
     assert any(
         not (votes[prediction] - k - 1 > vb + k + 1 or (votes[prediction] - k - 1 == vb + k + 1 and prediction < b))
-        for b, vb in enumerate(votes) if b != prediction
+        for b, vb in enumerate(votes)
+        if b != prediction
     )
     # Monotone: moving a vote from another class to the top class never shrinks the radius.
     donors = [b for b, vb in enumerate(votes) if b != prediction and vb > 0]
@@ -62,8 +64,14 @@ def test_dssn_radius_properties(votes, data):
 
 @pytest.mark.parametrize(
     "votes,levels,message",
-    [([3, 4], 8, "sum to"), ([-1, 9], 8, "non-negative"), ([1.5, 6.5], 8, "integer"), ([4, 4], 0, "levels"),
-     ([[4, 4, 0]], 8, None), ([np.nan, 8], 8, "integer")],
+    [
+        ([3, 4], 8, "sum to"),
+        ([-1, 9], 8, "non-negative"),
+        ([1.5, 6.5], 8, "integer"),
+        ([4, 4], 0, "levels"),
+        ([[4, 4, 0]], 8, None),
+        ([np.nan, 8], 8, "integer"),
+    ],
 )
 def test_dssn_radius_rejects_bad_votes(votes, levels, message):
     if message is None:
@@ -74,6 +82,7 @@ def test_dssn_radius_rejects_bad_votes(votes, levels, message):
 
 
 # --------------------------------------------------------------------------- Clopper-Pearson
+
 
 @pytest.mark.parametrize("k,n", [(0, 10), (1, 10), (5, 10), (10, 10), (99_000, 100_000), (64, 64)])
 @pytest.mark.parametrize("alpha", [0.001, 0.05])
@@ -103,6 +112,7 @@ def test_clopper_pearson_rejects_bad_input():
 
 # --------------------------------------------------------------------------- uniform / SSN L1
 
+
 def test_l1_uniform_radius_closed_forms():
     assert C.l1_uniform_radius(0.9, 2.0) == pytest.approx(2 * 2.0 * 0.4)
     assert C.l1_uniform_radius(0.6, 1.5, 0.3) == pytest.approx(1.5 * 0.3)
@@ -122,13 +132,16 @@ def test_l1_uniform_radius_properties(p_a, p_b, lam):
     assert C.l1_uniform_radius(min(1.0, p_a + 0.01), lam) >= r or np.isnan(r)
 
 
-@pytest.mark.parametrize("bad", [dict(p_a_lower=1.2, lam=1.0), dict(p_a_lower=0.9, lam=0.0), dict(p_a_lower=np.nan, lam=1.0)])
+@pytest.mark.parametrize(
+    "bad", [dict(p_a_lower=1.2, lam=1.0), dict(p_a_lower=0.9, lam=0.0), dict(p_a_lower=np.nan, lam=1.0)]
+)
 def test_l1_uniform_radius_rejects_bad_input(bad):
     with pytest.raises(ValueError):
         C.l1_uniform_radius(**bad)
 
 
 # --------------------------------------------------------------------------- box constraints
+
 
 def overlap_piecewise(c: float, lam: float) -> float:
     """Prop. 2.5's exact piecewise bound, with each factor clipped at 0."""
@@ -207,6 +220,7 @@ def test_box_radius_multiclass_and_refusals():
 
 # --------------------------------------------------------------------------- Gaussian L2, Laplace L1
 
+
 def test_l2_gaussian_radius():
     assert C.l2_gaussian_radius(0.9, 0.5) == pytest.approx(0.5 * stats.norm.ppf(0.9))
     assert C.l2_gaussian_radius(0.9, 0.5) == pytest.approx(C.l2_gaussian_radius(0.9, 0.5, 0.1))
@@ -231,6 +245,7 @@ def test_laplace_radius_abstains():
 
 # --------------------------------------------------------------------------- Monte Carlo CERTIFY
 
+
 def test_monte_carlo_certify_binary_and_multiclass():
     counts0 = np.array([[60, 4, 0], [10, 30, 24], [0, 0, 64]])
     counts = np.array([[9_900, 100, 0], [4_000, 3_000, 3_000], [0, 10, 9_990]])
@@ -249,10 +264,13 @@ def test_monte_carlo_certify_binary_and_multiclass():
 
 # --------------------------------------------------------------------------- Cohen Theorem 5
 
+
 def test_certified_accuracy_lower_bound():
     m, alpha, rho = 500, 0.001, 0.001
     y = 300
-    expected = (y / m - alpha - math.sqrt(2 * alpha * (1 - alpha) * math.log(1 / rho) / m) - math.log(1 / rho) / (3 * m)) / (1 - alpha)
+    expected = (
+        y / m - alpha - math.sqrt(2 * alpha * (1 - alpha) * math.log(1 / rho) / m) - math.log(1 / rho) / (3 * m)
+    ) / (1 - alpha)
     assert C.certified_accuracy_lower_bound(y, m, alpha, rho) == pytest.approx(expected)
     assert C.certified_accuracy_lower_bound(y, m, alpha, rho) < y / m
     assert C.certified_accuracy_lower_bound(0, m, alpha, rho) == 0

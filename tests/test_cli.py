@@ -58,14 +58,20 @@ BAD_SPECS = [
     (with_("resources.workers", 0), "resources.workers: must be >= 1"),
     (with_("resources.shard_size", 2.5), "resources.shard_size: must be an integer"),
     (with_("dataset.name", "mnist"), "dataset.name: must be one of"),
-    (with_("dataset", {"name": "cifar10", "root": "/nonexistent/cifar"}), "dataset: no CIFAR-10 under /nonexistent/cifar"),
+    (
+        with_("dataset", {"name": "cifar10", "root": "/nonexistent/cifar"}),
+        "dataset: no CIFAR-10 under /nonexistent/cifar",
+    ),
     (with_("models.path", "models/{method}.pt"), "models.path: the template must contain {training}"),
     (with_("models.train", KeyError), "no checkpoint"),
     (with_("name", "Bad Name"), "name: use lower-case letters"),
     (with_("output", KeyError), "output: missing"),
     (with_("training", ["adversarial"]), "training[0]: must be one of"),
     (with_("models.train", {"epochs": 0}), "models.train.epochs: must be >= 1"),
-    ({**with_("methods", ["laplace"]), "certify": {"multiclass": True}}, "certify.multiclass: the Laplace certificate is binary only"),
+    (
+        {**with_("methods", ["laplace"]), "certify": {"multiclass": True}},
+        "certify.multiclass: the Laplace certificate is binary only",
+    ),
     (with_("models.path", "models/{method}-{training}-{sigma}-{seed[0]}.pt"), "models.path: bad template"),
     (with_("seeds", [2**33]), "seeds[0]: must be < 2**32"),
     (with_("certify", []), "certify: must be a mapping"),
@@ -107,7 +113,9 @@ def test_a_checkpoint_whose_card_does_not_match_is_refused(tmp_path, monkeypatch
 
 def test_relative_paths_are_refused_for_a_remote_cluster(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["submit-job", str(write_spec(tmp_path, GOOD)), "--address", "http://head.example:8265"])
+    result = CliRunner().invoke(
+        main, ["submit-job", str(write_spec(tmp_path, GOOD)), "--address", "http://head.example:8265"]
+    )
     assert result.exit_code == 2 and "output: give an absolute path on the cluster's shared storage" in result.output
 
 
@@ -150,14 +158,20 @@ def test_submit_status_list_logs_cancel_and_resume(ray_session, tmp_path, monkey
     assert again.exit_code == 0 and "resubmitting" in again.output, again.output
     assert "2 units already done, 0 to run" in again.output
 
-    bigger = write_spec(tmp_path, {**GOOD, "dataset": {"name": "digits", "split": "test"}, "output": "out2"}, "big.yaml")
+    bigger = write_spec(
+        tmp_path, {**GOOD, "dataset": {"name": "digits", "split": "test"}, "output": "out2"}, "big.yaml"
+    )
     submitted = runner.invoke(main, ["submit-job", str(bigger), "--address", address])
     assert submitted.exit_code == 0, submitted.output
-    big_id = next(line.split()[1].rstrip(":") for line in submitted.output.splitlines() if line.startswith("submitted "))
+    big_id = next(
+        line.split()[1].rstrip(":") for line in submitted.output.splitlines() if line.startswith("submitted ")
+    )
     cancelled = runner.invoke(main, ["cancel", big_id, "--address", address])
     assert cancelled.exit_code == 0 and "stopping" in cancelled.output
     deadline = time.time() + 60
-    while "STOPPED" not in runner.invoke(main, ["status", big_id, "--address", address]).output and time.time() < deadline:
+    while (
+        "STOPPED" not in runner.invoke(main, ["status", big_id, "--address", address]).output and time.time() < deadline
+    ):
         time.sleep(1)
     resumed = runner.invoke(main, ["submit-job", str(bigger), "--address", address, "--wait"])
     assert resumed.exit_code == 0 and "resubmitting" in resumed.output, resumed.output

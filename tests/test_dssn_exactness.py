@@ -40,7 +40,18 @@ def sigma_for_levels(levels: int, q: int) -> float:
 
 
 # (d, q, L): L < q means lambda < 0.5 (the general case with several splits per coordinate).
-DOMAINS = [(1, 8, 3), (1, 8, 8), (1, 6, 13), (2, 5, 2), (2, 5, 4), (2, 4, 7), (2, 4, 11), (3, 3, 2), (3, 3, 5), (3, 4, 9)]
+DOMAINS = [
+    (1, 8, 3),
+    (1, 8, 8),
+    (1, 6, 13),
+    (2, 5, 2),
+    (2, 5, 4),
+    (2, 4, 7),
+    (2, 4, 11),
+    (3, 3, 2),
+    (3, 3, 5),
+    (3, 4, 9),
+]
 
 
 @pytest.mark.parametrize("d,q,levels", DOMAINS)
@@ -116,8 +127,6 @@ def test_brute_force_radius_is_not_loose_by_much():
     prediction, radius = dssn_radius(votes, levels, q)
     k = np.rint(radius * q).astype(int)
     flips_just_beyond = [
-        i for i in range(q + 1)
-        for j in (i - k[i] - 1, i + k[i] + 1)
-        if 0 <= j <= q and prediction[j] != prediction[i]
+        i for i in range(q + 1) for j in (i - k[i] - 1, i + k[i] + 1) if 0 <= j <= q and prediction[j] != prediction[i]
     ]
     assert flips_just_beyond

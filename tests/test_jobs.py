@@ -60,8 +60,13 @@ def test_following_gives_up_with_one_line_when_the_dashboard_stays_away():
 
 
 def test_progress_lines_are_found_from_the_end_of_a_log():
-    lines = ["x", jobs.PROGRESS_PREFIX + json.dumps({"images_done": 1}), "y",
-             jobs.PROGRESS_PREFIX + json.dumps({"images_done": 2}), jobs.PROGRESS_PREFIX + '{"images_do']
+    lines = [
+        "x",
+        jobs.PROGRESS_PREFIX + json.dumps({"images_done": 1}),
+        "y",
+        jobs.PROGRESS_PREFIX + json.dumps({"images_done": 2}),
+        jobs.PROGRESS_PREFIX + '{"images_do',
+    ]
     assert jobs.last_progress_line(lines) == {"images_done": 2}  # the cut last line is skipped
     assert jobs.last_progress_line(["nothing"]) is None
 
@@ -70,10 +75,16 @@ def _spec(tmp_path: Path, name: str, limit: int, n: int) -> Path:
     digits = load_digits("test")
     models = tmp_path / "models"
     random_checkpoint(models / "uniform-standard-0.5-0.pt", digits, "uniform", 0.5, 0)
-    spec = {"name": name, "output": str(tmp_path / "out"), "dataset": {"name": "digits", "limit": limit},
-            "models": {"path": str(models / "{method}-{training}-{sigma}-{seed}.pt")},
-            "methods": ["uniform"], "sigmas": [0.5], "certify": {"n0": 16, "n": n},
-            "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "shard_size": 4}}
+    spec = {
+        "name": name,
+        "output": str(tmp_path / "out"),
+        "dataset": {"name": "digits", "limit": limit},
+        "models": {"path": str(models / "{method}-{training}-{sigma}-{seed}.pt")},
+        "methods": ["uniform"],
+        "sigmas": [0.5],
+        "certify": {"n0": 16, "n": n},
+        "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "shard_size": 4},
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -87,12 +98,28 @@ def test_wait_reports_the_true_end_when_an_agent_dies_mid_job(tmp_path, agent):
     try:
         spec = _spec(tmp_path, "agent-death", limit=80, n=20_000)
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        waiting = subprocess.Popen([sys.executable, "-m", "cluster.cli", "submit-job", str(spec), "--address",
-                                    instance.dashboard_url, "--wait"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, env=env, cwd=tmp_path)
+        waiting = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cluster.cli",
+                "submit-job",
+                str(spec),
+                "--address",
+                instance.dashboard_url,
+                "--wait",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
         progress = tmp_path / "out" / jobs.PROGRESS_FILE
         deadline = time.time() + 180
-        while time.time() < deadline and not (progress.is_file() and json.loads(progress.read_text())["units_done"] >= 1):
+        while time.time() < deadline and not (
+            progress.is_file() and json.loads(progress.read_text())["units_done"] >= 1
+        ):
             time.sleep(0.2)
         assert progress.is_file(), "the job never reported progress"
         victims = [p for p in instance.processes() if agent in " ".join(p.cmdline())]
@@ -145,4 +172,6 @@ def test_ray_address_auto_without_a_cluster_is_one_line(monkeypatch):
     monkeypatch.setattr(services, "canonicalize_bootstrap_address", lambda address=None, temp_dir=None: None)
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     result = CliRunner().invoke(main, ["list"])
-    assert result.exit_code == 2 and result.output.startswith("error: RAY_ADDRESS=auto: no single running local Ray cluster")
+    assert result.exit_code == 2 and result.output.startswith(
+        "error: RAY_ADDRESS=auto: no single running local Ray cluster"
+    )

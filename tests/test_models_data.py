@@ -11,7 +11,8 @@ from certlib.models import ARCHITECTURES, Standardize, build_model
 
 
 @pytest.mark.parametrize(
-    "arch,shape", [("wrn40_2", (3, 32, 32)), ("resnet110", (3, 32, 32)), ("small_cnn", (1, 8, 8)), ("resnet50", (3, 64, 64))]
+    "arch,shape",
+    [("wrn40_2", (3, 32, 32)), ("resnet110", (3, 32, 32)), ("small_cnn", (1, 8, 8)), ("resnet50", (3, 64, 64))],
 )
 def test_architectures_standardize_first(arch, shape):
     model = build_model(arch, 10, [0.5] * shape[0], [0.25] * shape[0], shape)
@@ -40,7 +41,9 @@ def test_cifar10_binary_version(cifar10_dir, dssn_paper):
     assert len(test) == 10_000 and test.q == 255 and test.values.dtype == torch.uint8
     assert test.input_shape == (3, 32, 32) and test.class_names[3] == "cat"
     # The official order: labels agree with the authors' per-image file for every test index.
-    labels = dssn_paper[(dssn_paper.method == "dssn") & (dssn_paper.sigma == 0.25) & (dssn_paper.training == "standard")]
+    labels = dssn_paper[
+        (dssn_paper.method == "dssn") & (dssn_paper.sigma == 0.25) & (dssn_paper.training == "standard")
+    ]
     np.testing.assert_array_equal(test.labels.numpy()[labels["index"].to_numpy()], labels.label.to_numpy())
     x = test.pixels([0, 1])
     assert float(x.min()) >= 0 and float(x.max()) <= 1

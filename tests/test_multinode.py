@@ -10,10 +10,8 @@ cluster's ports are all chosen free, so a Ray the user runs is not disturbed eit
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,38 +25,38 @@ def scenario(workdir: str) -> None:
     """Run in a subprocess: the cluster, the sweep, the node's death; writes result.json."""
     import ray
     import ray._private.utils
-    from ray.cluster_utils import Cluster
 
     from certlib.data import load_digits
-    from cluster.driver import run_sweep
-    from cluster.local_ray import free_port
     from certlib.rows import existing_shards
-    from cluster.spec import model_keys, parse_spec
-    from tests.conftest import random_checkpoint
+    from cluster.executor import run_sweep
+    from cluster.plan import model_keys
+    from cluster.spec import parse_spec
+    from tests.conftest import random_checkpoint, simulated_cluster
 
-    ray._private.utils.write_ray_address = lambda *args, **kwargs: None  # leave /tmp/ray's pointer alone
     work = Path(workdir)
-    temp_dir = tempfile.mkdtemp(prefix="certify-mn-")  # short: Ray's socket paths must fit 107 bytes
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "gcs_server_port": free_port(), "include_dashboard": False, "ray_client_server_port": free_port(),
-        "dashboard_agent_listen_port": free_port(), "temp_dir": temp_dir,
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3},
-    })
-    nodes = [cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_port=free_port()) for _ in range(NODES)]
-    try:
+    health = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    with simulated_cluster(NODES, "certify-mn-", _system_config=health) as (cluster, nodes):
         ray.init(address=cluster.address, log_to_driver=False)
-        sweep = parse_spec({
-            "name": "multinode", "output": str(work / "out"), "dataset": {"name": "digits", "limit": LIMIT},
-            "models": {"path": str(work / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
-            "methods": ["uniform"], "sigmas": [0.5], "certify": {"n0": 16, "n": 20_000},
-            "resources": {"cpus_per_worker": 1, "shard_size": SHARD, "max_retries": 2},
-        })
+        sweep = parse_spec(
+            {
+                "name": "multinode",
+                "output": str(work / "out"),
+                "dataset": {"name": "digits", "limit": LIMIT},
+                "models": {"path": str(work / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
+                "methods": ["uniform"],
+                "sigmas": [0.5],
+                "certify": {"n0": 16, "n": 20_000},
+                "resources": {"cpus_per_worker": 1, "shard_size": SHARD, "max_retries": 2},
+            }
+        )
         digits = load_digits("test")
         for key in model_keys(sweep):
             random_checkpoint(key.checkpoint(sweep), digits, key.method, key.sigma, key.seed)
         lines: list[str] = []
         outcome: dict = {}
-        runner = threading.Thread(target=lambda: outcome.setdefault("progress", run_sweep(sweep, "multinode", lines.append)))
+        runner = threading.Thread(
+            target=lambda: outcome.setdefault("progress", run_sweep(sweep, "multinode", lines.append))
+        )
         runner.start()
         deadline = time.time() + 300
         while len(existing_shards(sweep.output)) < 2 and time.time() < deadline:
@@ -68,13 +66,14 @@ def scenario(workdir: str) -> None:
         runner.join(timeout=600)
         after = {str(p): p.stat().st_mtime_ns for p in existing_shards(sweep.output)}
         progress = outcome["progress"]
-        result = {"failures": progress.failures, "before": before, "after": after, "lines": lines,
-                  "nodes_alive": sum(1 for n in ray.nodes() if n["Alive"])}
+        result = {
+            "failures": progress.failures,
+            "before": before,
+            "after": after,
+            "lines": lines,
+            "nodes_alive": sum(1 for n in ray.nodes() if n["Alive"]),
+        }
         (work / "result.json").write_text(json.dumps(result))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_a_worker_node_dies_mid_job_and_only_its_units_are_recomputed(tmp_path):
@@ -89,6 +88,10 @@ def test_a_worker_node_dies_mid_job_and_only_its_units_are_recomputed(tmp_path):
     assert len(df) == LIMIT and sorted(df["index"]) == sorted(set(df["index"]))  # every row, exactly once
     before, after = result["before"], result["after"]
     assert len(before) >= 2 and len(after) == LIMIT // SHARD
-    assert all(after[path] == mtime for path, mtime in before.items()), "a unit finished before the node died was recomputed"
+    assert all(after[path] == mtime for path, mtime in before.items()), (
+        "a unit finished before the node died was recomputed"
+    )
     retried = [line for line in result["lines"] if line.startswith("worker died during")]
-    assert 1 <= len(retried) <= 1 + NODES, result["lines"]  # the removed node's running unit (and any replaced start-up)
+    assert 1 <= len(retried) <= 1 + NODES, result[
+        "lines"
+    ]  # the removed node's running unit (and any replaced start-up)

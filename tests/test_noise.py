@@ -12,7 +12,14 @@ from scipy import stats
 
 from certlib.data import quantize
 from certlib.families import (
-    FAMILIES, DSSNNoise, GaussianNoise, LaplaceNoise, SplitIndependentNoise, UniformNoise, make_noise, split_center,
+    FAMILIES,
+    DSSNNoise,
+    GaussianNoise,
+    LaplaceNoise,
+    SplitIndependentNoise,
+    UniformNoise,
+    make_noise,
+    split_center,
 )
 from certlib.families.base import Votes
 

@@ -15,17 +15,45 @@ RADII = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
 # Table 1 of Levine & Feizi 2021 as printed: (certified %, clean %, sigma) per radius.
 TABLE_1 = {
     ("uniform_additive", "standard"): [
-        (70.54, 83.97, 0.5), (58.43, 78.70, 1.0), (50.73, 73.05, 1.75), (43.16, 73.05, 1.75),
-        (33.24, 69.56, 2.0), (25.98, 62.48, 2.5), (20.66, 53.38, 3.5), (17.12, 53.38, 3.5)],
+        (70.54, 83.97, 0.5),
+        (58.43, 78.70, 1.0),
+        (50.73, 73.05, 1.75),
+        (43.16, 73.05, 1.75),
+        (33.24, 69.56, 2.0),
+        (25.98, 62.48, 2.5),
+        (20.66, 53.38, 3.5),
+        (17.12, 53.38, 3.5),
+    ],
     ("uniform_additive", "stability"): [
-        (71.09, 78.79, 0.5), (60.36, 74.27, 0.75), (52.86, 65.88, 1.5), (47.08, 63.32, 1.75),
-        (42.26, 57.49, 2.5), (38.55, 57.49, 2.5), (33.76, 57.49, 2.5), (27.12, 57.49, 2.5)],
+        (71.09, 78.79, 0.5),
+        (60.36, 74.27, 0.75),
+        (52.86, 65.88, 1.5),
+        (47.08, 63.32, 1.75),
+        (42.26, 57.49, 2.5),
+        (38.55, 57.49, 2.5),
+        (33.76, 57.49, 2.5),
+        (27.12, 57.49, 2.5),
+    ],
     ("dssn", "standard"): [
-        (72.25, 81.50, 0.75), (63.07, 77.85, 1.25), (56.21, 71.17, 2.25), (51.33, 67.98, 3.0),
-        (46.76, 65.40, 3.5), (42.66, 65.40, 3.5), (38.26, 65.40, 3.5), (33.64, 65.40, 3.5)],
+        (72.25, 81.50, 0.75),
+        (63.07, 77.85, 1.25),
+        (56.21, 71.17, 2.25),
+        (51.33, 67.98, 3.0),
+        (46.76, 65.40, 3.5),
+        (42.66, 65.40, 3.5),
+        (38.26, 65.40, 3.5),
+        (33.64, 65.40, 3.5),
+    ],
     ("dssn", "stability"): [
-        (71.23, 79.00, 0.5), (61.04, 71.29, 1.0), (54.21, 66.04, 1.5), (49.39, 64.26, 1.75),
-        (45.45, 59.88, 2.5), (42.67, 57.16, 3.0), (39.46, 56.29, 3.25), (36.46, 54.96, 3.5)],
+        (71.23, 79.00, 0.5),
+        (61.04, 71.29, 1.0),
+        (54.21, 66.04, 1.5),
+        (49.39, 64.26, 1.75),
+        (45.45, 59.88, 2.5),
+        (42.67, 57.16, 3.0),
+        (39.46, 56.29, 3.25),
+        (36.46, 54.96, 3.5),
+    ],
 }
 
 
@@ -52,9 +80,9 @@ def test_dssn_radius_reproduces_all_published_dssn_rows(dssn_paper):
 def test_uniform_radius_reproduces_published_monte_carlo_rows(dssn_paper):
     mc = dssn_paper[dssn_paper.method != "dssn"]
     assert len(mc) == 600_000
-    radius = np.concatenate([
-        l1_uniform_radius(g.prob_lower_published.to_numpy(), lam, None) for lam, g in mc.groupby("lambda", sort=False)
-    ])
+    radius = np.concatenate(
+        [l1_uniform_radius(g.prob_lower_published.to_numpy(), lam, None) for lam, g in mc.groupby("lambda", sort=False)]
+    )
     published = np.concatenate([g.radius_l1_published.to_numpy() for _, g in mc.groupby("lambda", sort=False)])
     certified = published > 0
     np.testing.assert_allclose(radius[certified], published[certified], rtol=0, atol=1e-6)  # float32 in the paper
@@ -96,7 +124,9 @@ def test_table_1_envelope_reproduced(dssn_paper):
             else:  # Monte Carlo: clean accuracy is the n0 selection's (Yang et al.'s convention)
                 selected = votes.argmax(axis=1)
                 radius = l1_uniform_radius(g.prob_lower_published.to_numpy(), float(g["lambda"].iloc[0]))
-                per_sigma[sigma] = _SigmaResult(selected == labels, np.nan_to_num(radius, nan=-np.inf), selected == labels)
+                per_sigma[sigma] = _SigmaResult(
+                    selected == labels, np.nan_to_num(radius, nan=-np.inf), selected == labels
+                )
         got = envelope(per_sigma)
         for r, (acc, clean, sigma), (e_acc, e_clean, e_sigma) in zip(RADII, got, expected):
             assert acc == pytest.approx(e_acc, abs=0.005), (method, training, r)

@@ -5,8 +5,8 @@ batching and the number of workers."""
 from __future__ import annotations
 
 import base64
-import json
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -20,23 +20,54 @@ import pytest
 
 from certlib.analysis import load_results
 from certlib.data import load_cifar10
-from cluster.driver import SweepConflict, run_sweep
 from certlib.rows import existing_shards
-from cluster.spec import model_keys, parse_spec
+from cluster.executor import run_sweep
+from cluster.plan import SweepConflict, model_keys
+from cluster.spec import parse_spec
 from tests.conftest import random_checkpoint
 
 
-def cifar_sweep(tmp_path: Path, cifar10_dir: Path, *, output: str = "out", methods=("dssn", "uniform"), limit: int = 24,
-                shard_size: int = 8, batch_size: int | None = None, workers: int = 2, n: int = 200, sigmas=(0.25,), seeds=(0,),
-                compile: bool = False):
-    return parse_spec({
-        "name": "test-sweep", "output": str(tmp_path / output),
-        "dataset": {"name": "cifar10", "split": "test", "root": str(cifar10_dir), "every": 7, "start": 3, "limit": limit},
-        "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
-        "methods": list(methods), "sigmas": list(sigmas), "seeds": list(seeds),
-        "certify": {"n0": 16, "n": n, "alpha": 0.001, "batch_size": batch_size, "compile": compile},
-        "resources": {"workers": workers, "cpus_per_worker": 1, "gpus_per_worker": 0, "shard_size": shard_size, "max_retries": 2},
-    })
+def cifar_sweep(
+    tmp_path: Path,
+    cifar10_dir: Path,
+    *,
+    output: str = "out",
+    methods=("dssn", "uniform"),
+    limit: int = 24,
+    shard_size: int = 8,
+    batch_size: int | None = None,
+    workers: int = 2,
+    n: int = 200,
+    sigmas=(0.25,),
+    seeds=(0,),
+    compile: bool = False,
+):
+    return parse_spec(
+        {
+            "name": "test-sweep",
+            "output": str(tmp_path / output),
+            "dataset": {
+                "name": "cifar10",
+                "split": "test",
+                "root": str(cifar10_dir),
+                "every": 7,
+                "start": 3,
+                "limit": limit,
+            },
+            "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
+            "methods": list(methods),
+            "sigmas": list(sigmas),
+            "seeds": list(seeds),
+            "certify": {"n0": 16, "n": n, "alpha": 0.001, "batch_size": batch_size, "compile": compile},
+            "resources": {
+                "workers": workers,
+                "cpus_per_worker": 1,
+                "gpus_per_worker": 0,
+                "shard_size": shard_size,
+                "max_retries": 2,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +77,9 @@ def cifar_test(cifar10_dir):
 
 def make_models(sweep, dataset, poison=()):
     for key in model_keys(sweep):
-        random_checkpoint(key.checkpoint(sweep), dataset, key.method, key.sigma, key.seed, key.training,
-                          poison=key.method in poison)
+        random_checkpoint(
+            key.checkpoint(sweep), dataset, key.method, key.sigma, key.seed, key.training, poison=key.method in poison
+        )
 
 
 def quiet(_line):
@@ -64,8 +96,11 @@ def test_one_row_per_image_and_configuration(ray_session, tmp_path, cifar10_dir,
     from ray.util.state import list_tasks
 
     def finished(key):  # this session's earlier tests ran calls of the same names
-        calls = list_tasks(address=ray_session.dashboard_url, filters=[("name", "=", f"certify {key.label}")], limit=10_000)
+        calls = list_tasks(
+            address=ray_session.dashboard_url, filters=[("name", "=", f"certify {key.label}")], limit=10_000
+        )
         return sum(1 for t in calls if t.state == "FINISHED")
+
     before = {key: finished(key) for key in model_keys(sweep)}
     progress = run_sweep(sweep, "job-rows", log=quiet)
     assert not progress.failures and progress.done == progress.total == 20 * 4
@@ -80,7 +115,16 @@ def test_one_row_per_image_and_configuration(ray_session, tmp_path, cifar10_dir,
     assert (dssn["votes"].map(sum) == dssn["levels"]).all() and dssn["n"].isna().all()
     mc = df[df.method == "uniform"]
     assert (mc["votes"].map(sum) == 200).all() and (mc["selection_votes"].map(sum) == 16).all()
-    assert set(df.columns) >= {"job_id", "unit_id", "radius_l1", "p_a_lower", "model_sha256", "worker_host", "device", "seconds"}
+    assert set(df.columns) >= {
+        "job_id",
+        "unit_id",
+        "radius_l1",
+        "p_a_lower",
+        "model_sha256",
+        "worker_host",
+        "device",
+        "seconds",
+    }
     # plain pandas reads the Hive layout too, partition columns included
     assert len(pd.read_parquet(sweep.output)) == 80
     # the dashboard's job page counts the calls by name: 3 more finished units per model
@@ -94,7 +138,9 @@ def test_one_row_per_image_and_configuration(ray_session, tmp_path, cifar10_dir,
 
 def test_results_do_not_depend_on_shards_batches_workers_or_compilation(ray_session, tmp_path, cifar10_dir, cifar_test):
     a = cifar_sweep(tmp_path, cifar10_dir, output="a", shard_size=5, batch_size=64, workers=1, limit=12)
-    b = cifar_sweep(tmp_path, cifar10_dir, output="b", shard_size=12, batch_size=1000, workers=2, limit=12, compile=True)
+    b = cifar_sweep(
+        tmp_path, cifar10_dir, output="b", shard_size=12, batch_size=1000, workers=2, limit=12, compile=True
+    )
     make_models(a, cifar_test)
     run_sweep(a, "job-a", log=quiet)
     run_sweep(b, "job-b", log=quiet)
@@ -103,21 +149,30 @@ def test_results_do_not_depend_on_shards_batches_workers_or_compilation(ray_sess
     rb = load_results(b.output, columns=columns).sort_values(["method", "index"]).reset_index(drop=True)
     assert len(ra) == len(rb) == 24
     for column in ("votes", "selection_votes"):
-        assert [None if v is None else list(v) for v in ra[column]] == [None if v is None else list(v) for v in rb[column]]
-    pd.testing.assert_frame_equal(ra.drop(columns=["votes", "selection_votes"]), rb.drop(columns=["votes", "selection_votes"]))
+        assert [None if v is None else list(v) for v in ra[column]] == [
+            None if v is None else list(v) for v in rb[column]
+        ]
+    pd.testing.assert_frame_equal(
+        ra.drop(columns=["votes", "selection_votes"]), rb.drop(columns=["votes", "selection_votes"])
+    )
 
 
 def _alive_worker_pids(dashboard_url: str):
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(address=dashboard_url, filters=[("class_name", "=", "Worker"), ("state", "=", "ALIVE")])]
+    return [
+        a.pid
+        for a in list_actors(address=dashboard_url, filters=[("class_name", "=", "Worker"), ("state", "=", "ALIVE")])
+    ]
 
 
 def test_a_killed_worker_is_replaced_and_its_unit_retried(ray_session, tmp_path, cifar10_dir, cifar_test):
     sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=3000)
     make_models(sweep, cifar_test)
     lines, outcome = [], {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("progress", run_sweep(sweep, "job-kill", log=lines.append)))
+    thread = threading.Thread(
+        target=lambda: outcome.setdefault("progress", run_sweep(sweep, "job-kill", log=lines.append))
+    )
     thread.start()
     deadline = time.time() + 120
     while not existing_shards(sweep.output) and time.time() < deadline:
@@ -138,8 +193,10 @@ def test_a_killed_driver_resumes_with_only_the_missing_units(ray_session, tmp_pa
     make_models(sweep, cifar_test)
     address = ray_session.gcs_address
     spec = base64.b64encode(sweep.to_json().encode()).decode()
-    code = (f"import ray, sys; ray.init(address={address!r}, log_to_driver=False); "
-            f"from cluster.driver import main; sys.exit(main(['--job-id', 'driver-kill', '--spec-b64', {spec!r}]))")
+    code = (
+        f"import ray, sys; ray.init(address={address!r}, log_to_driver=False); "
+        f"from cluster.driver import main; sys.exit(main(['--job-id', 'driver-kill', '--spec-b64', {spec!r}]))"
+    )
     driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while len(existing_shards(sweep.output)) < 2 and time.time() < deadline:
@@ -181,8 +238,11 @@ def test_an_output_directory_of_another_sweep_is_refused(ray_session, tmp_path, 
     with pytest.raises(SweepConflict, match="other parameters"):
         run_sweep(other, "job-3", log=quiet)
     key = model_keys(sweep)[0]
-    random_checkpoint(key.checkpoint(sweep), cifar_test, key.method, key.sigma, key.seed + 1)  # other weights, same place
+    random_checkpoint(
+        key.checkpoint(sweep), cifar_test, key.method, key.sigma, key.seed + 1
+    )  # other weights, same place
     from certlib.checkpoint import load_checkpoint, save_checkpoint
+
     model, card = load_checkpoint(key.checkpoint(sweep), override=True)
     save_checkpoint(key.checkpoint(sweep), model, dataclasses.replace(card, seed=key.seed))
     with pytest.raises(SweepConflict, match="another model"):
@@ -200,11 +260,19 @@ def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
 
     import cluster.worker as worker
 
-    sweep = parse_spec({
-        "name": "shared-model", "output": str(tmp_path / "out"), "dataset": {"name": "digits"},
-        "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt"), "train": {"epochs": 1}},
-        "methods": ["dssn"], "sigmas": [0.5],
-    })
+    sweep = parse_spec(
+        {
+            "name": "shared-model",
+            "output": str(tmp_path / "out"),
+            "dataset": {"name": "digits"},
+            "models": {
+                "path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt"),
+                "train": {"epochs": 1},
+            },
+            "methods": ["dssn"],
+            "sigmas": [0.5],
+        }
+    )
     key = model_keys(sweep)[0]
     trained = []
 
@@ -234,20 +302,32 @@ def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
 
 
 def test_training_progress_and_eta_are_reported_while_models_train(ray_session, tmp_path, monkeypatch):
-    import cluster.driver as driver
+    import cluster.executor as executor
 
-    monkeypatch.setattr(driver, "PROGRESS_EVERY", 0.5)
-    monkeypatch.setattr(driver, "PROGRESS_JSON_EVERY", 0.5)
-    sweep = parse_spec({
-        "name": "train-progress", "output": str(tmp_path / "out"), "dataset": {"name": "digits", "limit": 10},
-        "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt"), "train": {"epochs": 25}},
-        "methods": ["uniform"], "sigmas": [0.5], "seeds": [0, 1], "certify": {"n0": 8, "n": 64},
-        "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "shard_size": 10},
-    })
+    monkeypatch.setattr(executor, "PROGRESS_EVERY", 0.5)
+    monkeypatch.setattr(executor, "PROGRESS_JSON_EVERY", 0.5)
+    sweep = parse_spec(
+        {
+            "name": "train-progress",
+            "output": str(tmp_path / "out"),
+            "dataset": {"name": "digits", "limit": 10},
+            "models": {
+                "path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt"),
+                "train": {"epochs": 25},
+            },
+            "methods": ["uniform"],
+            "sigmas": [0.5],
+            "seeds": [0, 1],
+            "certify": {"n0": 8, "n": 64},
+            "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "shard_size": 10},
+        }
+    )
     lines = []
     progress = run_sweep(sweep, "job-train-progress", log=lines.append)
     assert not progress.failures and progress.models_trained == 2
-    records = [json.loads(line.split(driver.PROGRESS_PREFIX, 1)[1]) for line in lines if driver.PROGRESS_PREFIX in line]
+    records = [
+        json.loads(line.split(executor.PROGRESS_PREFIX, 1)[1]) for line in lines if executor.PROGRESS_PREFIX in line
+    ]
     mid = [r for r in records if any(t.get("state") == "training" and "epoch" in t for t in r["training"].values())]
     assert mid, "no progress record caught a model mid-training"
     entry = next(t for t in mid[0]["training"].values() if "epoch" in t)
@@ -265,10 +345,25 @@ def test_the_eta_adds_the_training_still_to_do_to_certification():
     from cluster.progress import Progress, describe_progress, describe_training
 
     now = time.time()
-    progress = Progress(total=200, done=100, by_model={}, units_total=4, started=now - 10, images_this_run=50,
-                        models_to_train=2, train_slots=2)
+    progress = Progress(
+        total=200,
+        done=100,
+        by_model={},
+        units_total=4,
+        started=now - 10,
+        images_this_run=50,
+        models_to_train=2,
+        train_slots=2,
+    )
     progress.training = {
-        "a": {"state": "training", "epoch": 2, "epochs": 10, "images": 1000, "images_per_second": 100.0, "reported": now},
+        "a": {
+            "state": "training",
+            "epoch": 2,
+            "epochs": 10,
+            "images": 1000,
+            "images_per_second": 100.0,
+            "reported": now,
+        },
         "b": {"state": "queued"},
     }
     snap = progress.snapshot()
@@ -282,42 +377,47 @@ def test_the_eta_adds_the_training_still_to_do_to_certification():
     assert progress.snapshot()["eta_seconds"] is None
 
 
-@pytest.mark.parametrize("dataset,architecture,training,share", [
-    ("cifar10", "wrn40_2", ["standard"], 0.25), ("cifar10", "wrn40_2", ["standard", "stability"], 0.5),
-    ("imagenet", "resnet50", ["standard"], 1.0), ("digits", "small_cnn", ["stability"], 0.25),
-])
+@pytest.mark.parametrize(
+    "dataset,architecture,training,share",
+    [
+        ("cifar10", "wrn40_2", ["standard"], 0.25),
+        ("cifar10", "wrn40_2", ["standard", "stability"], 0.5),
+        ("imagenet", "resnet50", ["standard"], 1.0),
+        ("digits", "small_cnn", ["stability"], 0.25),
+    ],
+)
 def test_training_units_share_a_gpu_when_a_step_does_not_fill_it(tmp_path, dataset, architecture, training, share):
     from cluster.pool import training_gpu_share
 
-    spec = {"name": "share", "output": str(tmp_path / "out"),
-            "dataset": {"name": dataset, **({} if dataset == "digits" else {"root": str(tmp_path)})},
-            "models": {"path": "m/{method}-{training}-{sigma}-{seed}.pt", "train": {"architecture": architecture}},
-            "methods": ["gaussian"], "sigmas": [0.5], "training": training}
+    spec = {
+        "name": "share",
+        "output": str(tmp_path / "out"),
+        "dataset": {"name": dataset, **({} if dataset == "digits" else {"root": str(tmp_path)})},
+        "models": {"path": "m/{method}-{training}-{sigma}-{seed}.pt", "train": {"architecture": architecture}},
+        "methods": ["gaussian"],
+        "sigmas": [0.5],
+        "training": training,
+    }
     assert training_gpu_share(parse_spec(spec)) == share
     assert training_gpu_share(parse_spec({**spec, "resources": {"gpus_per_train_worker": 0.5}})) == 0.5
 
 
-def test_shard_size_is_chosen_from_the_measured_rate():
-    from cluster.driver import choose_shard_size
-
-    # 1,000 images x 10 models at 0.1 s each over 2 workers: 8 units per worker of 62.5 s each
-    assert choose_shard_size(1000, 10, 1000, 10_000, 2) == 625
-    # a small job: units of at least a minute, here the whole selection
-    assert choose_shard_size(100, 1, 1000, 10_000, 4) == 100
-    # a huge one: units of at most ten minutes
-    assert choose_shard_size(10**6, 100, 1000, 10_000, 1) == 6000
-
-
 def test_an_automatic_shard_size_is_measured_once_and_kept_by_the_resume(ray_session, tmp_path):
     from certlib.data import load_digits
-    from cluster.driver import recorded_shard_size
+    from cluster.plan import recorded_shard_size
 
-    sweep = parse_spec({
-        "name": "auto-shards", "output": str(tmp_path / "out"), "dataset": {"name": "digits", "limit": 30},
-        "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
-        "methods": ["uniform"], "sigmas": [0.5], "certify": {"n0": 8, "n": 64},
-        "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
-    })
+    sweep = parse_spec(
+        {
+            "name": "auto-shards",
+            "output": str(tmp_path / "out"),
+            "dataset": {"name": "digits", "limit": 30},
+            "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
+            "methods": ["uniform"],
+            "sigmas": [0.5],
+            "certify": {"n0": 8, "n": 64},
+            "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
+        }
+    )
     make_models(sweep, load_digits("test"))
     first, again = [], []
     assert not run_sweep(sweep, "auto-1", log=first.append).failures

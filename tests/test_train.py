@@ -13,15 +13,15 @@ import torch
 
 import certlib.train as train_module
 from certlib.certificates import dssn_radius
-from certlib.data import QuantizedDataset, load_imagenet
 from certlib.checkpoint import CardMismatch, load_checkpoint, read_card, save_checkpoint
-from certlib.data import load_cifar10, load_digits
-from certlib.models import build_model
+from certlib.data import QuantizedDataset, load_cifar10, load_digits, load_imagenet
 from certlib.families import DSSNNoise, make_noise
-from certlib.voting import stream_seed
+from certlib.models import build_model
 from certlib.smooth import Smooth
-from certlib.train import TrainConfig, train_model
+from certlib.train import train_model
+from certlib.train_config import TrainConfig
 from certlib.train_step import augment, stability_loss
+from certlib.voting import stream_seed
 from tests.conftest import random_checkpoint
 
 
@@ -40,10 +40,20 @@ def epoch_losses(config, path, train_set, test_set):
     return losses, card
 
 
-@pytest.mark.parametrize("method,training", [("dssn", "standard"), ("uniform", "stability"), ("gaussian", "standard"),
-                                             ("laplace", "standard"), ("ssn", "stability")])
+@pytest.mark.parametrize(
+    "method,training",
+    [
+        ("dssn", "standard"),
+        ("uniform", "stability"),
+        ("gaussian", "standard"),
+        ("laplace", "standard"),
+        ("ssn", "stability"),
+    ],
+)
 def test_training_reduces_the_loss_on_digits(digits, tmp_path, method, training):
-    losses, card = epoch_losses(TrainConfig("digits", method, 0.25, training=training, epochs=4), tmp_path / "m.pt", *digits)
+    losses, card = epoch_losses(
+        TrainConfig("digits", method, 0.25, training=training, epochs=4), tmp_path / "m.pt", *digits
+    )
     assert losses[-1] < losses[0]
     assert card.method == method and card.training == training and card.epochs_done == 4
 
@@ -68,7 +78,9 @@ def test_dssn_training_uses_the_papers_offset_vector(digits, tmp_path, monkeypat
     monkeypatch.setattr(train_module, "make_noise", spy)
     calls = []
     real_sample = DSSNNoise.sample_grid
-    monkeypatch.setattr(DSSNNoise, "sample_grid", lambda self, x, q, g=None: calls.append(1) or real_sample(self, x, q, g))
+    monkeypatch.setattr(
+        DSSNNoise, "sample_grid", lambda self, x, q, g=None: calls.append(1) or real_sample(self, x, q, g)
+    )
     train_model(TrainConfig("digits", "dssn", 0.5, seed=3, epochs=1), tmp_path / "m.pt", *digits, log=quiet)
     noise = made[0]
     assert isinstance(noise, DSSNNoise) and noise.seed == 3 and noise.q == 16
@@ -86,7 +98,9 @@ def test_stability_loss_hand_checked():
     assert float(got) == pytest.approx(cross_entropy + 6 * kl, rel=1e-6)
     assert float(got) == pytest.approx(0.9789, abs=5e-4)
     # Identical predictions: only the cross-entropy remains.
-    assert float(stability_loss(logits_1, logits_1, torch.tensor([1]), 6.0)) == pytest.approx(-math.log(1 - p), rel=1e-6)
+    assert float(stability_loss(logits_1, logits_1, torch.tensor([1]), 6.0)) == pytest.approx(
+        -math.log(1 - p), rel=1e-6
+    )
 
 
 def test_augment_keeps_the_grid():
@@ -141,12 +155,20 @@ def test_save_checkpoint_is_atomic(digits, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "arch,shape", [("wrn40_2", (3, 32, 32)), ("resnet110", (3, 32, 32)), ("resnet50", (3, 64, 64)), ("small_cnn", (1, 8, 8))]
+    "arch,shape",
+    [("wrn40_2", (3, 32, 32)), ("resnet110", (3, 32, 32)), ("resnet50", (3, 64, 64)), ("small_cnn", (1, 8, 8))],
 )
 def test_every_architecture_round_trips_through_a_checkpoint(arch, shape, tmp_path):
     # BatchNorm's 0-dim num_batches_tracked once made hashing fail after the last training epoch.
-    data = SimpleNamespace(name="cifar10", num_classes=10, class_names=[str(c) for c in range(10)], q=255,
-                           mean=[0.5] * shape[0], std=[0.25] * shape[0], input_shape=shape)
+    data = SimpleNamespace(
+        name="cifar10",
+        num_classes=10,
+        class_names=[str(c) for c in range(10)],
+        q=255,
+        mean=[0.5] * shape[0],
+        std=[0.25] * shape[0],
+        input_shape=shape,
+    )
     path = random_checkpoint(tmp_path / "m.pt", data, "dssn", 0.5, seed=3, architecture=arch)
     model, card = load_checkpoint(path, method="dssn", sigma=0.5, seed=3)
     torch.manual_seed(3)
@@ -163,19 +185,22 @@ def reference_training(config: TrainConfig, train_set) -> dict:
     noise = make_noise(cfg.method, cfg.sigma, q=train_set.q, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.architecture, train_set.num_classes, train_set.mean, train_set.std, train_set.input_shape)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     model.train()
     for epoch in range(cfg.epochs):
         generator = torch.Generator().manual_seed(stream_seed(cfg.seed, epoch, 2, 0))
         order = torch.randperm(len(train_set), generator=generator)
         for start in range(0, len(order), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
+            idx = order[start : start + cfg.batch_size]
             x = augment(train_set.pixels(idx), generator, cfg.crop_padding, cfg.flip)
             logits = model(noise.sample(x, generator))
             if cfg.training == "stability":
-                loss = stability_loss(logits, model(noise.sample(x, generator)), train_set.labels[idx], cfg.stability_weight)
+                loss = stability_loss(
+                    logits, model(noise.sample(x, generator)), train_set.labels[idx], cfg.stability_weight
+                )
             else:
                 loss = torch.nn.functional.cross_entropy(logits, train_set.labels[idx])
             optimizer.zero_grad()
@@ -200,8 +225,13 @@ def test_the_training_step_keeps_the_papers_math(digits, tmp_path, method, train
 def test_workers_decoding_batches_train_the_same_model_as_resident_data(digits, tmp_path):
     config = TrainConfig("digits", "uniform", 0.5, seed=2, epochs=2, heldout_limit=8)
     resident = train_model(config, tmp_path / "a.pt", *digits, device="cpu", log=quiet)
-    loaded = train_model(dataclasses.replace(config, data="loader", loader_workers=2), tmp_path / "b.pt", *digits,
-                         device="cpu", log=quiet)
+    loaded = train_model(
+        dataclasses.replace(config, data="loader", loader_workers=2),
+        tmp_path / "b.pt",
+        *digits,
+        device="cpu",
+        log=quiet,
+    )
     assert loaded.weights_sha256 == resident.weights_sha256
 
 
@@ -227,9 +257,19 @@ def test_resnet50_trains_from_an_imagenet_folder_through_dataloader_workers(tmp_
     config = TrainConfig("imagenet", "gaussian", 0.25, seed=1, epochs=1, batch_size=4, loader_workers=2)
     lines = []
     streamed = train_model(config, tmp_path / "streamed.pt", train_set, heldout, device="cpu", log=lines.append)
-    assert streamed.architecture == "resnet50" and streamed.input_shape == [3, 224, 224] and streamed.heldout == "val[:2]"
-    in_memory = QuantizedDataset("imagenet", "train", train_set.grid_values(range(len(train_set))), train_set.labels, 255,
-                                 train_set.class_names, train_set.mean, train_set.std)  # the same images, decoded up front
+    assert (
+        streamed.architecture == "resnet50" and streamed.input_shape == [3, 224, 224] and streamed.heldout == "val[:2]"
+    )
+    in_memory = QuantizedDataset(
+        "imagenet",
+        "train",
+        train_set.grid_values(range(len(train_set))),
+        train_set.labels,
+        255,
+        train_set.class_names,
+        train_set.mean,
+        train_set.std,
+    )  # the same images, decoded up front
     held = train_model(config, tmp_path / "held.pt", in_memory, heldout, device="cpu", log=quiet)
     assert held.weights_sha256 == streamed.weights_sha256
 
@@ -286,10 +326,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 def test_the_cuda_graph_step_trains_the_eager_steps_model(digits, tmp_path):
-    config = TrainConfig("digits", "gaussian", 0.5, seed=3, epochs=2, training="stability", deterministic=True,
-                         heldout_limit=8)
-    graphed = train_model(dataclasses.replace(config, cuda_graph=True), tmp_path / "g.pt", *digits, device="cuda", log=quiet)
-    eager = train_model(dataclasses.replace(config, cuda_graph=False), tmp_path / "e.pt", *digits, device="cuda", log=quiet)
+    config = TrainConfig(
+        "digits", "gaussian", 0.5, seed=3, epochs=2, training="stability", deterministic=True, heldout_limit=8
+    )
+    graphed = train_model(
+        dataclasses.replace(config, cuda_graph=True), tmp_path / "g.pt", *digits, device="cuda", log=quiet
+    )
+    eager = train_model(
+        dataclasses.replace(config, cuda_graph=False), tmp_path / "e.pt", *digits, device="cuda", log=quiet
+    )
     assert graphed.hyperparameters["cuda_graph"] is True and eager.hyperparameters["cuda_graph"] is False
     (a, _), (b, _) = load_checkpoint(tmp_path / "g.pt"), load_checkpoint(tmp_path / "e.pt")
     for name, tensor in a.state_dict().items():

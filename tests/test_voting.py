@@ -10,11 +10,11 @@ import pytest
 import torch
 from scipy import stats
 
+from certlib.cascade import EXACT_TIE
 from certlib.certificates import dssn_radius
 from certlib.data import load_cifar10, load_digits
-from certlib.families import DSSNNoise, GaussianNoise, LaplaceNoise, UniformNoise, SplitIndependentNoise
+from certlib.families import DSSNNoise, GaussianNoise, LaplaceNoise, SplitIndependentNoise, UniformNoise
 from certlib.smooth import Smooth
-from certlib.cascade import EXACT_TIE
 from certlib.voting import dssn_votes, monte_carlo_counts
 
 
@@ -22,7 +22,10 @@ def random_cnn(in_channels: int, num_classes: int = 10, seed: int = 0) -> torch.
     """A small randomly initialised CNN whose predictions vary across noisy copies."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(in_channels, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(num_classes),
+        torch.nn.Conv2d(in_channels, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.LazyLinear(num_classes),
     )
     model(torch.zeros(1, in_channels, 8, 8) if in_channels == 1 else torch.zeros(1, in_channels, 32, 32))
     with torch.no_grad():
@@ -69,7 +72,7 @@ def test_dssn_votes_are_batch_and_grouping_invariant(cifar_images):
     reference = dssn_votes(model, cifar_images, noise, 10, batch_size=512)
     for batch_size in (1, 37, 220, 1000, 4096):
         np.testing.assert_array_equal(dssn_votes(model, cifar_images, noise, 10, batch_size=batch_size), reference)
-    regrouped = np.concatenate([dssn_votes(model, cifar_images[i:i + 1], noise, 10, batch_size=97) for i in range(6)])
+    regrouped = np.concatenate([dssn_votes(model, cifar_images[i : i + 1], noise, 10, batch_size=97) for i in range(6)])
     np.testing.assert_array_equal(regrouped, reference)
     reversed_order = dssn_votes(model, cifar_images.flip(0), noise, 10, batch_size=300)
     np.testing.assert_array_equal(reversed_order[::-1], reference)
@@ -99,8 +102,11 @@ def test_dssn_smooth_certify_end_to_end():
 
 @pytest.mark.parametrize(
     "images,message",
-    [(torch.full((1, 1, 8, 8), 0.51), "grid"), (torch.full((1, 1, 8, 8), 1.25), r"\[0, 1\]"),
-     (torch.full((1, 1, 8, 8), float("nan")), "NaN")],
+    [
+        (torch.full((1, 1, 8, 8), 0.51), "grid"),
+        (torch.full((1, 1, 8, 8), 1.25), r"\[0, 1\]"),
+        (torch.full((1, 1, 8, 8), float("nan")), "NaN"),
+    ],
 )
 def test_dssn_votes_reject_bad_images(images, message):
     with pytest.raises(ValueError, match=message):
@@ -121,6 +127,7 @@ def test_nan_logits_are_refused():
 
 # --------------------------------------------------------------------------- Monte Carlo
 
+
 def test_monte_carlo_counts_invariant_to_batching_and_grouping(cifar_images):
     model = random_cnn(3, seed=1)
     indices = [10, 11, 12, 13, 14, 15]
@@ -128,10 +135,14 @@ def test_monte_carlo_counts_invariant_to_batching_and_grouping(cifar_images):
         c0, c = monte_carlo_counts(model, cifar_images, indices, noise, 10, n0=64, n=1000, seed=7, batch_size=512)
         assert (c0.sum(1) == 64).all() and (c.sum(1) == 1000).all()
         for batch_size in (100, 2048):
-            b0, b = monte_carlo_counts(model, cifar_images, indices, noise, 10, n0=64, n=1000, seed=7, batch_size=batch_size)
+            b0, b = monte_carlo_counts(
+                model, cifar_images, indices, noise, 10, n0=64, n=1000, seed=7, batch_size=batch_size
+            )
             np.testing.assert_array_equal(b0, c0)
             np.testing.assert_array_equal(b, c)
-        g0, g = monte_carlo_counts(model, cifar_images[3:5], indices[3:5], noise, 10, n0=64, n=1000, seed=7, batch_size=999)
+        g0, g = monte_carlo_counts(
+            model, cifar_images[3:5], indices[3:5], noise, 10, n0=64, n=1000, seed=7, batch_size=999
+        )
         np.testing.assert_array_equal(g, c[3:5])
         np.testing.assert_array_equal(g0, c0[3:5])
         _, other_seed = monte_carlo_counts(model, cifar_images[:2], indices[:2], noise, 10, n0=64, n=3000, seed=8)
@@ -218,9 +229,12 @@ def test_compiled_engine_gives_the_eager_votes(cifar_images):
         eager = dssn_votes(model, cifar_images, noise, 10, batch_size=512, precision=precision)
         compiled = dssn_votes(model, cifar_images, noise, 10, batch_size=300, precision=precision, compile=True)
         np.testing.assert_array_equal(compiled, eager)
-    eager = monte_carlo_counts(model, cifar_images, range(6), UniformNoise(0.25), 10, n0=16, n=500, seed=1, batch_size=512)
-    compiled = monte_carlo_counts(model, cifar_images, range(6), UniformNoise(0.25), 10, n0=16, n=500, seed=1,
-                                  batch_size=300, compile=True)
+    eager = monte_carlo_counts(
+        model, cifar_images, range(6), UniformNoise(0.25), 10, n0=16, n=500, seed=1, batch_size=512
+    )
+    compiled = monte_carlo_counts(
+        model, cifar_images, range(6), UniformNoise(0.25), 10, n0=16, n=500, seed=1, batch_size=300, compile=True
+    )
     for a, b in zip(compiled, eager):
         np.testing.assert_array_equal(a, b)
     assert counters["frames"]["ok"] > 0  # the network did go through torch.compile

@@ -17,6 +17,19 @@ from certlib.analysis.tables import (
 )
 from certlib.rows import load_results
 
-__all__ = ["ANALYSIS_COLUMNS", "CERTIFICATES", "best_certified_accuracy", "certified_accuracy", "format_envelope",
-           "format_seed_table", "high_probability_accuracy", "load_results", "norms", "plot_curves", "radius", "recertify",
-           "runtime_summary", "seed_table"]
+__all__ = [
+    "ANALYSIS_COLUMNS",
+    "CERTIFICATES",
+    "best_certified_accuracy",
+    "certified_accuracy",
+    "format_envelope",
+    "format_seed_table",
+    "high_probability_accuracy",
+    "load_results",
+    "norms",
+    "plot_curves",
+    "radius",
+    "recertify",
+    "runtime_summary",
+    "seed_table",
+]

@@ -23,8 +23,13 @@ def radius_label(df: pd.DataFrame) -> str:
     return f"{' / '.join(n.upper() for n in found)} radius (pixel scale [0, 1]; {detail})"
 
 
-def plot_curves(df: pd.DataFrame, path: str | Path, by: Sequence[str] = ("method", "training"), over: str = "sigma",
-                points: int = 200) -> Path:
+def plot_curves(
+    df: pd.DataFrame,
+    path: str | Path,
+    by: Sequence[str] = ("method", "training"),
+    over: str = "sigma",
+    points: int = 200,
+) -> Path:
     """Certified accuracy against radius, one thin curve per configuration and the envelope
     over ``over`` bold per group, as in the papers' figures. PNG or SVG by the file suffix
     (SVG text stays text)."""
@@ -38,7 +43,7 @@ def plot_curves(df: pd.DataFrame, path: str | Path, by: Sequence[str] = ("method
     radii = radius(df)
     top = np.nanmax(np.where(np.isfinite(radii), radii, np.nan)) if np.isfinite(radii).any() else 1.0
     grid = np.linspace(0, max(top, 1e-6) * 1.02, points)
-    per_config = certified_accuracy(df, grid, by + [over])
+    per_config = certified_accuracy(df, grid.tolist(), by + [over])
     with matplotlib.rc_context({"svg.fonttype": "none"}):
         fig = Figure(figsize=(7, 4.5))
         ax = fig.subplots()

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from certlib.families import FAMILIES, Votes, make_noise, with_certificate
 from certlib.analysis.tables import _groups
+from certlib.families import FAMILIES, Votes, make_noise, with_certificate
 from certlib.rows import RADIUS_COLUMNS
 
 CERTIFICATES = tuple(dict.fromkeys(c for cls in FAMILIES.values() for c in cls.certificates))
@@ -26,7 +26,7 @@ def _dataset(name: str, split: str, root: str | None):
 
 def _images_of(rows: pd.DataFrame, dataset_root: str | Path | None) -> np.ndarray:
     """The rows' images in pixel scale, flattened, read from their dataset."""
-    (name, split), = rows[["dataset", "split"]].drop_duplicates().itertuples(index=False, name=None)
+    ((name, split),) = rows[["dataset", "split"]].drop_duplicates().itertuples(index=False, name=None)
     data = _dataset(name, split, None if dataset_root is None else str(dataset_root))
     position = pd.Series(np.arange(len(data)), index=data.indices)
     wanted = rows["index"].to_numpy()
@@ -38,25 +38,33 @@ def _images_of(rows: pd.DataFrame, dataset_root: str | Path | None) -> np.ndarra
 
 def _noise(params: dict, rows: pd.DataFrame):
     """The rows' smoothing, rebuilt from the registry (and checked against what they store)."""
-    q = int(params["q"]) if pd.notna(params.get("q")) else 255
-    noise = make_noise(params["method"], float(params["sigma"]), q=q, seed=int(params["seed"]))
-    stored = {"levels": rows["levels"].iloc[0] if "levels" in rows else None}
+    grid = {"q": int(params["q"])} if pd.notna(params.get("q")) else {}  # rows written here always store q
+    noise = make_noise(params["method"], float(params["sigma"]), seed=int(params["seed"]), **grid)
+    stored = rows["levels"].iloc[0] if "levels" in rows else None
     levels = noise.describe().get("levels")
-    if levels is not None and pd.notna(stored["levels"]) and int(stored["levels"]) != levels:
-        raise ValueError(f"recertify: {params['method']} rows store L={int(stored['levels'])}, but sigma={params['sigma']} "
-                         f"at q={q} gives L={levels}")
+    if levels is not None and pd.notna(stored) and int(stored) != levels:
+        raise ValueError(
+            f"recertify: {params['method']} rows store L={int(stored)}, but sigma={params['sigma']} "
+            f"at q={noise.describe().get('q')} gives L={levels}"
+        )
     return noise
 
 
 def _votes(rows: pd.DataFrame, exact: bool) -> Votes:
     if rows["votes"].isna().any() or (not exact and rows["selection_votes"].isna().any()):
         raise ValueError(f"recertify: {rows['method'].iloc[0]} rows without stored counts cannot be re-certified")
-    counts = np.stack(rows["votes"].to_numpy()).astype(np.int64)
-    return Votes(counts, None if exact else np.stack(rows["selection_votes"].to_numpy()).astype(np.int64))
+    counts = np.stack(list(rows["votes"])).astype(np.int64)
+    return Votes(counts, None if exact else np.stack(list(rows["selection_votes"])).astype(np.int64))
 
 
-def recertify(df: pd.DataFrame, certificate: str = "standard", *, multiclass: bool | None = None,
-              alpha: float | None = None, dataset_root: str | Path | None = None) -> pd.DataFrame:
+def recertify(
+    df: pd.DataFrame,
+    certificate: str = "standard",
+    *,
+    multiclass: bool | None = None,
+    alpha: float | None = None,
+    dataset_root: str | Path | None = None,
+) -> pd.DataFrame:
     """Recompute predictions and radii from the stored vote/count vectors, without the model.
 
     ``certificate``: ``standard`` (each family's own certificate), ``box`` (Voracek & Hein
@@ -72,19 +80,26 @@ def recertify(df: pd.DataFrame, certificate: str = "standard", *, multiclass: bo
     if certificate not in CERTIFICATES:
         raise ValueError(f"recertify: certificate must be one of {CERTIFICATES}, got {certificate!r}")
     out = df.reset_index(drop=True)  # positions below must be unique labels
-    group_keys = [c for c in ("method", "training", "sigma", "seed", "q", "certificate", "alpha", "dataset", "split")
-                  if c in out]
+    group_keys = [
+        c for c in ("method", "training", "sigma", "seed", "q", "certificate", "alpha", "dataset", "split") if c in out
+    ]
     for keys, rows in _groups(out, group_keys, sort=False):
         params = dict(zip(group_keys, keys))
         noise = _noise(params, rows)
         if certificate not in noise.certificates:
-            raise ValueError(f"recertify: the {certificate!r} certificate does not apply to {noise.name} rows "
-                             f"(it applies to {', '.join(with_certificate(certificate))} rows); select those rows first")
-        multi = str(params.get("certificate") or "binary").startswith("multiclass") if multiclass is None else multiclass
+            raise ValueError(
+                f"recertify: the {certificate!r} certificate does not apply to {noise.name} rows "
+                f"(it applies to {', '.join(with_certificate(certificate))} rows); select those rows first"
+            )
+        multi = (
+            str(params.get("certificate") or "binary").startswith("multiclass") if multiclass is None else multiclass
+        )
         level = (np.nan if noise.exact else float(params["alpha"])) if alpha is None else float(alpha)
         x = _images_of(rows, dataset_root) if certificate == "box_input" else None
         try:
-            result = noise.certify(_votes(rows, noise.exact), alpha=level, multiclass=multi, certificate=certificate, x=x)
+            result = noise.certify(
+                _votes(rows, noise.exact), alpha=level, multiclass=multi, certificate=certificate, x=x
+            )
         except ValueError as err:
             raise ValueError(f"recertify: {err}") from None
         out.loc[rows.index, "prediction"] = result["prediction"]

@@ -23,8 +23,19 @@ from certlib.families import family
 from certlib.rows import CONFIG, RADIUS_COLUMNS
 
 # The columns the accuracy tables need: load only these for speed on millions of rows.
-ANALYSIS_COLUMNS = ("method", "training", "sigma", "seed", "index", "label", "selected", "prediction", "radius_l1", "radius_l2",
-                    "alpha")
+ANALYSIS_COLUMNS = (
+    "method",
+    "training",
+    "sigma",
+    "seed",
+    "index",
+    "label",
+    "selected",
+    "prediction",
+    "radius_l1",
+    "radius_l2",
+    "alpha",
+)
 
 
 def _groups(frame: pd.DataFrame, by: Sequence[str], sort: bool = True):
@@ -54,7 +65,7 @@ def _scores(df: pd.DataFrame, radii: Sequence[float]) -> pd.DataFrame:
     label = df["label"].to_numpy()
     radii_of_rows = radius(df)
     certified = (prediction == label) & (prediction >= 0)
-    out = {"clean": (df["selected"].to_numpy() == label).astype(np.float64)}
+    out: dict[str | float, np.ndarray] = {"clean": (df["selected"].to_numpy() == label).astype(np.float64)}
     for r in radii:
         out[float(r)] = (certified & (radii_of_rows >= r)).astype(np.float64)
     return pd.DataFrame(out, index=df.index)
@@ -72,8 +83,9 @@ def certified_accuracy(df: pd.DataFrame, radii: Sequence[float], by: Sequence[st
     return table.reset_index()
 
 
-def best_certified_accuracy(df: pd.DataFrame, radii: Sequence[float], by: Sequence[str] = ("method", "training"),
-                            over: str = "sigma") -> pd.DataFrame:
+def best_certified_accuracy(
+    df: pd.DataFrame, radii: Sequence[float], by: Sequence[str] = ("method", "training"), over: str = "sigma"
+) -> pd.DataFrame:
     """The envelope of Levine & Feizi Table 1: for each group and radius, the best certified
     accuracy over ``over`` (the sigma grid), with the clean accuracy and the ``over`` value of
     the configuration achieving it (ties go to the smaller value).
@@ -89,13 +101,25 @@ def best_certified_accuracy(df: pd.DataFrame, radii: Sequence[float], by: Sequen
         group = group.sort_values(over)
         for r in radii:
             best = group.iloc[int(np.argmax(group[float(r)].to_numpy()))]  # first maximum: the smallest value
-            rows.append({**dict(zip(by, keys)), "radius": float(r), "certified_accuracy": best[float(r)],
-                         "clean_accuracy": best["clean"], over: best[over]})
+            rows.append(
+                {
+                    **dict(zip(by, keys)),
+                    "radius": float(r),
+                    "certified_accuracy": best[float(r)],
+                    "clean_accuracy": best["clean"],
+                    over: best[over],
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def seed_table(df: pd.DataFrame, radii: Sequence[float], by: Sequence[str] = ("method", "training"),
-               over: str = "sigma", seed: str = "seed") -> pd.DataFrame:
+def seed_table(
+    df: pd.DataFrame,
+    radii: Sequence[float],
+    by: Sequence[str] = ("method", "training"),
+    over: str = "sigma",
+    seed: str = "seed",
+) -> pd.DataFrame:
     """Levine & Feizi Table 3: the envelope for each seed, then across seeds the mean, the
     standard deviation (sample, ddof=1) and max - min of the best certified accuracy.
 
@@ -108,16 +132,20 @@ def seed_table(df: pd.DataFrame, radii: Sequence[float], by: Sequence[str] = ("m
     for keys, group in per_seed.groupby(by + ["radius"], sort=True, observed=True):
         values = group["certified_accuracy"].to_numpy()
         base = dict(zip(by + ["radius"], keys))
-        for name, value in (("mean", values.mean()), ("std", values.std(ddof=1) if len(values) > 1 else 0.0),
-                            ("max-min", values.max() - values.min())):
+        for name, value in (
+            ("mean", values.mean()),
+            ("std", values.std(ddof=1) if len(values) > 1 else 0.0),
+            ("max-min", values.max() - values.min()),
+        ):
             rows.append(pd.DataFrame([{**base, seed: name, "certified_accuracy": value}]))
     out = pd.concat(rows, ignore_index=True)
     out[seed] = out[seed].astype(str)
     return out
 
 
-def high_probability_accuracy(df: pd.DataFrame, radii: Sequence[float], alpha: float | None = None, rho: float = 0.001,
-                              by: Sequence[str] = CONFIG) -> pd.DataFrame:
+def high_probability_accuracy(
+    df: pd.DataFrame, radii: Sequence[float], alpha: float | None = None, rho: float = 0.001, by: Sequence[str] = CONFIG
+) -> pd.DataFrame:
     """Approximate certified accuracy next to Cohen et al.'s Theorem 5 lower bound, which holds
     with probability >= 1 - rho over the randomness of CERTIFY run at failure rate alpha
     (default: the rows' own alpha). DSSN rows are exact: their bound is the accuracy itself.
@@ -126,11 +154,20 @@ def high_probability_accuracy(df: pd.DataFrame, radii: Sequence[float], alpha: f
     """
     by = list(by)
     table = certified_accuracy(df, radii, by)
-    exact = df["method"].map(lambda m: family(m).exact).groupby([df[c] for c in by], sort=True, observed=True).all().to_numpy()
-    row_alpha = (df.groupby(by, sort=True, observed=True)["alpha"].max().to_numpy() if "alpha" in df
-                 else np.full(len(table), np.nan))
+    exact = (
+        df["method"]
+        .map(lambda m: family(m).exact)
+        .groupby([df[c] for c in by], sort=True, observed=True)
+        .all()
+        .to_numpy()
+    )
+    row_alpha = (
+        df.groupby(by, sort=True, observed=True)["alpha"].max().to_numpy()
+        if "alpha" in df
+        else np.full(len(table), np.nan)
+    )
     rows = []
-    for i, config in table.iterrows():
+    for i, (_, config) in enumerate(table.iterrows()):
         a = alpha if alpha is not None else row_alpha[i]
         for r in radii:
             approx = config[float(r)]
@@ -139,9 +176,20 @@ def high_probability_accuracy(df: pd.DataFrame, radii: Sequence[float], alpha: f
             elif a is None or np.isnan(a):
                 raise ValueError("high_probability_accuracy: Monte Carlo rows without alpha; pass alpha")
             else:
-                bound = float(certificates.certified_accuracy_lower_bound(round(approx * config["images"]), int(config["images"]), a, rho))
-            rows.append({**{k: config[k] for k in by}, "radius": float(r), "images": int(config["images"]),
-                         "approximate": approx, "lower_bound": bound})
+                bound = float(
+                    certificates.certified_accuracy_lower_bound(
+                        round(approx * config["images"]), int(config["images"]), a, rho
+                    )
+                )
+            rows.append(
+                {
+                    **{k: config[k] for k in by},
+                    "radius": float(r),
+                    "images": int(config["images"]),
+                    "approximate": approx,
+                    "lower_bound": bound,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -150,6 +198,10 @@ def runtime_summary(df: pd.DataFrame, by: Sequence[str] = CONFIG) -> pd.DataFram
     (GPU-seconds on GPU workers) and the devices used."""
     by = list(by)
     grouped = df.groupby(by, sort=True, observed=True)
-    out = grouped.agg(images=("seconds", "size"), seconds_per_image=("seconds", "mean"), total_seconds=("seconds", "sum"),
-                      devices=("device", lambda d: ", ".join(sorted(set(d)))))
+    out = grouped.agg(
+        images=("seconds", "size"),
+        seconds_per_image=("seconds", "mean"),
+        total_seconds=("seconds", "sum"),
+        devices=("device", lambda d: ", ".join(sorted(set(d)))),
+    )
     return out.reset_index()

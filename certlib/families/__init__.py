@@ -42,5 +42,18 @@ def with_certificate(certificate: str) -> list[str]:
     return [name for name, cls in FAMILIES.items() if certificate in cls.certificates]
 
 
-__all__ = ["FAMILIES", "DSSNNoise", "GaussianNoise", "LaplaceNoise", "MonteCarloNoise", "SmoothingNoise",
-           "SplitIndependentNoise", "UniformNoise", "Votes", "family", "make_noise", "split_center", "with_certificate"]
+__all__ = [
+    "FAMILIES",
+    "DSSNNoise",
+    "GaussianNoise",
+    "LaplaceNoise",
+    "MonteCarloNoise",
+    "SmoothingNoise",
+    "SplitIndependentNoise",
+    "UniformNoise",
+    "Votes",
+    "family",
+    "make_noise",
+    "split_center",
+    "with_certificate",
+]

@@ -91,13 +91,29 @@ class SmoothingNoise(ABC):
         return self.sample(values.to(torch.float32) / q, generator)
 
     @abstractmethod
-    def count(self, cascade: Cascade, images: torch.Tensor, indices: Sequence[int], *, n0: int, n: int, seed: int,
-              stats: dict[str, int] | None = None) -> Votes:
+    def count(
+        self,
+        cascade: Cascade,
+        images: torch.Tensor,
+        indices: Sequence[int],
+        *,
+        n0: int,
+        n: int,
+        seed: int,
+        stats: dict[str, int] | None = None,
+    ) -> Votes:
         """The base classifier's votes on ``images`` (dataset ``indices`` seed random streams)."""
 
     @abstractmethod
-    def certify(self, votes: Votes, *, alpha: float, multiclass: bool = False, certificate: str = "standard",
-                x: np.ndarray | None = None) -> dict[str, Any]:
+    def certify(
+        self,
+        votes: Votes,
+        *,
+        alpha: float,
+        multiclass: bool = False,
+        certificate: str = "standard",
+        x: np.ndarray | None = None,
+    ) -> dict[str, Any]:
         """Predictions and radii from votes: arrays selected, prediction (-1 = abstain), radius,
         p_a_lower, p_b_upper, and ``certificate``, the name stored in the rows. ``x`` (N, d)
         pixel-scale images, for input-dependent certificates."""
@@ -116,8 +132,10 @@ class SmoothingNoise(ABC):
 
     def refuse_certificate(self, certificate: str) -> None:
         if certificate not in self.certificates:
-            raise ValueError(f"the {certificate!r} certificate does not apply to {self.name} rows "
-                             f"(theirs: {', '.join(self.certificates)})")
+            raise ValueError(
+                f"the {certificate!r} certificate does not apply to {self.name} rows "
+                f"(theirs: {', '.join(self.certificates)})"
+            )
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "method")
@@ -139,8 +157,9 @@ class MonteCarloNoise(SmoothingNoise):
         return self.certified_radius
 
     def count(self, cascade, images, indices, *, n0, n, seed, stats=None):
-        selection, counts = monte_carlo_counts(cascade, images, indices, self, cascade.num_classes, n0=n0, n=n, seed=seed,
-                                               stats=stats)
+        selection, counts = monte_carlo_counts(
+            cascade, images, indices, self, cascade.num_classes, n0=n0, n=n, seed=seed, stats=stats
+        )
         return Votes(counts, selection)
 
     def certify(self, votes, *, alpha, multiclass=False, certificate="standard", x=None):
@@ -148,8 +167,9 @@ class MonteCarloNoise(SmoothingNoise):
             raise ValueError(f"{self.name}: Monte Carlo certification needs the n0 selection counts")
         if multiclass and self.binary_only:
             raise ValueError(self.binary_only)
-        result = certificates.monte_carlo_certify(votes.selection, votes.counts, alpha,
-                                                  self.radius_function(certificate, x), multiclass)
+        result = certificates.monte_carlo_certify(
+            votes.selection, votes.counts, alpha, self.radius_function(certificate, x), multiclass
+        )
         suffix = "" if certificate == "standard" else f"_{certificate}"
         return {**result, "certificate": ("multiclass" if multiclass else "binary") + suffix}
 

@@ -100,8 +100,14 @@ class DSSNNoise(SmoothingNoise):
         self.refuse_certificate(certificate)
         prediction, radius = certificates.dssn_radius(votes.counts, self.levels, self.q)
         nan = np.full(len(prediction), np.nan)
-        return {"selected": prediction, "prediction": prediction, "radius": radius, "p_a_lower": nan, "p_b_upper": nan,
-                "certificate": "dssn_exact"}
+        return {
+            "selected": prediction,
+            "prediction": prediction,
+            "radius": radius,
+            "p_a_lower": nan,
+            "p_b_upper": nan,
+            "certificate": "dssn_exact",
+        }
 
     def passes_per_image(self, n0, n):
         return self.levels
