@@ -23,7 +23,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from certlib.atomic import atomic_write
-from certlib.families import SmoothingNoise
+from certlib.families import SmoothingNoise, Votes, make_noise
 
 # The configuration of a row; these columns live in the directory names, not in the files.
 PARTITION_SCHEMA = pa.schema(
@@ -200,6 +200,30 @@ def _expression(filters):
         term = pds.field(column).isin(values)
         expression = term if expression is None else expression & term
     return expression
+
+
+def stored_noise(rows: pd.DataFrame) -> SmoothingNoise:
+    """The smoothing that certified ``rows`` (one configuration), rebuilt through the registry
+    from their method, sigma, seed and q, and checked against what they store (DSSN's L)."""
+    first = rows.iloc[0]
+    grid = {"q": int(first["q"])} if "q" in rows and pd.notna(first["q"]) else {}  # rows written here store q
+    noise = make_noise(first["method"], float(first["sigma"]), seed=int(first["seed"]), **grid)
+    stored, levels = (first["levels"] if "levels" in rows else None), noise.describe().get("levels")
+    if levels is not None and pd.notna(stored) and int(stored) != levels:
+        raise ValueError(
+            f"{first['method']} rows store L={int(stored)}, but sigma={first['sigma']} at q={noise.describe()['q']} "
+            f"gives L={levels}"
+        )
+    return noise
+
+
+def stored_votes(rows: pd.DataFrame, exact: bool) -> Votes:
+    """The vote counts ``rows`` store: all copies' (exact), or Monte Carlo's estimation and
+    selection counts."""
+    if rows["votes"].isna().any() or (not exact and rows["selection_votes"].isna().any()):
+        raise ValueError(f"{rows['method'].iloc[0]} rows without stored counts cannot be re-certified")
+    counts = np.stack(list(rows["votes"])).astype(np.int64)
+    return Votes(counts, None if exact else np.stack(list(rows["selection_votes"])).astype(np.int64))
 
 
 def load_results(path: str | Path, filters=None, columns: Sequence[str] | None = None) -> pd.DataFrame:

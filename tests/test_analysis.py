@@ -269,3 +269,29 @@ def test_plot_names_each_rows_norm_after_recertification(own_results, tmp_path):
     mixed = tmp_path / "mixed.svg"
     assert runner.invoke(main, ["plot", sweep.output, "-o", str(mixed), "--certificate", "standard"]).exit_code == 0
     assert "gaussian: L2" in mixed.read_text() and "uniform: L1" in mixed.read_text()
+
+
+def test_stored_rows_give_back_their_smoothing_and_votes():
+    """Re-certification rebuilds a row's smoothing through the registry and refuses rows whose
+    stored L contradicts their sigma and q (another convention's rows would certify wrongly)."""
+    from certlib.families import DSSNNoise
+    from certlib.rows import stored_noise, stored_votes
+
+    rows = pd.DataFrame(
+        {
+            "method": ["dssn"],
+            "sigma": [0.5],
+            "seed": [3],
+            "q": [16],
+            "levels": [27],
+            "votes": [[20, 7]],
+            "selection_votes": [None],
+        }
+    )
+    noise = stored_noise(rows)
+    assert isinstance(noise, DSSNNoise) and (noise.levels, noise.q, noise.seed) == (27, 16, 3)
+    np.testing.assert_array_equal(stored_votes(rows, exact=True).counts, [[20, 7]])
+    with pytest.raises(ValueError, match="store L=99, but sigma=0.5 at q=16 gives L=27"):
+        stored_noise(rows.assign(levels=[99]))
+    with pytest.raises(ValueError, match="without stored counts"):
+        stored_votes(rows.assign(selection_votes=[None]), exact=False)

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from certlib.analysis.tables import _groups
-from certlib.families import FAMILIES, Votes, make_noise, with_certificate
-from certlib.rows import RADIUS_COLUMNS
+from certlib.families import FAMILIES, with_certificate
+from certlib.rows import RADIUS_COLUMNS, stored_noise, stored_votes
 
 CERTIFICATES = tuple(dict.fromkeys(c for cls in FAMILIES.values() for c in cls.certificates))
 
@@ -34,27 +34,6 @@ def _images_of(rows: pd.DataFrame, dataset_root: str | Path | None) -> np.ndarra
     if missing.any():
         raise ValueError(f"recertify: image index {wanted[missing][0]} is not in {name}/{split}")
     return data.pixels(position.loc[wanted].to_numpy()).flatten(1).numpy().astype(np.float64)
-
-
-def _noise(params: dict, rows: pd.DataFrame):
-    """The rows' smoothing, rebuilt from the registry (and checked against what they store)."""
-    grid = {"q": int(params["q"])} if pd.notna(params.get("q")) else {}  # rows written here always store q
-    noise = make_noise(params["method"], float(params["sigma"]), seed=int(params["seed"]), **grid)
-    stored = rows["levels"].iloc[0] if "levels" in rows else None
-    levels = noise.describe().get("levels")
-    if levels is not None and pd.notna(stored) and int(stored) != levels:
-        raise ValueError(
-            f"recertify: {params['method']} rows store L={int(stored)}, but sigma={params['sigma']} "
-            f"at q={noise.describe().get('q')} gives L={levels}"
-        )
-    return noise
-
-
-def _votes(rows: pd.DataFrame, exact: bool) -> Votes:
-    if rows["votes"].isna().any() or (not exact and rows["selection_votes"].isna().any()):
-        raise ValueError(f"recertify: {rows['method'].iloc[0]} rows without stored counts cannot be re-certified")
-    counts = np.stack(list(rows["votes"])).astype(np.int64)
-    return Votes(counts, None if exact else np.stack(list(rows["selection_votes"])).astype(np.int64))
 
 
 def recertify(
@@ -85,7 +64,10 @@ def recertify(
     ]
     for keys, rows in _groups(out, group_keys, sort=False):
         params = dict(zip(group_keys, keys))
-        noise = _noise(params, rows)
+        try:
+            noise = stored_noise(rows)
+        except ValueError as err:
+            raise ValueError(f"recertify: {err}") from None
         if certificate not in noise.certificates:
             raise ValueError(
                 f"recertify: the {certificate!r} certificate does not apply to {noise.name} rows "
@@ -97,9 +79,8 @@ def recertify(
         level = (np.nan if noise.exact else float(params["alpha"])) if alpha is None else float(alpha)
         x = _images_of(rows, dataset_root) if certificate == "box_input" else None
         try:
-            result = noise.certify(
-                _votes(rows, noise.exact), alpha=level, multiclass=multi, certificate=certificate, x=x
-            )
+            votes = stored_votes(rows, noise.exact)
+            result = noise.certify(votes, alpha=level, multiclass=multi, certificate=certificate, x=x)
         except ValueError as err:
             raise ValueError(f"recertify: {err}") from None
         out.loc[rows.index, "prediction"] = result["prediction"]
