@@ -9,6 +9,9 @@ Conventions:
   returns NaN wherever its bound cannot certify anything; it never returns a negative radius.
 * ``alpha`` is always the one-sided failure probability of a bound.
 * Predictions break ties toward the lower class index.
+
+Zhang et al. 2020's dual certificate (``zhang_radius``) needs a Monte Carlo estimate behind a
+precomputed radius curve; it lives in ``certlib.dual_certificate`` and is exported here.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
+
+from certlib.dual_certificate import zhang_radius as zhang_radius
 
 ABSTAIN = -1
 
