@@ -53,11 +53,21 @@ def _check(norm: str, k: float, scale: float, dim: int) -> None:
 # --------------------------------------------------------------------------- exact samples of R's statistics
 
 
+def _l1_radii(k: float, b: float, d: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n draws of ||z||_1 for z ~ Eq. 10: Gamma(d - k, b)."""
+    return rng.gamma(d - k, b, n)
+
+
+def _l2_radii(k: float, sigma: float, d: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n draws of ||z||_2 for z ~ Eq. 11: ||z||^2 / (2 sigma^2) is Gamma((d - k) / 2, 1)."""
+    return np.sqrt(2 * sigma**2 * rng.gamma((d - k) / 2, 1.0, n))
+
+
 def _l1_statistics(k: float, b: float, d: int, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """||z||_1 and z_1 for z ~ Eq. 10: the radius is Gamma(d - k, b) (the density of ||z||_1 is
     r^(d-1) r^-k exp(-r/b) up to a constant) and |z_1| / ||z||_1 is a coordinate of a uniform
     point of the simplex, Beta(1, d - 1), with a random sign."""
-    radius = rng.gamma(d - k, b, n)
+    radius = _l1_radii(k, b, d, n, rng)
     share = rng.beta(1.0, d - 1.0, n) if d > 1 else np.ones(n)
     return {"norm": radius, "z1": radius * share * rng.choice((-1.0, 1.0), n)}
 
@@ -65,7 +75,7 @@ def _l1_statistics(k: float, b: float, d: int, n: int, rng: np.random.Generator)
 def _l2_statistics(k: float, sigma: float, d: int, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """||z||_2^2 and z_1 for z ~ Eq. 11: ||z||^2 / (2 sigma^2) is Gamma((d - k) / 2, 1) and z_1^2
     / ||z||^2 is a squared coordinate of a uniform point of the sphere, Beta(1/2, (d - 1)/2)."""
-    square = 2 * sigma**2 * rng.gamma((d - k) / 2, 1.0, n)
+    square = _l2_radii(k, sigma, d, n, rng) ** 2
     share = rng.beta(0.5, (d - 1) / 2, n) if d > 1 else np.ones(n)
     return {"square": square, "z1": np.sqrt(square * share) * rng.choice((-1.0, 1.0), n)}
 
@@ -141,6 +151,10 @@ def _linf_statistics(k: float, sigma: float, d: int, n: int, rng: np.random.Gene
             out["max"][rows] = np.maximum(out["max"][rows], rest.max(axis=1))
             out["min"][rows] = np.minimum(out["min"][rows], rest.min(axis=1))
     return out
+
+
+# The radial part of each family, shared by the certificate and the families' samplers.
+RADII = {"l1": _l1_radii, "l2": _l2_radii, "linf": _linf_radii}
 
 
 def sample_statistics(norm: str, k: float, scale: float, dim: int, n: int, seed: int) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ ignored by Parquet readers). The README documents each column.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from certlib.atomic import atomic_write
+from certlib.data import DATASETS
 from certlib.families import SmoothingNoise, Votes, make_noise
 
 # The configuration of a row; these columns live in the directory names, not in the files.
@@ -42,11 +44,13 @@ ROW_SCHEMA = pa.schema(
         pa.field("label", pa.int64()),
         pa.field("lambda", pa.float64()),  # effective lambda (DSSN: L/(2q)); null for Gaussian/Laplace
         pa.field("noise_scale", pa.float64()),  # sigma for Gaussian, b for Laplace, lambda otherwise
+        pa.field("k", pa.float64()),  # Zhang et al.'s shape k; null for the other families
         pa.field("levels", pa.int64()),  # DSSN: L; null otherwise
         pa.field("q", pa.int64()),
         pa.field("n0", pa.int64()),  # Monte Carlo only
         pa.field("n", pa.int64()),
         pa.field("alpha", pa.float64()),
+        pa.field("delta", pa.float64()),  # Zhang et al.: the radius curve's failure probability (added to alpha)
         pa.field("certificate", pa.string()),  # dssn_exact | binary | multiclass
         pa.field("selected", pa.int64()),  # DSSN: the prediction; Monte Carlo: the n0 samples' class
         pa.field("prediction", pa.int64()),  # -1 = abstain
@@ -55,18 +59,21 @@ ROW_SCHEMA = pa.schema(
         pa.field("selection_votes", pa.list_(pa.int64())),  # MC: counts of the n0 samples; null for DSSN
         pa.field("p_a_lower", pa.float64()),
         pa.field("p_b_upper", pa.float64()),
+        pa.field("norm", pa.string()),  # the norm of this row's radius: l1, l2 or linf
         pa.field("radius_l1", pa.float64()),  # NaN where abstaining or not an L1 certificate
         pa.field("radius_l2", pa.float64()),
+        pa.field("radius_linf", pa.float64()),
         pa.field("seconds", pa.float64()),  # certification time per image (unit wall time / images)
         pa.field("precision", pa.string()),
         pa.field("batch_size", pa.int64()),
         pa.field("worker_host", pa.string()),
         pa.field("device", pa.string()),
         pa.field("model_sha256", pa.string()),
+        pa.field("training_noise", pa.string()),  # the noise the model was trained with (its card's method)
         pa.field("library_version", pa.string()),
     ]
 )
-RADIUS_COLUMNS = {"l1": "radius_l1", "l2": "radius_l2"}  # the column of each norm's radius
+RADIUS_COLUMNS = {"l1": "radius_l1", "l2": "radius_l2", "linf": "radius_linf"}  # the column of each norm's radius
 UNIT_METADATA_KEY = b"certify.unit"
 SHARD_GLOB = "method=*/training=*/sigma=*/seed=*/part-*.parquet"
 
@@ -146,6 +153,9 @@ def certification_rows(
             "label": labels,
             "lambda": described.get("lambda"),
             "noise_scale": noise.scale,
+            "k": described.get("k"),
+            "delta": settings.get("delta"),
+            "norm": noise.norm,
             "levels": described.get("levels"),
             "n0": settings.get("n0"),
             "n": settings.get("n"),
@@ -206,8 +216,10 @@ def stored_noise(rows: pd.DataFrame) -> SmoothingNoise:
     """The smoothing that certified ``rows`` (one configuration), rebuilt through the registry
     from their method, sigma, seed and q, and checked against what they store (DSSN's L)."""
     first = rows.iloc[0]
-    grid = {"q": int(first["q"])} if "q" in rows and pd.notna(first["q"]) else {}  # rows written here store q
-    noise = make_noise(first["method"], float(first["sigma"]), seed=int(first["seed"]), **grid)
+    q = int(first["q"]) if "q" in rows and pd.notna(first["q"]) else 255  # rows written here always store q
+    k = float(first["k"]) if "k" in rows and pd.notna(first["k"]) else None
+    dim = math.prod(DATASETS[first["dataset"]].input_shape) if k is not None else None
+    noise = make_noise(first["method"], float(first["sigma"]), q=q, seed=int(first["seed"]), k=k, dim=dim)
     stored, levels = (first["levels"] if "levels" in rows else None), noise.describe().get("levels")
     if levels is not None and pd.notna(stored) and int(stored) != levels:
         raise ValueError(
@@ -246,8 +258,10 @@ def load_results(path: str | Path, filters=None, columns: Sequence[str] | None =
     ]
     if not files:
         raise FileNotFoundError(f"no result shards under {path}")
+    # The full schema: shards written before a column existed read it as null.
     dataset = pds.dataset(
         files,
+        schema=pa.schema(list(ROW_SCHEMA) + list(PARTITION_SCHEMA)),
         format="parquet",
         partition_base_dir=str(path),
         partitioning=pds.partitioning(PARTITION_SCHEMA, flavor="hive"),

@@ -83,8 +83,8 @@ def submission_id(spec_json: str, name: str) -> str:
 def submit_job(spec_file: Path, address: str | None, wait: bool) -> None:
     """Validate SPEC_FILE completely, then submit it as one Ray job."""
     from cluster.driver import SPEC_VARIABLE
-    from cluster.plan import preflight
-    from cluster.spec import SpecError, load_spec, relative_paths, resolve_paths
+    from cluster.plan import preflight, relative_paths, resolve_paths
+    from cluster.spec import SpecError, load_spec
 
     sweep = load_spec(spec_file)
     url = jobs.dashboard_address(address)

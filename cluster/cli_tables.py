@@ -75,43 +75,85 @@ def _read_results(results: Path, certificate: str, dataset_root: str | None, by:
     return df, columns
 
 
+LINF_RADII = (2, 4, 6, 8, 10, 12)  # in 1/255, Zhang et al.'s Table 3
+
+
+def by_norm(df, norm: str | None = None):
+    """(norm, rows, what the envelope chooses over) for each norm of the rows' radii (only
+    ``norm`` if given): a table or plot never mixes norms; Zhang et al.'s rows choose over k too."""
+    from certlib.families import family
+
+    row_norm = df["method"].map(lambda m: family(m).norm)
+    if norm is not None and norm not in set(row_norm):
+        raise UserError(f"--norm {norm}: the results hold {', '.join(sorted(set(row_norm)))} radii only")
+    for each in sorted(set(row_norm)) if norm is None else [norm]:
+        rows = df[row_norm == each]
+        yield each, rows, (["sigma", "k"] if "k" in rows and rows["k"].notna().any() else "sigma")
+
+
 @click.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--radii", help="Radii, comma-separated (default: the sweep's radii, else 0, 0.5, ..., 4).")
+@click.option("--radii-linf", help="L-infinity radii in units of 1/255, comma-separated (default 2, 4, ..., 12).")
 @click.option("--by", default="method,training", show_default=True, help="Columns that name a table row.")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "latex"]), default="markdown", show_default=True)
 @click.option("--seeds", is_flag=True, help="Levine & Feizi Table 3: the envelope per seed with mean, std and max-min.")
 @recertify_options
 @user_errors
 def table(
-    results: Path, radii: str | None, by: str, fmt: str, seeds: bool, certificate: str, dataset_root: str | None
+    results: Path,
+    radii: str | None,
+    radii_linf: str | None,
+    by: str,
+    fmt: str,
+    seeds: bool,
+    certificate: str,
+    dataset_root: str | None,
 ) -> None:
-    """Best certified accuracy over the sigma grid, as in Levine & Feizi Table 1."""
+    """Best certified accuracy over the sigma grid (and k), as in Levine & Feizi Table 1: one
+    table per norm, L-infinity radii in units of 1/255."""
     from certlib.analysis import best_certified_accuracy, format_envelope, format_seed_table, seed_table
 
     df, columns = _read_results(results, certificate, dataset_root, by)
-    radii_list = _floats(radii) or _default_radii(results)
-    if "sigma" in columns or (seeds and "seed" in columns):
-        raise UserError("--by: sigma (and with --seeds, seed) is what the table chooses over, not a row name")
-    if seeds:
-        click.echo(format_seed_table(seed_table(df, radii_list, columns), columns, fmt=fmt))
-    else:
-        click.echo(format_envelope(best_certified_accuracy(df, radii_list, columns), columns, fmt=fmt))
+    if {"sigma", "k"} & set(columns) or (seeds and "seed" in columns):
+        raise UserError("--by: sigma and k (and with --seeds, seed) are what the table chooses over, not row names")
+    tables = list(by_norm(df))
+    for norm, rows, over in tables:
+        per = 255 if norm == "linf" else None
+        chosen = (
+            [r / 255 for r in (_floats(radii_linf) or LINF_RADII)]
+            if per
+            else (_floats(radii) or _default_radii(results))
+        )
+        if len(tables) > 1:
+            click.echo(f"{norm.upper()} radius:")
+        if seeds:
+            text = format_seed_table(seed_table(df=rows, radii=chosen, by=columns, over=over), columns, over, fmt, per)
+        else:
+            text = format_envelope(best_certified_accuracy(rows, chosen, columns, over), columns, over, fmt, per)
+        click.echo(text)
 
 
 @click.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG or SVG file.")
 @click.option("--by", default="method,training", show_default=True, help="Columns that name a curve family.")
+@click.option(
+    "--norm", type=click.Choice(["l1", "l2", "linf"]), help="The norm to plot where the results hold several."
+)
 @recertify_options
 @user_errors
-def plot(results: Path, output: Path, by: str, certificate: str, dataset_root: str | None) -> None:
-    """Certified accuracy against radius: one curve per sigma, the envelope bold."""
+def plot(results: Path, output: Path, by: str, norm: str | None, certificate: str, dataset_root: str | None) -> None:
+    """Certified accuracy against radius: one curve per sigma (and k), the envelope bold; one norm per plot."""
     from certlib.analysis import plot_curves
 
     df, columns = _read_results(results, certificate, dataset_root, by)
+    plots = list(by_norm(df, norm))
+    if len(plots) > 1:
+        raise UserError(f"the results hold {', '.join(n for n, _, _ in plots)} radii: plot one norm at a time (--norm)")
+    _, rows, over = plots[0]
     try:
-        path = plot_curves(df, output, columns)
+        path = plot_curves(rows, output, columns, over)
     except ValueError as err:
         raise UserError(str(err)) from None
     click.echo(f"wrote {path}")

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from certlib.checkpoint import check_card, read_card
-from certlib.data import QuantizedDataset, load_dataset
-from certlib.families import SmoothingNoise, make_noise
+from certlib.data import DATASETS, QuantizedDataset, load_dataset
+from certlib.families import SmoothingNoise, family, make_noise
 from certlib.rows import existing_shards, shard_config, shard_path, shard_state
 from certlib.train_config import PAPER_DEFAULTS
 from cluster.progress import Progress
-from cluster.spec import SpecError, Sweep
+from cluster.spec import SpecError, Sweep, parse_spec
 
 SWEEP_FILE = "_sweep.json"  # the resolved spec beside its results
 
@@ -38,19 +39,30 @@ class ModelKey:
     training: str
     sigma: float
     seed: int
+    k: float | None = None  # the shape of Zhang et al.'s families; None for the others
 
     @property
     def label(self) -> str:
-        return f"{self.method}/{self.training}/sigma={self.sigma}/seed={self.seed}"
+        shape = "" if self.k is None else f"/k={self.k}"
+        return f"{self.method}/{self.training}/sigma={self.sigma}{shape}/seed={self.seed}"
 
     def noise(self, sweep: Sweep) -> SmoothingNoise:
         """The smoothing this model is certified with, on the sweep's grid."""
-        return make_noise(self.method, self.sigma, q=sweep.q, seed=self.seed)
+        dim = math.prod(DATASETS[sweep.dataset.name].input_shape) if self.k is not None else None
+        return make_noise(self.method, self.sigma, q=sweep.q, seed=self.seed, k=self.k, dim=dim)
+
+    def training_noise(self, sweep: Sweep) -> str:
+        """The noise the model was trained with: ``models.noise``, else the certifying method."""
+        return sweep.models.noise or self.method
 
     def checkpoint(self, sweep: Sweep) -> Path:
         return Path(
             sweep.models.path.format(
-                method=self.method, training=self.training, sigma=self.sigma, seed=self.seed, dataset=sweep.dataset.name
+                method=self.training_noise(sweep),
+                training=self.training,
+                sigma=self.sigma,
+                seed=self.seed,
+                dataset=sweep.dataset.name,
             )
         )
 
@@ -67,7 +79,8 @@ class Unit:
     @property
     def unit_id(self) -> str:
         m = self.model
-        return f"{m.method}-{m.training}-s{m.sigma}-seed{m.seed}-{self.start:07d}-{self.stop:07d}"
+        shape = "" if m.k is None else f"-k{m.k}"
+        return f"{m.method}-{m.training}-s{m.sigma}{shape}-seed{m.seed}-{self.start:07d}-{self.stop:07d}"
 
     @property
     def size(self) -> int:
@@ -80,10 +93,11 @@ class Unit:
 
 def model_keys(sweep: Sweep) -> list[ModelKey]:
     return [
-        ModelKey(m, t, s, seed)
+        ModelKey(m, t, s, seed, k)
         for m in sweep.methods
         for t in sweep.training
         for s in sweep.sigmas
+        for k in (sweep.ks if family(m).shaped else (None,))
         for seed in sweep.seeds
     ]
 
@@ -227,9 +241,10 @@ def plan_sweep(sweep: Sweep, num_images: int, log=print) -> Plan:
 
 def _check_foreign_shards(sweep: Sweep, expected: dict[Path, Unit], keys: set[ModelKey]) -> None:
     """Refuse shards of this sweep's models that this sweep would not write."""
+    configs = {(key.method, key.training, key.sigma, key.seed) for key in keys}
     for path in existing_shards(sweep.output):
         if path not in expected:
-            if ModelKey(**shard_config(sweep.output, path)) in keys:
+            if tuple(shard_config(sweep.output, path).values()) in configs:
                 raise SweepConflict(
                     f"output: {path} was written with another shard size or image selection; use a new output directory"
                 )
@@ -312,7 +327,7 @@ def preflight(sweep: Sweep) -> None:
                 raise SpecError(f"models.path: {err}") from None
             problems = check_card(
                 card,
-                method=key.method,
+                method=key.training_noise(sweep),
                 sigma=key.sigma,
                 seed=key.seed,
                 q=sweep.q,
@@ -328,3 +343,25 @@ def preflight(sweep: Sweep) -> None:
     size = recorded_shard_size(sweep.output) if isinstance(given, str) else given
     if size is not None:  # else the driver sizes the units: no shard can be there yet
         plan_sweep(with_shard_size(sweep, size), len(images), log=lambda line: None)
+
+
+def relative_paths(sweep: Sweep) -> list[str]:
+    """The spec fields holding relative paths (a remote cluster cannot know what they mean)."""
+    candidates = {"output": sweep.output, "models.path": sweep.models.path, "dataset.root": sweep.dataset.root}
+    return [
+        key for key, value in candidates.items() if value is not None and not Path(value).expanduser().is_absolute()
+    ]
+
+
+def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
+    """The sweep with its relative file paths (output, models.path, dataset.root) made
+    absolute against ``base``: a job's driver runs in another working directory."""
+
+    def absolute(p: str | None) -> str | None:
+        return None if p is None else str(base / Path(p).expanduser())  # an absolute p stays as it is
+
+    data = json.loads(sweep.to_json())
+    data["output"] = absolute(data["output"])
+    data["models"]["path"] = absolute(data["models"]["path"])
+    data["dataset"]["root"] = absolute(data["dataset"]["root"])
+    return parse_spec(data)

@@ -7,6 +7,7 @@ sweep into its units.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -47,6 +48,7 @@ class ModelsSpec:
     path: str  # template with {method} {training} {sigma} {seed} (and {dataset})
     train: TrainSettings | None = None
     override_card: bool = False
+    noise: str | None = None  # the models' training noise where it is not the certifying method
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class Sweep:
     models: ModelsSpec
     methods: tuple[str, ...]
     sigmas: tuple[float, ...]
+    ks: tuple[float, ...] = (0.0,)  # shapes of Zhang et al.'s families (ignored by the others)
     seeds: tuple[int, ...] = (0,)
     training: tuple[str, ...] = ("standard",)
     certify: CertifySpec = CertifySpec()
@@ -98,9 +101,11 @@ class Sweep:
         return DATASETS[self.dataset.name].q
 
     def to_json(self) -> str:
-        data = _lists(asdict(self))
+        data = asdict(self)  # tuples are written as JSON lists, as YAML gives them
         if data["models"]["train"] is None:  # "train:" present, even empty, means "train with defaults"
             del data["models"]["train"]
+        if self.ks == Sweep.ks:  # the default: a spec without shaped families may not name ks
+            del data["ks"]
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -253,7 +258,8 @@ def _models(data, path="models") -> ModelsSpec:
     if missing:
         raise SpecError(f"{path}.path: the template must contain {{{missing[0]}}} so that every model has its own file")
     train = _train(data["train"]) if "train" in data else None
-    return ModelsSpec(template, train, _bool(data.get("override_card", False), f"{path}.override_card"))
+    noise = None if data.get("noise") is None else _str(data["noise"], f"{path}.noise", sorted(FAMILIES))
+    return ModelsSpec(template, train, _bool(data.get("override_card", False), f"{path}.override_card"), noise)
 
 
 def _certify(data, path="certify") -> CertifySpec:
@@ -297,6 +303,13 @@ def _resources(data, path="resources") -> ResourcesSpec:
     )
 
 
+def _ks(data: dict, methods: tuple[str, ...]) -> tuple[float, ...]:
+    if "ks" in data and not any(family(m).shaped for m in methods):
+        shaped = ", ".join(m for m, cls in FAMILIES.items() if cls.shaped)
+        raise SpecError(f"ks: only the methods {shaped} take a shape k")
+    return _list(data.get("ks", [0.0]), "ks", lambda v, w: _float(v, w, minimum=0))
+
+
 def parse_spec(data: Any) -> Sweep:
     """Validate a spec given as plain data (parsed YAML) and return the Sweep."""
     data = _check_keys(data, Sweep, "")
@@ -309,12 +322,18 @@ def parse_spec(data: Any) -> Sweep:
     dataset = _dataset(data["dataset"])
     methods = _list(data["methods"], "methods", lambda v, w: _str(v, w, sorted(FAMILIES)))
     sigmas = _list(data["sigmas"], "sigmas", lambda v, w: _float(v, w, positive=True))
-    for method in methods:  # each family checks its own parameters
-        for i, sigma in enumerate(sigmas):
-            try:
-                make_noise(method, sigma, q=DATASETS[dataset.name].q)
-            except ValueError as err:
-                raise SpecError(f"sigmas[{i}]: {err}") from None
+    ks = _ks(data, methods)
+    info = DATASETS[dataset.name]
+    for method, (i, sigma) in itertools.product(methods, enumerate(sigmas)):  # each family checks its own
+        try:
+            make_noise(method, sigma, q=info.q)
+        except ValueError as err:
+            raise SpecError(f"sigmas[{i}]: {err}") from None
+    for method, (j, k) in itertools.product([m for m in methods if family(m).shaped], enumerate(ks)):
+        try:
+            make_noise(method, sigmas[0], q=info.q, k=k, dim=math.prod(info.input_shape))
+        except ValueError as err:
+            raise SpecError(f"ks[{j}]: {err}") from None
     training = _list(data.get("training", ["standard"]), "training", lambda v, w: _str(v, w, TRAINING_MODES))
     certify = _certify(data.get("certify"))
     binary_only = [m for m in methods if family(m).binary_only]
@@ -330,6 +349,7 @@ def parse_spec(data: Any) -> Sweep:
         models=_models(data["models"]),
         methods=methods,
         sigmas=sigmas,
+        ks=ks,
         seeds=_list(data.get("seeds", [0]), "seeds", _seed),
         training=training,
         certify=certify,
@@ -362,34 +382,3 @@ def load_spec(path: str | Path) -> Sweep:
         return parse_spec(data)
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
-
-
-def relative_paths(sweep: Sweep) -> list[str]:
-    """The spec fields holding relative paths (a remote cluster cannot know what they mean)."""
-    candidates = {"output": sweep.output, "models.path": sweep.models.path, "dataset.root": sweep.dataset.root}
-    return [
-        key for key, value in candidates.items() if value is not None and not Path(value).expanduser().is_absolute()
-    ]
-
-
-def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
-    """The sweep with its relative file paths (output, models.path, dataset.root) made
-    absolute against ``base``: a job's driver runs in another working directory."""
-
-    def absolute(p: str | None) -> str | None:
-        return None if p is None else str(base / Path(p).expanduser())  # an absolute p stays as it is
-
-    data = json.loads(sweep.to_json())
-    data["output"] = absolute(data["output"])
-    data["models"]["path"] = absolute(data["models"]["path"])
-    data["dataset"]["root"] = absolute(data["dataset"]["root"])
-    return parse_spec(data)
-
-
-def _lists(data):
-    """asdict() turns lists into tuples; the parser expects YAML's lists."""
-    if isinstance(data, dict):
-        return {k: _lists(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_lists(v) for v in data]
-    return data

@@ -83,7 +83,7 @@ class UnitRunner:
                 settings = dataclasses.asdict(sweep.models.train)
                 config = TrainConfig(
                     dataset=sweep.dataset.name,
-                    method=key.method,
+                    method=key.training_noise(sweep),
                     sigma=key.sigma,
                     seed=key.seed,
                     training=key.training,
@@ -131,7 +131,7 @@ class UnitRunner:
                 path,
                 device=self.device,
                 override=self.sweep.models.override_card,
-                method=key.method,
+                method=key.training_noise(self.sweep),
                 sigma=key.sigma,
                 seed=key.seed,
                 q=self.sweep.q,
@@ -186,6 +186,7 @@ class UnitRunner:
             worker_host=socket.gethostname(),
             device=device_name(self.device),
             model_sha256=card.weights_sha256,
+            training_noise=card.method,
             library_version=certlib.__version__,
         )
         return table, {"unit_id": unit.unit_id, "model": key.label, "images": len(rows), "seconds": seconds}

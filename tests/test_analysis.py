@@ -234,7 +234,7 @@ def test_plot_and_table_commands(own_results, tmp_path):
     png = plot_curves(df[df.method != "gaussian"], tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runner = CliRunner()
-    result = runner.invoke(main, ["plot", sweep.output, "-o", str(tmp_path / "curves.svg")])
+    result = runner.invoke(main, ["plot", sweep.output, "-o", str(tmp_path / "curves.svg"), "--norm", "l1"])
     assert result.exit_code == 0 and (tmp_path / "curves.svg").read_text().lstrip().startswith("<?xml")
     table = runner.invoke(main, ["table", sweep.output, "--radii", "0,0.5,1.5"])
     assert table.exit_code == 0 and "| dssn / standard |" in table.output and "@ σ=" in table.output
@@ -266,9 +266,10 @@ def test_plot_names_each_rows_norm_after_recertification(own_results, tmp_path):
         assert result.exit_code == 0, result.output
         svg = out.read_text()
         assert "L2 radius (pixel scale [0, 1])" in svg and "L1 radius" not in svg
-    mixed = tmp_path / "mixed.svg"
-    assert runner.invoke(main, ["plot", sweep.output, "-o", str(mixed), "--certificate", "standard"]).exit_code == 0
-    assert "gaussian: L2" in mixed.read_text() and "uniform: L1" in mixed.read_text()
+    mixed = runner.invoke(main, ["plot", sweep.output, "-o", str(tmp_path / "mixed.svg"), "--certificate", "standard"])
+    assert mixed.exit_code == 2 and "plot one norm at a time" in mixed.output  # a plot never mixes norms
+    l1 = runner.invoke(main, ["plot", sweep.output, "-o", str(tmp_path / "l1.svg"), "--norm", "l1"])
+    assert l1.exit_code == 0 and "L1 radius (pixel scale [0, 1])" in (tmp_path / "l1.svg").read_text()
 
 
 def test_stored_rows_give_back_their_smoothing_and_votes():

@@ -189,7 +189,17 @@ def test_cluster_launcher_config_passes_rays_validation():
     assert config["head_start_ray_commands"][-1].count("--dashboard-host=127.0.0.1") == 1
 
 
-@pytest.mark.parametrize("name", ["quickstart", "cifar10-table1", "cifar10-table3", "imagenet-figure7"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "quickstart",
+        "cifar10-table1",
+        "cifar10-table3",
+        "imagenet-figure7",
+        "cifar10-zhang2020-l1",
+        "cifar10-zhang2020-l2-linf",
+    ],
+)
 def test_shipped_job_specs_are_valid(name):
     from cluster.spec import load_spec
 
@@ -208,7 +218,8 @@ def test_table1_spec_is_the_papers_grid():
 
 @pytest.mark.parametrize("name", ["quickstart", "cifar10-table1", "imagenet-figure7"])
 def test_specs_survive_the_round_trip_to_the_driver(name):
-    from cluster.spec import Sweep, load_spec, resolve_paths
+    from cluster.plan import resolve_paths
+    from cluster.spec import Sweep, load_spec
 
     sweep = load_spec(Path(__file__).resolve().parents[1] / "jobs" / f"{name}.yaml")
     assert Sweep.from_json(sweep.to_json()) == sweep

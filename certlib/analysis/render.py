@@ -8,11 +8,20 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from certlib.analysis.tables import _groups
+from certlib.analysis.tables import Over, _groups, over_columns
+
+SYMBOLS = {"sigma": "σ"}
 
 
-def _cell(certified: float, clean: float, value, symbol: str) -> str:
-    return f"{100 * certified:.2f}% ({100 * clean:.2f}% @ {symbol}={float(value)})"
+def _cell(certified: float, clean: float, chosen: dict) -> str:
+    """ "72.25% (81.50% @ σ=0.75)": the accuracy, and the clean accuracy and parameters of the
+    configuration achieving it (a parameter a family does not have, e.g. its k, is left out)."""
+    where = ", ".join(f"{SYMBOLS.get(c, c)}={float(v)}" for c, v in chosen.items() if pd.notna(v))
+    return f"{100 * certified:.2f}% ({100 * clean:.2f}% @ {where})"
+
+
+def _header(r: float, per: int | None) -> str:
+    return f"r = {r:g}" if per is None else f"r = {round(r * per, 6):g}/{per}"
 
 
 def _render(header: list[str], lines: list[list[str]], fmt: str) -> str:
@@ -36,45 +45,54 @@ def _render(header: list[str], lines: list[list[str]], fmt: str) -> str:
 
 
 def format_envelope(
-    table: pd.DataFrame, by: Sequence[str] = ("method", "training"), over: str = "sigma", fmt: str = "markdown"
+    table: pd.DataFrame,
+    by: Sequence[str] = ("method", "training"),
+    over: Over = "sigma",
+    fmt: str = "markdown",
+    per: int | None = None,
 ) -> str:
     """An envelope from ``best_certified_accuracy`` as the paper prints it: one row per group,
-    one column per radius, cells "72.25% (81.50% @ σ=0.75)"; ``fmt`` markdown, csv or latex."""
-    by = list(by)
+    one column per radius, cells "72.25% (81.50% @ σ=0.75)"; ``fmt`` markdown, csv or latex;
+    ``per`` writes the radii as multiples of 1/per (255 for L-infinity, as the papers do)."""
+    by, chosen = list(by), over_columns(over)
     radii = sorted(table["radius"].unique())
-    symbol = "σ" if over == "sigma" else over
     lines = []
     for keys, group in _groups(table, by):
         cells = {
-            row.radius: _cell(row.certified_accuracy, row.clean_accuracy, getattr(row, over), symbol)
-            for row in group.itertuples(index=False)
+            row["radius"]: _cell(row["certified_accuracy"], row["clean_accuracy"], {c: row[c] for c in chosen})
+            for _, row in group.iterrows()
         }
         lines.append([" / ".join(str(k) for k in keys)] + [cells.get(r, "") for r in radii])
-    return _render([" / ".join(by)] + [f"r = {r:g}" for r in radii], lines, fmt)
+    return _render([" / ".join(by)] + [_header(r, per) for r in radii], lines, fmt)
 
 
 def format_seed_table(
-    table: pd.DataFrame, by: Sequence[str] = ("method", "training"), over: str = "sigma", fmt: str = "markdown"
+    table: pd.DataFrame,
+    by: Sequence[str] = ("method", "training"),
+    over: Over = "sigma",
+    fmt: str = "markdown",
+    per: int | None = None,
 ) -> str:
     """A table from ``seed_table``: one row per group and seed, then mean, std and max-min rows."""
-    by = list(by)
+    by, chosen = list(by), over_columns(over)
     radii = sorted(table["radius"].unique())
-    symbol = "σ" if over == "sigma" else over
+    summaries = ("mean", "std", "max-min")
     lines = []
     for keys, group in _groups(table, by):
-        order = [s for s in group["seed"].unique() if s not in ("mean", "std", "max-min")] + ["mean", "std", "max-min"]
+        order = [s for s in group["seed"].unique() if s not in summaries] + list(summaries)
         for seed in order:
             rows = group[group["seed"] == seed].set_index("radius")
-            if seed in ("mean", "std", "max-min"):
+            if seed in summaries:
                 cells = [f"{100 * rows.loc[r, 'certified_accuracy']:.2f}%" if r in rows.index else "" for r in radii]
-                label = seed
             else:
                 cells = [
-                    _cell(rows.loc[r, "certified_accuracy"], rows.loc[r, "clean_accuracy"], rows.loc[r, over], symbol)
+                    _cell(
+                        rows.loc[r, "certified_accuracy"], rows.loc[r, "clean_accuracy"], rows.loc[r, chosen].to_dict()
+                    )
                     if r in rows.index
                     else ""
                     for r in radii
                 ]
-                label = f"seed = {seed}"
+            label = seed if seed in summaries else f"seed = {seed}"
             lines.append([" / ".join(str(k) for k in keys) + f" / {label}"] + cells)
-    return _render([" / ".join(by) + " / seed"] + [f"r = {r:g}" for r in radii], lines, fmt)
+    return _render([" / ".join(by) + " / seed"] + [_header(r, per) for r in radii], lines, fmt)

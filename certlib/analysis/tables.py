@@ -34,8 +34,15 @@ ANALYSIS_COLUMNS = (
     "prediction",
     "radius_l1",
     "radius_l2",
+    "radius_linf",
+    "k",
     "alpha",
 )
+Over = str | Sequence[str]  # the column(s) an envelope chooses over: sigma, or sigma and k
+
+
+def over_columns(over: Over) -> list[str]:
+    return [over] if isinstance(over, str) else list(over)
 
 
 def _groups(frame: pd.DataFrame, by: Sequence[str], sort: bool = True):
@@ -45,7 +52,7 @@ def _groups(frame: pd.DataFrame, by: Sequence[str], sort: bool = True):
 
 
 def norms(df: pd.DataFrame) -> list[str]:
-    """The norms of the rows' radii ("l1", "l2"), from their families."""
+    """The norms of the rows' radii ("l1", "l2", "linf"), from their families."""
     return sorted({family(m).norm for m in df["method"].unique()})
 
 
@@ -77,28 +84,29 @@ def certified_accuracy(df: pd.DataFrame, radii: Sequence[float], by: Sequence[st
     by = list(by)
     scores = _scores(df, radii)
     scores[by] = df[by]
-    grouped = scores.groupby(by, sort=True, observed=True)
+    grouped = scores.groupby(by, sort=True, observed=True, dropna=False)  # k is null outside Zhang's families
     table = grouped.mean()
     table["images"] = grouped.size()
     return table.reset_index()
 
 
 def best_certified_accuracy(
-    df: pd.DataFrame, radii: Sequence[float], by: Sequence[str] = ("method", "training"), over: str = "sigma"
+    df: pd.DataFrame, radii: Sequence[float], by: Sequence[str] = ("method", "training"), over: Over = "sigma"
 ) -> pd.DataFrame:
     """The envelope of Levine & Feizi Table 1: for each group and radius, the best certified
     accuracy over ``over`` (the sigma grid), with the clean accuracy and the ``over`` value of
-    the configuration achieving it (ties go to the smaller value).
+    the configuration achieving it (ties go to the smaller value). ``over`` may name several
+    columns (sigma and Zhang et al.'s k: the best over classifiers).
 
     Long format: the ``by`` columns, ``radius``, ``certified_accuracy``, ``clean_accuracy`` and
     ``over``. Rows of several seeds in one configuration are pooled (use ``seed_table`` to
     separate them).
     """
-    by = list(by)
-    per_config = certified_accuracy(df, radii, by + [over])
+    by, chosen = list(by), over_columns(over)
+    per_config = certified_accuracy(df, radii, by + chosen)
     rows = []
     for keys, group in _groups(per_config, by):
-        group = group.sort_values(over)
+        group = group.sort_values(chosen)
         for r in radii:
             best = group.iloc[int(np.argmax(group[float(r)].to_numpy()))]  # first maximum: the smallest value
             rows.append(
@@ -107,7 +115,7 @@ def best_certified_accuracy(
                     "radius": float(r),
                     "certified_accuracy": best[float(r)],
                     "clean_accuracy": best["clean"],
-                    over: best[over],
+                    **{column: best[column] for column in chosen},
                 }
             )
     return pd.DataFrame(rows)
@@ -117,7 +125,7 @@ def seed_table(
     df: pd.DataFrame,
     radii: Sequence[float],
     by: Sequence[str] = ("method", "training"),
-    over: str = "sigma",
+    over: Over = "sigma",
     seed: str = "seed",
 ) -> pd.DataFrame:
     """Levine & Feizi Table 3: the envelope for each seed, then across seeds the mean, the

@@ -66,11 +66,12 @@ class SmoothingNoise(ABC):
     """The interface every smoothing family implements (module docstring)."""
 
     name: ClassVar[str]
-    norm: ClassVar[str]  # "l1" or "l2": the norm of the certified radius
+    norm: ClassVar[str]  # "l1", "l2" or "linf": the norm of the certified radius
     exact: ClassVar[bool] = False  # votes enumerated exactly: no Monte Carlo parameters, no alpha
     certificates: ClassVar[tuple[str, ...]] = ("standard",)  # what ``certify(certificate=...)`` accepts
     binary_only: ClassVar[str] = ""  # why it has no multiclass certificate (empty: it has one)
     card_keys: ClassVar[tuple[str, ...]] = ()  # card fields a model must match besides method and sigma
+    shaped: ClassVar[bool] = False  # takes a shape k and the input dimension (Zhang et al.'s families)
 
     def __init__(self, sigma: float, *, q: int = 255, seed: int = 0):
         self.sigma = check_sigma(sigma)

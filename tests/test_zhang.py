@@ -1,0 +1,115 @@
+"""Zhang et al. 2020's families in the product: the device samplers follow the laws the
+certificate assumes, and a sweep certifies Gaussian-trained models with them (the paper's
+setting), writing rows in each family's norm and one table per norm."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from scipy import stats
+
+from certlib.analysis import load_results
+from certlib.data import load_digits
+from certlib.dual_certificate import sample_statistics
+from certlib.families import make_noise
+from cluster.cli import main
+from cluster.plan import expand, model_keys
+from cluster.spec import SpecError, parse_spec
+from cluster.worker import UnitRunner
+from tests.conftest import random_checkpoint
+
+D = 10
+
+
+def draw(method: str, k: float, sigma: float, count: int = 20_000) -> torch.Tensor:
+    noise = make_noise(method, sigma, k=k, dim=D)
+    return noise.sample(torch.zeros(count, D, dtype=torch.float64), torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("k", [0.0, 4.0])
+def test_device_samplers_follow_the_certificates_laws(k):
+    """Radius and first coordinate of the family's noise against the certificate's exact
+    statistics (two-sample KS): what is certified is what is sampled."""
+    z = draw("zhang-l1", k, 0.6).numpy()
+    reference = sample_statistics("l1", k, 0.6 / math.sqrt(2), D, 20_000, seed=5)
+    assert stats.ks_2samp(np.abs(z).sum(1), reference["norm"]).pvalue > 1e-3
+    assert stats.ks_2samp(z[:, 0], reference["z1"]).pvalue > 1e-3
+    z = draw("zhang-l2", k, 0.6).numpy()
+    reference = sample_statistics("l2", k, 0.6, D, 20_000, seed=5)
+    assert stats.ks_2samp((z**2).sum(1), reference["square"]).pvalue > 1e-3
+    assert stats.ks_2samp(z[:, 0], reference["z1"]).pvalue > 1e-3
+    z = draw("zhang-linf", k, 0.6).numpy()
+    reference = sample_statistics("linf", k, 0.6, D, 20_000, seed=5)
+    for mine, theirs in (
+        (np.abs(z).max(1), reference["t"]),
+        (z.sum(1), reference["sum"]),
+        (z.max(1), reference["max"]),
+    ):
+        assert stats.ks_2samp(mine, theirs).pvalue > 1e-3
+
+
+def test_sampling_is_a_function_of_the_generator_and_k_is_validated():
+    a, b = draw("zhang-linf", 2.0, 0.5, 50), draw("zhang-linf", 2.0, 0.5, 50)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="below the input dimension"):
+        make_noise("zhang-l2", 0.5, k=10, dim=10)
+    with pytest.raises(ValueError, match="has no shape parameter k"):
+        make_noise("gaussian", 0.5, k=1.0)
+
+
+def zhang_spec(tmp_path, **extra):
+    return parse_spec(
+        {
+            "name": "zhang",
+            "output": str(tmp_path / "out"),
+            "dataset": {"name": "digits", "limit": 24},
+            "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt"), "noise": "gaussian"},
+            "methods": ["zhang-l2", "zhang-linf"],
+            "sigmas": [0.5],
+            "ks": [0.0, 16.0],
+            "certify": {"n0": 16, "n": 400, "compile": False},
+            "resources": {"shard_size": 12},
+            **extra,
+        }
+    )
+
+
+def test_a_sweep_certifies_gaussian_trained_models_with_the_families(tmp_path):
+    sweep = zhang_spec(tmp_path)
+    digits = load_digits("test")
+    keys = model_keys(sweep)
+    assert {(key.method, key.k) for key in keys} == {(m, k) for m in sweep.methods for k in (0.0, 16.0)}
+    assert len({key.checkpoint(sweep) for key in keys}) == 1  # every k certifies the one Gaussian model
+    random_checkpoint(keys[0].checkpoint(sweep), digits, "gaussian", 0.5, 0)
+    runner = UnitRunner(sweep.to_json(), "zhang-test")
+    units = expand(sweep, 24)
+    assert len({unit.unit_id for unit in units}) == len(units) == 8
+    for unit in units:
+        runner.certify(unit)
+    df = load_results(sweep.output)
+    assert len(df) == 4 * 24 and set(df["k"]) == {0.0, 16.0} and set(df["delta"]) == {0.001}
+    assert set(df["training_noise"]) == {"gaussian"}
+    l2, linf = df[df.method == "zhang-l2"], df[df.method == "zhang-linf"]
+    assert set(l2["norm"]) == {"l2"} and l2["radius_linf"].isna().all() and l2["radius_l1"].isna().all()
+    assert set(linf["norm"]) == {"linf"} and linf["radius_l2"].isna().all()
+    gaussian_l2 = l2[l2.k == 0]
+    certified = gaussian_l2["prediction"] >= 0
+    closed = 0.5 * stats.norm.ppf(gaussian_l2["p_a_lower"])  # k = 0 is Gaussian: never above Cohen's radius
+    assert (gaussian_l2.loc[certified, "radius_l2"] <= closed[certified] + 1e-12).all()
+    table = CliRunner().invoke(main, ["table", sweep.output, "--radii", "0,0.1"])
+    assert table.exit_code == 0, table.output
+    assert "L2 radius:" in table.output and "LINF radius:" in table.output and "r = 2/255" in table.output
+    assert ", k=" in table.output
+
+
+def test_the_spec_names_ks_only_for_shaped_families(tmp_path):
+    with pytest.raises(SpecError, match="ks: only the methods zhang-l1, zhang-l2, zhang-linf take a shape k"):
+        zhang_spec(tmp_path, methods=["gaussian"])
+    with pytest.raises(SpecError, match=r"ks\[1\]: k must be below the input dimension d = 64"):
+        zhang_spec(tmp_path, ks=[0, 64])
+    with pytest.raises(SpecError, match="models.noise: must be one of"):
+        zhang_spec(tmp_path, models={"path": str(tmp_path / "{method}-{training}-{sigma}-{seed}.pt"), "noise": "gauss"})
