@@ -75,22 +75,6 @@ def _read_results(results: Path, certificate: str, dataset_root: str | None, by:
     return df, columns
 
 
-LINF_RADII = (2, 4, 6, 8, 10, 12)  # in 1/255, Zhang et al.'s Table 3
-
-
-def by_norm(df, norm: str | None = None):
-    """(norm, rows, what the envelope chooses over) for each norm of the rows' radii (only
-    ``norm`` if given): a table or plot never mixes norms; Zhang et al.'s rows choose over k too."""
-    from certlib.families import family
-
-    row_norm = df["method"].map(lambda m: family(m).norm)
-    if norm is not None and norm not in set(row_norm):
-        raise UserError(f"--norm {norm}: the results hold {', '.join(sorted(set(row_norm)))} radii only")
-    for each in sorted(set(row_norm)) if norm is None else [norm]:
-        rows = df[row_norm == each]
-        yield each, rows, (["sigma", "k"] if "k" in rows and rows["k"].notna().any() else "sigma")
-
-
 @click.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--radii", help="Radii, comma-separated (default: the sweep's radii, else 0, 0.5, ..., 4).")
@@ -112,26 +96,14 @@ def table(
 ) -> None:
     """Best certified accuracy over the sigma grid (and k), as in Levine & Feizi Table 1: one
     table per norm, L-infinity radii in units of 1/255."""
-    from certlib.analysis import best_certified_accuracy, format_envelope, format_seed_table, seed_table
+    from certlib.analysis import format_tables
+    from certlib.analysis.tables import LINF_RADII
 
     df, columns = _read_results(results, certificate, dataset_root, by)
     if {"sigma", "k"} & set(columns) or (seeds and "seed" in columns):
         raise UserError("--by: sigma and k (and with --seeds, seed) are what the table chooses over, not row names")
-    tables = list(by_norm(df))
-    for norm, rows, over in tables:
-        per = 255 if norm == "linf" else None
-        chosen = (
-            [r / 255 for r in (_floats(radii_linf) or LINF_RADII)]
-            if per
-            else (_floats(radii) or _default_radii(results))
-        )
-        if len(tables) > 1:
-            click.echo(f"{norm.upper()} radius:")
-        if seeds:
-            text = format_seed_table(seed_table(df=rows, radii=chosen, by=columns, over=over), columns, over, fmt, per)
-        else:
-            text = format_envelope(best_certified_accuracy(rows, chosen, columns, over), columns, over, fmt, per)
-        click.echo(text)
+    radii_list = _floats(radii) or _default_radii(results)
+    click.echo(format_tables(df, radii_list, columns, fmt, seeds, _floats(radii_linf) or LINF_RADII))
 
 
 @click.command()
@@ -146,12 +118,15 @@ def table(
 def plot(results: Path, output: Path, by: str, norm: str | None, certificate: str, dataset_root: str | None) -> None:
     """Certified accuracy against radius: one curve per sigma (and k), the envelope bold; one norm per plot."""
     from certlib.analysis import plot_curves
+    from certlib.analysis.tables import split_by_norm
 
     df, columns = _read_results(results, certificate, dataset_root, by)
-    plots = list(by_norm(df, norm))
-    if len(plots) > 1:
-        raise UserError(f"the results hold {', '.join(n for n, _, _ in plots)} radii: plot one norm at a time (--norm)")
-    _, rows, over = plots[0]
+    plots = {each: (rows, over) for each, rows, over in split_by_norm(df)}
+    if norm is None and len(plots) > 1:
+        raise UserError(f"the results hold {', '.join(plots)} radii: plot one norm at a time (--norm)")
+    if norm is not None and norm not in plots:
+        raise UserError(f"--norm {norm}: the results hold {', '.join(plots)} radii only")
+    rows, over = plots[norm or next(iter(plots))]
     try:
         path = plot_curves(rows, output, columns, over)
     except ValueError as err:

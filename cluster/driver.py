@@ -20,7 +20,7 @@ SPEC_VARIABLE = "CERTIFY_SPEC_B64"  # the job's validated sweep, base64 JSON, in
 
 def print_table(sweep: Sweep, log=print) -> None:
     """The sweep's best-certified-accuracy table (its own configurations only)."""
-    from certlib.analysis import ANALYSIS_COLUMNS, best_certified_accuracy, format_envelope, load_results
+    from certlib.analysis import ANALYSIS_COLUMNS, format_tables, load_results
 
     filters = {
         "method": list(sweep.methods),
@@ -34,8 +34,8 @@ def print_table(sweep: Sweep, log=print) -> None:
         log(f"no table: {err}")
         return
     if len(df):
-        log("best certified accuracy over sigma (certified % (clean % @ sigma)):")
-        log(format_envelope(best_certified_accuracy(df, sweep.radii)))
+        log("best certified accuracy over sigma (and k) (certified % (clean % @ sigma)):")
+        log(format_tables(df, sweep.radii))
 
 
 def main(argv: list[str] | None = None) -> int:

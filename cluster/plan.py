@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from certlib.checkpoint import check_card, read_card
@@ -167,6 +167,9 @@ class Plan:
     to_train: list[ModelKey]
     skipped: int  # units whose shard is already valid
     images_per_model: int
+    # Each model whose checkpoint is missing -> the one in to_train that trains it (models that
+    # differ only in how they are certified, e.g. Zhang et al.'s k, share one checkpoint).
+    trained_by: dict[ModelKey, ModelKey] = field(default_factory=dict)
 
     @property
     def total_images(self) -> int:
@@ -177,15 +180,14 @@ class Plan:
         """For each model to train (in training order), the pending units that wait for it."""
         waiting: dict[ModelKey, list[Unit]] = {key: [] for key in self.to_train}
         for unit in self.pending:
-            if unit.model in waiting:
-                waiting[unit.model].append(unit)
+            if unit.model in self.trained_by:
+                waiting[self.trained_by[unit.model]].append(unit)
         return waiting
 
     @property
     def ready(self) -> list[Unit]:
         """The pending units whose model exists: they can run at once."""
-        training = set(self.to_train)
-        return [unit for unit in self.pending if unit.model not in training]
+        return [unit for unit in self.pending if unit.model not in self.trained_by]
 
     def progress(self) -> Progress:
         """The progress before the run: the skipped units' images done, per model and overall,
@@ -227,7 +229,7 @@ def plan_sweep(sweep: Sweep, num_images: int, log=print) -> Plan:
             skipped += 1
         else:
             pending.append(unit)
-    to_train = []
+    trainer: dict[Path, ModelKey] = {}  # one training per checkpoint
     for key in dict.fromkeys(u.model for u in pending):
         if weights[key] is None:
             if sweep.models.train is None:
@@ -235,8 +237,9 @@ def plan_sweep(sweep: Sweep, num_images: int, log=print) -> Plan:
                     f"models.path: no checkpoint {key.checkpoint(sweep)} for {key.label}, "
                     "and no models.train section to train it"
                 )
-            to_train.append(key)
-    return Plan(keys, pending, to_train, skipped, num_images)
+            trainer.setdefault(key.checkpoint(sweep), key)
+    trained_by = {key: trainer[key.checkpoint(sweep)] for key in keys if key.checkpoint(sweep) in trainer}
+    return Plan(keys, pending, list(trainer.values()), skipped, num_images, trained_by)
 
 
 def _check_foreign_shards(sweep: Sweep, expected: dict[Path, Unit], keys: set[ModelKey]) -> None:

@@ -113,3 +113,22 @@ def test_the_spec_names_ks_only_for_shaped_families(tmp_path):
         zhang_spec(tmp_path, ks=[0, 64])
     with pytest.raises(SpecError, match="models.noise: must be one of"):
         zhang_spec(tmp_path, models={"path": str(tmp_path / "{method}-{training}-{sigma}-{seed}.pt"), "noise": "gauss"})
+
+
+def test_models_that_share_a_checkpoint_are_trained_once(tmp_path):
+    """Every k certifies the same Gaussian model: the plan trains it once, and all their
+    units wait for that one training."""
+    from cluster.plan import plan_sweep
+
+    sweep = zhang_spec(
+        tmp_path,
+        models={
+            "path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt"),
+            "noise": "gaussian",
+            "train": {},
+        },
+    )
+    plan = plan_sweep(sweep, 24, log=lambda line: None)
+    assert len(plan.to_train) == 1 and plan.ready == []
+    assert plan.waiting == {plan.to_train[0]: plan.pending} and len(plan.pending) == 8
+    assert plan.progress().models_to_train == 1

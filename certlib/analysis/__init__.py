@@ -4,7 +4,7 @@ from stored votes (``recertify``), and the renderers (``render``: Markdown, LaTe
 
 from certlib.analysis.plot import plot_curves
 from certlib.analysis.recertify import CERTIFICATES, recertify
-from certlib.analysis.render import format_envelope, format_seed_table
+from certlib.analysis.render import format_envelope, format_seed_table, format_tables
 from certlib.analysis.tables import (
     ANALYSIS_COLUMNS,
     best_certified_accuracy,
@@ -24,6 +24,7 @@ __all__ = [
     "certified_accuracy",
     "format_envelope",
     "format_seed_table",
+    "format_tables",
     "high_probability_accuracy",
     "load_results",
     "norms",

@@ -8,10 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from certlib.analysis.tables import Over, _groups, certified_accuracy, norms, over_columns, radius
+from certlib.analysis.tables import PER, Over, _groups, certified_accuracy, norms, over_columns, radius
 from certlib.families import family
-
-PER = {"linf": 255}  # L-infinity radii are drawn in units of 1/255, as the papers do
 
 
 def radius_norm(df: pd.DataFrame) -> str:

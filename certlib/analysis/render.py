@@ -8,7 +8,16 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from certlib.analysis.tables import Over, _groups, over_columns
+from certlib.analysis.tables import (
+    LINF_RADII,
+    PER,
+    Over,
+    _groups,
+    best_certified_accuracy,
+    over_columns,
+    seed_table,
+    split_by_norm,
+)
 
 SYMBOLS = {"sigma": "σ"}
 
@@ -96,3 +105,27 @@ def format_seed_table(
             label = seed if seed in summaries else f"seed = {seed}"
             lines.append([" / ".join(str(k) for k in keys) + f" / {label}"] + cells)
     return _render([" / ".join(by) + " / seed"] + [_header(r, per) for r in radii], lines, fmt)
+
+
+def format_tables(
+    df: pd.DataFrame,
+    radii: Sequence[float],
+    by: Sequence[str] = ("method", "training"),
+    fmt: str = "markdown",
+    seeds: bool = False,
+    radii_linf: Sequence[float] = LINF_RADII,
+) -> str:
+    """The best-certified-accuracy tables of result rows, one per norm (headed "L2 radius:"
+    when there are several): the envelope (``seeds``: per seed, Table 3) over sigma, and k for
+    Zhang et al.'s families. ``radii`` in pixel scale; ``radii_linf`` in units of 1/255."""
+    parts = split_by_norm(df)
+    texts = []
+    for norm, rows, over in parts:
+        per = PER.get(norm)
+        chosen = [r / per for r in radii_linf] if per else list(radii)
+        if seeds:
+            text = format_seed_table(seed_table(rows, chosen, by, over), by, over, fmt, per)
+        else:
+            text = format_envelope(best_certified_accuracy(rows, chosen, by, over), by, over, fmt, per)
+        texts.append(f"{norm.upper()} radius:\n{text}" if len(parts) > 1 else text)
+    return "\n".join(texts)

@@ -41,8 +41,24 @@ ANALYSIS_COLUMNS = (
 Over = str | Sequence[str]  # the column(s) an envelope chooses over: sigma, or sigma and k
 
 
+# Radii of these norms are shown in units of 1/PER[norm] (L-infinity in 1/255, as the papers do).
+PER = {"linf": 255}
+LINF_RADII = (2, 4, 6, 8, 10, 12)  # in 1/255: Zhang et al.'s Table 3
+
+
 def over_columns(over: Over) -> list[str]:
     return [over] if isinstance(over, str) else list(over)
+
+
+def split_by_norm(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame, Over]]:
+    """(norm, rows, what an envelope chooses over) for each norm of the rows' radii: tables and
+    plots never mix norms; Zhang et al.'s rows choose over sigma and k (best over classifiers)."""
+    row_norm = df["method"].map(lambda m: family(m).norm)
+    out: list[tuple[str, pd.DataFrame, Over]] = []
+    for norm in sorted(set(row_norm)):
+        rows = df[row_norm == norm]
+        out.append((norm, rows, ["sigma", "k"] if "k" in rows and rows["k"].notna().any() else "sigma"))
+    return out
 
 
 def _groups(frame: pd.DataFrame, by: Sequence[str], sort: bool = True):

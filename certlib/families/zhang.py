@@ -44,12 +44,19 @@ class ZhangNoise(MonteCarloNoise):
             )
         self.dim = dim
 
-    def _numpy_rng(self, generator: torch.Generator | None, device: torch.device) -> np.random.Generator:
-        seed = torch.randint(2**62, (1,), generator=generator, device=device if generator is not None else "cpu")
-        return np.random.default_rng(int(seed))
+    def _numpy_rng(self, generator: torch.Generator | None) -> np.random.Generator:
+        """A host generator derived from ``generator``'s state. A CUDA generator's seed and
+        Philox offset are known on the host (no synchronization; the offset moves with every
+        draw on the device); a CPU generator gives a draw."""
+        if generator is not None and generator.device.type == "cuda":
+            return np.random.default_rng([generator.initial_seed(), generator.get_offset()])
+        return np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
 
     def _radial(self, count: int, d: int, generator, device) -> torch.Tensor:
-        rng = self._numpy_rng(generator, device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A graph would replay the host draw: every step the same radii.
+            raise RuntimeError(f"{self.name} draws its radii on the host; train with cuda_graph: false")
+        rng = self._numpy_rng(generator)
         return torch.from_numpy(dual_certificate.RADII[self.norm](self.k, self.scale, d, count, rng)).to(device)
 
     def certified_radius(self, p_a_lower, p_b_upper=None):
