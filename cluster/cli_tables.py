@@ -51,7 +51,7 @@ def _read_results(results: Path, certificate: str, dataset_root: str | None, by:
     import pandas as pd
 
     from certlib.analysis import load_results, recertify
-    from certlib.families import family
+    from certlib.analysis.tables import family_attribute
 
     df = load_results(results)
     if df.empty:
@@ -61,7 +61,7 @@ def _read_results(results: Path, certificate: str, dataset_root: str | None, by:
     if unknown:
         raise UserError(f"--by: no column {unknown[0]!r} in the results")
     if certificate != "stored":
-        monte_carlo = ~df["method"].map(lambda m: family(m).exact)
+        monte_carlo = ~family_attribute(df["method"], "exact").astype(bool)
         if not monte_carlo.any():
             raise UserError(
                 f"--certificate {certificate}: the results hold exact rows only, which need no re-certification"

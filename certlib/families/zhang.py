@@ -44,6 +44,11 @@ class ZhangNoise(MonteCarloNoise):
             )
         self.dim = dim
 
+    @property
+    def scale(self) -> float:
+        """sigma (Eq. 11 and 13); Eq. 10's b overrides it."""
+        return self.sigma
+
     def _numpy_rng(self, generator: torch.Generator | None) -> np.random.Generator:
         """A host generator derived from ``generator``'s state. A CUDA generator's seed and
         Philox offset are known on the host (no synchronization; the offset moves with every
@@ -101,10 +106,6 @@ class ZhangL2Noise(ZhangNoise):
     name = "zhang-l2"
     norm = "l2"
 
-    @property
-    def scale(self) -> float:
-        return self.sigma
-
     def sample(self, x, generator=None):
         flat = x.flatten(1)
         radius = self._radial(len(flat), flat.shape[1], generator, x.device).to(x.dtype)
@@ -119,10 +120,6 @@ class ZhangLinfNoise(ZhangNoise):
 
     name = "zhang-linf"
     norm = "linf"
-
-    @property
-    def scale(self) -> float:
-        return self.sigma
 
     def sample(self, x, generator=None):
         flat = x.flatten(1).double()
