@@ -10,18 +10,16 @@ The families (Sec. 4.2-4.3), z in R^d, k >= 0 (k = 0: Laplace and Gaussian):
 Theorem 1 (Eq. 6): the smoothed classifier's probability of class A at x0 + delta is at least
 max over lambda >= 0 of [lambda p_A - D(lambda)], D(lambda) = E_{z~pi0}[(lambda - R)_+] with
 R = pi0(z - delta*) / pi0(z), and the worst delta* of the ball of radius r is r e1 (Theorem 2,
-l1 and l2) or r (1, ..., 1) (Theorem 3, l-infinity with Eq. 13). Since
-D(lambda) = integral_0^lambda F_R(s) ds, an upper bound G >= F_R on R's distribution function
-bounds every D(lambda) at once, and the maximum over lambda is integral_0^inf (p_A - G(s))_+ ds.
-G is the empirical distribution function of n samples of R plus the DKW-Massart width
-eps = sqrt(log(2 m / delta) / (2 n)), capped at 1: with probability >= 1 - delta it holds for
-all lambda and for all m radii of the curve at once (the paper's per-lambda Hoeffding term has
-the same width for m = 1). A radius r is certified where that bound exceeds 1/2.
+l1 and l2) or r (1, ..., 1) (Theorem 3, l-infinity with Eq. 13). A radius r is certified where
+that bound exceeds 1/2.
 
 The bound depends on the image only through p_A, so the curve of thresholds p*(r) is computed
 once from n samples drawn here (exactly: the statistics R depends on are sampled from their
-laws, no MCMC) and every image costs a search in it. Failure probabilities add: alpha for p_A's
-Clopper-Pearson bound and ``delta`` for the curve.
+laws, no MCMC) and every image costs a search in it. ``threshold`` bounds D from those samples
+with exact binomial bounds in the tails and an empirical Bernstein bound near p_A = 1/2, valid
+with probability >= 1 - delta at each radius; ``radius_curve`` says why that suffices for every
+image. Failure probabilities add: alpha for p_A's Clopper-Pearson bound and ``delta`` for the
+curve. (The DKW band this replaced capped p_A at 1 - eps and halved radii near p_A = 1.)
 """
 
 from __future__ import annotations
@@ -33,10 +31,9 @@ import numpy as np
 from scipy import special, stats
 
 NORMS = ("l1", "l2", "linf")
-CURVE_POINTS = 1024  # radii on the curve; a radius is rounded down to the one below it
-# The curve's radii reach this many scales (l-infinity: scales / sqrt(d)): past the closed forms'
-# radius at p_A = 1 - 1e-7 for k = 0 (Laplace 15 b, Gaussian 5.2 sigma).
-CURVE_REACH = {"l1": 20.0, "l2": 7.0, "linf": 7.0}
+# k may come this close to d: the radial law's shape d - k (l2: (d - k) / 2) stays large enough
+# that a float64 draw underflows to 0 with probability < 1e-7; closer, most draws would.
+K_GAP = 0.05
 
 
 def _check(norm: str, k: float, scale: float, dim: int) -> None:
@@ -44,10 +41,13 @@ def _check(norm: str, k: float, scale: float, dim: int) -> None:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
-    if int(dim) != dim or dim < 1:
+    if isinstance(dim, bool) or int(dim) != dim or dim < 1:
         raise ValueError(f"dim must be a positive integer, got {dim}")
-    if not (math.isfinite(k) and 0 <= k < dim):
-        raise ValueError(f"k must lie in [0, d) = [0, {dim}) for the density to be normalizable, got {k}")
+    if not (math.isfinite(k) and 0 <= k <= dim - K_GAP):
+        raise ValueError(
+            f"k must lie in [0, d - {K_GAP}] = [0, {dim - K_GAP:g}] (the density needs k < d; nearer d its radii "
+            f"underflow float64), got {k}"
+        )
 
 
 # --------------------------------------------------------------------------- exact samples of R's statistics
@@ -152,20 +152,31 @@ def _linf_radii(k: float, sigma: float, d: int, n: int, rng: np.random.Generator
     return out[:n]
 
 
+def truncated_normal(u: np.ndarray, t: np.ndarray, sigma: float) -> np.ndarray:
+    """N(0, sigma^2) truncated to [-t, t] by its inverse distribution function at u in [0, 1).
+    Near the center (t < sigma) through erf, which keeps its relative accuracy as t -> 0 (the
+    tail form's 1 - 2 Phi(-t / sigma) cancels to nothing below t ~ 1e-8 sigma); farther out
+    through ndtri of the lower tail's mass, which keeps it in the tails."""
+    s = sigma * math.sqrt(2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        central = s * special.erfinv((2 * u - 1) * special.erf(t / s))
+        edge = special.ndtr(-t / sigma)
+        tails = sigma * special.ndtri(edge + u * (1 - 2 * edge))
+    return np.where(t < sigma, central, tails)
+
+
 def _linf_statistics(k: float, sigma: float, d: int, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """||z||_inf, sum, squared norm, max and min of z ~ Eq. 13: t = ||z||_inf exactly
     (``_linf_radii``), one coordinate at +-t, the d - 1 others N(0, sigma^2) truncated to
-    [-t, t] (inverse CDF), drawn in blocks to bound memory."""
+    [-t, t] (``truncated_normal``), drawn in blocks to bound memory."""
     t = _linf_radii(k, sigma, d, n, rng)
     sign = rng.choice((-1.0, 1.0), n)
     out = {"t": t, "sum": sign * t, "square": t**2, "max": sign * t, "min": sign * t}
     block = max(1, 2**22 // max(1, d - 1))
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))
-        edge = special.ndtr(-t[rows] / sigma)[:, None]
         u = rng.random((len(t[rows]), d - 1))
-        rest = sigma * special.ndtri(edge + u * (1 - 2 * edge))
-        rest = np.clip(rest, -t[rows, None], t[rows, None])
+        rest = np.clip(truncated_normal(u, t[rows, None], sigma), -t[rows, None], t[rows, None])
         out["sum"][rows] += rest.sum(axis=1)
         out["square"][rows] += (rest**2).sum(axis=1)
         if d > 1:
@@ -205,60 +216,155 @@ def log_ratio(
 
 # --------------------------------------------------------------------------- the bound and the curve
 
-
-def _pieces(sorted_ratios: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """G = min(1, F_n + eps) as steps: its level on [s_i, s_i+1) (s_0 = 0, s_i the i-th smallest
-    sample of R), the edges s_i and the integral of G over [0, s_i]."""
-    n = len(sorted_ratios)
-    levels = np.minimum(1.0, np.arange(n + 1) / n + eps)
-    edges = np.concatenate([[0.0], sorted_ratios])
-    area = np.concatenate([[0.0], np.cumsum(levels[:-1] * np.diff(edges))])
-    return levels, edges, area
-
-
-def dual_bound(p, sorted_ratios: np.ndarray, eps: float) -> np.ndarray:
-    """integral_0^inf (p - G(s))_+ ds for G = min(1, F_n + eps), F_n the empirical distribution
-    function of the sorted samples of R: Theorem 1's lower bound at each p in [0, 1]."""
-    levels, edges, area = _pieces(sorted_ratios, eps)
-    below = np.searchsorted(levels, np.asarray(p, dtype=np.float64), side="left")  # G < p on [0, s_below)
-    return np.asarray(p) * edges[below] - area[below]
+# The bound's name, part of a shard's identity: changing how thresholds are bounded recomputes
+# the shards certified with the old curve.
+BOUND = "binomial-tails+empirical-bernstein"
+# Theorem 1's lambda is taken from this lattice, fixed before any sample is drawn (the union
+# bound below runs over it): log lambda = m * LAMBDA_STEP for |m| <= LAMBDA_POINTS. Only
+# lambda > 1/2 can certify (the bound is at most lambda p_A); the lattice is symmetric so that
+# 1/lambda lies on it too.
+LAMBDA_STEP = 0.01
+LAMBDA_POINTS = 5000  # lambda up to e^50
+# Floating-point slack: computed log R is taken to be within LOG_SLACK of the exact value, and
+# the computed bound's other roundings within BOUND_SLACK (a few thousand ulps of 1).
+LOG_SLACK = 1e-9
+BOUND_SLACK = 1e-9
 
 
-def threshold(sorted_ratios: np.ndarray, eps: float) -> float:
-    """The p at which the dual bound reaches 1/2 (it exceeds 1/2 for every larger p): the bound
-    is continuous, increasing and linear in p on each (levels[i-1], levels[i]], where it is
-    p s_i - area_i; the first piece that passes 1/2 holds the crossing. Never below 1/2."""
-    levels, edges, area = _pieces(sorted_ratios, eps)
-    at_ends = levels[1:] * edges[1:] - area[1:]  # the bound at the right end of piece i = 1..n
-    passing = np.flatnonzero(at_ends > 0.5)
-    if not passing.size:
-        return math.inf
-    i = passing[0] + 1
-    crossing = (0.5 + area[i]) / edges[i]
-    # A few ulps up: the certificate needs a bound strictly above 1/2 despite rounding.
-    return float(max(0.5, levels[i - 1], crossing) * (1 + 1e-12))
+def _lattice() -> tuple[np.ndarray, np.ndarray]:
+    """(m, lambda_m) for the lattice points lambda_m > 1/2."""
+    m = np.arange(math.floor(math.log(0.5) / LAMBDA_STEP) + 1, LAMBDA_POINTS + 1)
+    return m, np.exp(m * LAMBDA_STEP)
+
+
+@functools.lru_cache(maxsize=8)
+def clopper_pearson_upper_table(n: int, level: float) -> np.ndarray:
+    """U[c]: the one-sided (1 - level) Clopper-Pearson upper bound on a proportion after c
+    successes in n trials, for c = 0..n (Clopper & Pearson 1934: the (1 - level) quantile of
+    Beta(c + 1, n - c); 1 at c = n). Read-only."""
+    counts = np.arange(n)
+    table = np.append(special.betaincinv(counts + 1.0, n - counts, 1.0 - level), 1.0)
+    table.flags.writeable = False
+    return table
+
+
+def empirical_bernstein_width(variance: np.ndarray, n: int, level: float) -> np.ndarray:
+    """How far the mean of n i.i.d. variables in [0, 1] may lie above their sample mean with
+    probability <= level, given their unbiased sample variance (Maurer & Pontil 2009, Theorem 4):
+    sqrt(2 V ln(2/level) / n) + 7 ln(2/level) / (3 (n - 1))."""
+    log_term = math.log(2 / level)
+    return np.sqrt(2 * variance * log_term / n) + 7 * log_term / (3 * (n - 1))
+
+
+def threshold(log_ratios: np.ndarray, delta: float) -> float:
+    """The smallest p_A whose Theorem 1 bound exceeds 1/2 at one radius, given n i.i.d. samples
+    of log R (R = pi0(z - delta*) / pi0(z), z ~ pi0), valid with probability >= 1 - delta.
+
+    For every lambda, with F the distribution function of R, the bound is
+    lambda p_A - E[(lambda - R)_+] = lambda (p_A - F(lambda)) + E[R 1{R <= lambda}], and
+    E[R 1{R <= lambda}] = P(R >= 1/lambda) because pi0 is symmetric (pi0(-z) = pi0(z): the
+    change of variables z = delta* - w maps R to 1/R). Two lower bounds on it, each linear in p_A
+    (so the threshold is the smallest of their crossings over the lattice of lambda):
+
+    * tail form: lambda (p_A - U(F(lambda))) + 1 - U(F((1/lambda)^-)), with exact one-sided
+      Clopper-Pearson upper bounds U on the two probabilities. It tightens in the tails: large
+      p_A needs lambda near R's upper quantiles, where a binomial bound's width shrinks with
+      the count (the additive DKW band capped p_A at 1 - eps there);
+    * mean form: lambda p_A - lambda (mean + width) of Y = (lambda - R)_+ / lambda in [0, 1],
+      with the empirical Bernstein width (Maurer & Pontil 2009, Theorem 4), tight near
+      p_A = 1/2 where Y varies little (the paper's Hoeffding term does not use that).
+
+    delta is split evenly among the 3 bounds at each of the K lattice points (Bonferroni).
+    Returns +inf where nothing below 1 certifies.
+    """
+    n = len(log_ratios)
+    m, lam = _lattice()
+    level = delta / (3 * len(lam))
+    # Counts at every lattice point in one pass: bin b holds log R in ((b-1) step, b step]
+    # (shifted by the slack, which only over-counts: conservative for upper bounds on F).
+    # NaN (0 * inf at a draw of norm 0) is read as R = 0: counted below every lambda, which only
+    # raises the bounds on F and on E[(lambda - R)_+].
+    logs = np.where(np.isnan(log_ratios), -np.inf, log_ratios)
+    scaled = (logs - LOG_SLACK) / LAMBDA_STEP
+    bins = np.clip(np.ceil(scaled), -LAMBDA_POINTS - 1, LAMBDA_POINTS + 1).astype(np.int64) + LAMBDA_POINTS + 1
+    size = 2 * LAMBDA_POINTS + 3
+    # Past the lattice's last point no lambda reads a sample's value: weigh it 0 (no overflow).
+    ratios = np.exp(np.where(bins < size - 1, logs, -np.inf))
+    counts = np.cumsum(np.bincount(bins, minlength=size))
+    sums = np.cumsum(np.bincount(bins, weights=ratios, minlength=size))
+    squares = np.cumsum(np.bincount(bins, weights=ratios**2, minlength=size))
+    at = m + LAMBDA_POINTS + 1  # lattice point m: samples with log R <= m step
+    upper = clopper_pearson_upper_table(n, level)
+    tail = upper[counts[at]] + (upper[counts[-m + LAMBDA_POINTS + 1]] - 0.5) / lam
+    c, s1, s2 = counts[at], sums[at], squares[at]
+    mean = (c - s1 / lam) / n  # Y = 1 - R / lambda on R <= lambda, 0 above
+    second = (c - 2 * s1 / lam + s2 / lam**2) / n
+    variance = np.maximum(second - mean**2, 0.0) * n / (n - 1)
+    discrepancy = mean + BOUND_SLACK + empirical_bernstein_width(variance + BOUND_SLACK, n, level)
+    by_mean = (0.5 + lam * discrepancy) / lam
+    best = max(0.5, float(min(tail.min(), by_mean.min()))) * (1 + BOUND_SLACK)
+    return best if best < 1 else math.inf
+
+
+# The radius grid: geometric, each step RADIUS_RATIO, from the largest radius certified at
+# p_A = P_CEILING down over RADIUS_SPAN: a radius rounds down by less than 1 - 1/RADIUS_RATIO of
+# itself. P_CEILING is above any p_A lower bound of n <= 10^6 samples at alpha >= 10^-3.
+RADIUS_RATIO = 1.005
+RADIUS_SPAN = 1000.0
+P_CEILING = 1 - 1e-6
+
+
+def _reach(certified_at, unit: float) -> float:
+    """The largest radius r with certified_at(r) (a predicate true for small r), to 1e-4 of
+    itself, by doubling and bisection in log r; 0 where none from unit * 1e-6 up is."""
+    low, high = unit, unit
+    if certified_at(unit):
+        while certified_at(high * 2) and high < unit * 1e6:
+            high *= 2
+        low, high = high, high * 2
+    else:
+        while not certified_at(low / 2):
+            low /= 2
+            if low < unit * 1e-6:
+                return 0.0
+        low, high = low / 2, low
+    while high / low > 1 + 1e-4:
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if certified_at(middle) else (low, middle)
+    return low
 
 
 @functools.lru_cache(maxsize=32)
 def radius_curve(
     norm: str, k: float, scale: float, dim: int, n: int, delta: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(radii, thresholds): radius radii[j] is certified for p_A >= thresholds[j]. Thresholds
-    are made non-decreasing (a larger ball never needs less), which only raises them."""
+    """(radii, thresholds): radius radii[j] is certified for p_A > thresholds[j]. Thresholds
+    are made non-decreasing (a larger ball never needs less), which only raises them. Both
+    arrays are read-only (cached).
+
+    One set of n samples serves every radius, and no union over radii is needed: for an image
+    with true p_A, let j* be the first grid radius that p_A does not truly certify. A radius
+    at or above j* is reported only if the (non-decreasing) threshold at j* is below p_A's
+    lower bound, which needs j*'s bound to have failed: each image's radius is wrong with
+    probability <= alpha + delta, and a table at one radius is wrong for any of its images
+    only if the bound at the first grid radius at or above it failed (probability delta)."""
     _check(norm, k, scale, dim)
     if not 0 < delta < 1:
         raise ValueError(f"delta must lie in (0, 1), got {delta}")
-    if int(n) != n or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n}")
+    if isinstance(n, bool) or int(n) != n or n < 2:
+        raise ValueError(f"n must be an integer >= 2, got {n}")
     statistics = sample_statistics(norm, k, scale, dim, n, seed)
-    reach = CURVE_REACH[norm] * scale / (math.sqrt(dim) if norm == "linf" else 1.0)
-    radii = reach * np.arange(1, CURVE_POINTS + 1) / CURVE_POINTS
-    eps = math.sqrt(math.log(2 * CURVE_POINTS / delta) / (2 * n))
-    thresholds = np.empty(CURVE_POINTS)
-    for j, r in enumerate(radii):
-        logs = log_ratio(statistics, float(r), norm=norm, k=k, scale=scale, dim=dim)
-        thresholds[j] = threshold(np.sort(np.exp(np.minimum(logs, 700.0))), eps)
-    return radii, np.maximum.accumulate(thresholds)
+
+    def at(r: float) -> float:
+        return threshold(log_ratio(statistics, r, norm=norm, k=k, scale=scale, dim=dim), delta)
+
+    unit = scale / math.sqrt(dim) if norm == "linf" else scale
+    top = _reach(lambda r: at(r) <= P_CEILING, unit)
+    points = math.ceil(math.log(RADIUS_SPAN) / math.log(RADIUS_RATIO)) + 1
+    radii = top * RADIUS_RATIO ** np.arange(1 - points, 1, dtype=np.float64) if top > 0 else np.empty(0)
+    thresholds = np.maximum.accumulate(np.array([at(float(r)) for r in radii]))
+    radii.flags.writeable = thresholds.flags.writeable = False
+    return radii, thresholds
 
 
 def zhang_radius(
@@ -266,16 +372,22 @@ def zhang_radius(
 ) -> np.ndarray:
     """Certified radius in ``norm`` (pixel scale) of Zhang et al. 2020's family (Eq. 10, 11 or
     13; Theorem 1, Eq. 6 with Theorems 2-3) from lower bounds ``p_lower`` of p_A: the largest
-    radius of the curve whose dual bound exceeds 1/2 (binary certificate), NaN where none does.
+    radius of the curve whose bound exceeds 1/2 (binary certificate); 0 where p_lower > 1/2
+    certifies the prediction but no radius of the curve; NaN (abstain) where p_lower <= 1/2.
 
     ``scale`` is b (l1) or sigma (l2, linf); ``dim`` the input dimension d; ``n`` the samples of
-    pi0 behind the curve and ``delta`` its failure probability (module docstring), so the
-    radius holds with probability >= 1 - alpha - delta where alpha is p_lower's. Radii are
-    rounded down to the curve's grid (``CURVE_POINTS`` steps up to ``CURVE_REACH`` scales).
+    pi0 behind the curve, ``seed`` their stream and ``delta`` the curve's failure probability
+    (``threshold``, ``radius_curve``): each radius holds with probability >= 1 - alpha - delta
+    where alpha is p_lower's. Radii are rounded down to the curve's geometric grid (less than
+    0.5% of the radius; ``RADIUS_RATIO``).
     """
     p = np.asarray(p_lower, dtype=np.float64)
     if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
         raise ValueError("p_lower must lie in [0, 1]")
+    for name, value in (("dim", dim), ("n", n), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
     radii, thresholds = radius_curve(norm, float(k), float(scale), int(dim), int(n), float(delta), int(seed))
     count = np.searchsorted(thresholds, p, side="left")  # thresholds[j] < p for j < count
-    return np.where(count > 0, radii[np.maximum(count, 1) - 1], np.nan)
+    on_curve = radii[np.maximum(count, 1) - 1] if len(radii) else np.zeros(p.shape)
+    return np.where(count > 0, on_curve, np.where(p > 0.5, 0.0, np.nan))

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from certlib.atomic import atomic_write
 from certlib.data import DATASETS
-from certlib.families import SmoothingNoise, Votes, make_noise
+from certlib.families import SmoothingNoise, Votes, family, make_noise
 
 # The configuration of a row: one model and its smoothing (with Zhang et al.'s k, below).
 CONFIG = ("method", "training", "sigma", "seed")
@@ -246,18 +246,40 @@ def _expression(filters):
     return expression
 
 
+def _constant(rows: pd.DataFrame, column: str) -> Any:
+    """The one value ``rows`` hold in ``column``; ValueError where they hold several or lack it."""
+    if column not in rows:
+        raise ValueError(f"the rows lack the {column!r} column their smoothing is rebuilt from")
+    values = rows[column].unique()
+    if len(values) != 1:
+        shown = ", ".join(str(v) for v in values[:4])
+        raise ValueError(f"rows of one smoothing differ in {column} ({shown}{', ...' if len(values) > 4 else ''})")
+    return values[0]
+
+
 def stored_noise(rows: pd.DataFrame) -> SmoothingNoise:
-    """The smoothing that certified ``rows`` (one configuration), rebuilt through the registry
-    from their method, sigma, seed and q, and checked against what they store (DSSN's L)."""
-    first = rows.iloc[0]
-    q = int(first["q"]) if "q" in rows and pd.notna(first["q"]) else 255  # rows written here always store q
-    k = float(first["k"]) if "k" in rows and pd.notna(first["k"]) else None
-    dim = math.prod(DATASETS[first["dataset"]].input_shape) if k is not None else None
-    noise = make_noise(first["method"], float(first["sigma"]), q=q, seed=int(first["seed"]), k=k, dim=dim)
-    stored, levels = (first["levels"] if "levels" in rows else None), noise.describe().get("levels")
+    """The smoothing that certified ``rows``, rebuilt through the registry from the columns its
+    family names (``row_parameters``: sigma, DSSN's q and seed, Zhang et al.'s k and the
+    dataset's input dimension), which must be the same in every row, and checked against what
+    the rows store (DSSN's L)."""
+    method = _constant(rows, "method")
+    values = {column: _constant(rows, column) for column in family(method).row_parameters}
+    options: dict[str, Any] = {}
+    if "q" in values:
+        options["q"] = int(values["q"])
+    if "seed" in values:
+        options["seed"] = int(values["seed"])
+    if "k" in values:
+        options["k"] = float(values["k"])
+    if "dataset" in values:
+        if values["dataset"] not in DATASETS:
+            raise ValueError(f"{method} rows name an unknown dataset {values['dataset']!r}")
+        options["dim"] = math.prod(DATASETS[values["dataset"]].input_shape)
+    noise = make_noise(method, float(values["sigma"]), **options)
+    stored, levels = (rows["levels"].iloc[0] if "levels" in rows else None), noise.describe().get("levels")
     if levels is not None and pd.notna(stored) and int(stored) != levels:
         raise ValueError(
-            f"{first['method']} rows store L={int(stored)}, but sigma={first['sigma']} at q={noise.describe()['q']} "
+            f"{method} rows store L={int(stored)}, but sigma={values['sigma']} at q={noise.describe()['q']} "
             f"gives L={levels}"
         )
     return noise

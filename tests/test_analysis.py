@@ -33,7 +33,8 @@ from certlib.analysis import (
 )
 from certlib.analysis.tables import envelope_over
 from certlib.data import load_digits
-from certlib.rows import CONFIG, shard_path
+from certlib.families import FAMILIES, Votes, make_noise
+from certlib.rows import CONFIG, certification_rows, shard_path
 from cluster.cli import main
 from cluster.plan import expand, model_keys
 from cluster.spec import parse_spec
@@ -205,6 +206,19 @@ def test_high_probability_accuracy():
     assert row["lower_bound"] < row["approximate"]
 
 
+def test_high_probability_accuracy_keeps_zhang_k_apart_and_states_its_confidence():
+    counts = one_smoothing_counts(400, [390, 360, 300])
+    rows = pd.concat(
+        [synthetic_rows("zhang-l2", 0.5, q=255, seed=0, k=k, counts=counts) for k in (0.0, 40.0)]
+        + [synthetic_rows("gaussian", 0.5, q=255, seed=0, k=None, counts=counts)]
+    )
+    bounds = high_probability_accuracy(rows, [0.1], rho=0.001)
+    assert len(bounds) == 3 and sorted(bounds["k"].dropna()) == [0.0, 40.0]
+    zhang, gaussian = bounds[bounds.method == "zhang-l2"], bounds[bounds.method == "gaussian"]
+    assert zhang["confidence"].tolist() == pytest.approx([1 - 0.001 - 0.001] * 2)
+    assert gaussian["confidence"].tolist() == pytest.approx([1 - 0.001])
+
+
 def test_runtime_summary():
     summary = runtime_summary(toy_rows(), by=["seed"])
     assert summary["images"].tolist() == [8, 8] and summary["total_seconds"].tolist() == [4.0, 4.0]
@@ -268,6 +282,79 @@ def test_recertify_multiclass_and_alpha(own_results):
     np.testing.assert_allclose(multi["p_a_lower"], certificates.clopper_pearson_lower(top, 2000, 0.0005))
     looser = recertify(uniform, alpha=0.05)
     assert (looser["p_a_lower"].to_numpy() >= uniform["p_a_lower"].to_numpy()).all() and set(looser["alpha"]) == {0.05}
+
+
+def synthetic_rows(method: str, sigma: float, *, q: int, seed: int, k: float | None, counts) -> pd.DataFrame:
+    """Rows certified the way a worker writes them, from given counts (digits: 10 classes,
+    d = 64): what ``recertify`` must reproduce from the rows alone."""
+    digits = load_digits("test")
+    noise = make_noise(method, sigma, q=q, seed=seed, k=k, dim=64)
+    counts = np.asarray(counts, dtype=np.int64)
+    if noise.exact:
+        votes = Votes(counts)
+    else:
+        votes = Votes(counts, selection=(counts * 64 // counts.sum(axis=1, keepdims=True)))
+    result = noise.certify(votes, alpha=0.001)
+    n = int(counts.sum(axis=1)[0])
+    table = certification_rows(
+        noise,
+        {**result, "votes": counts, "selection_votes": votes.selection},
+        noise.settings(n0=64, n=n, alpha=0.001, multiclass=False) if not noise.exact else {},
+        indices=digits.indices[: len(counts)],
+        labels=np.zeros(len(counts), dtype=np.int64),
+        training="standard",
+        seed=seed,
+        dataset="digits",
+        split="test",
+        q=q,
+    )
+    return table.to_pandas()
+
+
+def one_smoothing_counts(total: int, tops: list[int]) -> np.ndarray:
+    counts = np.zeros((len(tops), 10), dtype=np.int64)
+    counts[:, 0] = tops
+    counts[:, 1] = total - np.asarray(tops)
+    return counts
+
+
+def test_recertify_keeps_each_zhang_k_apart_in_either_order():
+    """The audit's case: zhang-l2, sigma 0.5, n = 400, counts 390/360/300 at k = 0 and k = 40.
+    Grouped without k, every row got one k's curve (the k = 40 rows 1.68x too large)."""
+    counts = one_smoothing_counts(400, [390, 360, 300])
+    flat = synthetic_rows("zhang-l2", 0.5, q=255, seed=0, k=0.0, counts=counts)
+    shaped = synthetic_rows("zhang-l2", 0.5, q=255, seed=0, k=40.0, counts=counts)
+    assert (shaped["radius_l2"] < flat["radius_l2"]).all()
+    for rows in (pd.concat([flat, shaped]), pd.concat([shaped, flat])):
+        again = recertify(rows.reset_index(drop=True))
+        np.testing.assert_array_equal(again["radius_l2"].to_numpy(), rows["radius_l2"].to_numpy())
+
+
+@pytest.mark.parametrize("method", sorted(FAMILIES))
+def test_recertify_rebuilds_every_familys_smoothing_from_its_rows(method):
+    """Two smoothings of one family that differ in every parameter its constructor takes
+    (sigma, q, seed and, for the shaped families, k), in both orders: re-certifying the mixed
+    rows gives back each row's own radius."""
+    cls = FAMILIES[method]
+    first = {"sigma": 0.5, "q": 255, "seed": 0, "k": 0.0 if cls.shaped else None}
+    second = {"sigma": 0.7, "q": 127, "seed": 3, "k": 40.0 if cls.shaped else None}
+    rows = []
+    for options in (first, second):
+        levels = make_noise(method, options["sigma"], q=options["q"]).describe().get("levels")
+        total = levels if cls.exact else 400
+        tops = [total - 2, total * 3 // 4, total * 2 // 3]
+        rows.append(synthetic_rows(method, **options, counts=one_smoothing_counts(total, tops)))
+    norm_column = f"radius_{cls.norm}"
+    assert not np.array_equal(rows[0][norm_column].to_numpy(), rows[1][norm_column].to_numpy())
+    for mixed in (pd.concat(rows), pd.concat(rows[::-1])):
+        again = recertify(mixed.reset_index(drop=True))
+        np.testing.assert_array_equal(again[norm_column].to_numpy(), mixed[norm_column].to_numpy())
+
+
+def test_recertify_refuses_rows_without_a_parameter_column():
+    rows = synthetic_rows("zhang-l1", 0.5, q=255, seed=0, k=8.0, counts=one_smoothing_counts(400, [390]))
+    with pytest.raises(ValueError, match="lack the 'k' column"):
+        recertify(rows.drop(columns=["k"]))
 
 
 def test_recertify_refusals(own_results):

@@ -14,8 +14,9 @@ from scipy import stats
 
 from certlib.analysis import load_results
 from certlib.data import load_digits
-from certlib.dual_certificate import sample_statistics
+from certlib.dual_certificate import sample_statistics, truncated_normal
 from certlib.families import make_noise
+from certlib.families.zhang import _truncated_normal
 from cluster.cli import main
 from cluster.plan import expand, model_keys
 from cluster.spec import SpecError, parse_spec
@@ -52,11 +53,20 @@ def test_device_samplers_follow_the_certificates_laws(k):
         assert stats.ks_2samp(mine, theirs).pvalue > 1e-3
 
 
+def test_device_truncated_normal_is_the_certificates():
+    """The device's truncated normal against the certificate's, from 1e-12 sigma (where the
+    tail formula collapsed) to the tails."""
+    u = np.random.default_rng(6).random((7, 500))
+    t = np.array([1e-12, 1e-8, 1e-3, 0.5, 0.999, 1.0, 4.0])[:, None] * np.ones((1, 500))
+    device = _truncated_normal(torch.from_numpy(u), torch.from_numpy(t), 0.8).numpy()
+    np.testing.assert_allclose(device, truncated_normal(u, t, 0.8), rtol=1e-9, atol=0)
+
+
 def test_sampling_is_a_function_of_the_generator_and_k_is_validated():
     a, b = draw("zhang-linf", 2.0, 0.5, 50), draw("zhang-linf", 2.0, 0.5, 50)
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="below the input dimension"):
-        make_noise("zhang-l2", 0.5, k=10, dim=10)
+    with pytest.raises(ValueError, match="at most the input dimension d = 10 less 0.05"):
+        make_noise("zhang-l2", 0.5, k=9.99, dim=10)
     with pytest.raises(ValueError, match="has no shape parameter k"):
         make_noise("gaussian", 0.5, k=1.0)
 
@@ -109,7 +119,7 @@ def test_a_sweep_certifies_gaussian_trained_models_with_the_families(tmp_path):
 def test_the_spec_names_ks_only_for_shaped_families(tmp_path):
     with pytest.raises(SpecError, match="ks: only the methods zhang-l1, zhang-l2, zhang-linf take a shape k"):
         zhang_spec(tmp_path, methods=["gaussian"])
-    with pytest.raises(SpecError, match=r"ks\[1\]: k must be below the input dimension d = 64"):
+    with pytest.raises(SpecError, match=r"ks\[1\]: k must be at most the input dimension d = 64 less 0.05"):
         zhang_spec(tmp_path, ks=[0, 64])
     with pytest.raises(SpecError, match="models.noise: must be one of"):
         zhang_spec(tmp_path, models={"path": str(tmp_path / "{method}-{training}-{sigma}-{seed}.pt"), "noise": "gauss"})

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from certlib.analysis.tables import _groups
-from certlib.families import FAMILIES, with_certificate
+from certlib.families import FAMILIES, family, with_certificate
 from certlib.rows import RADIUS_COLUMNS, stored_noise, stored_votes
 
 CERTIFICATES = tuple(dict.fromkeys(c for cls in FAMILIES.values() for c in cls.certificates))
@@ -36,6 +36,25 @@ def _images_of(rows: pd.DataFrame, dataset_root: str | Path | None) -> np.ndarra
     return data.pixels(position.loc[wanted].to_numpy()).flatten(1).numpy().astype(np.float64)
 
 
+# What a row's certificate depends on besides its smoothing: the bound's kind and level, and the
+# images (input-dependent box certificates read them from the dataset).
+CERTIFICATION_COLUMNS = ("certificate", "alpha", "dataset", "split")
+
+
+def _smoothings(rows: pd.DataFrame):
+    """(rows, their shared column values) for each smoothing and certification: grouped by the
+    columns each family rebuilds its smoothing from (``row_parameters``, so no parameter a
+    family depends on can be left out) and by CERTIFICATION_COLUMNS."""
+    for (method,), of_method in _groups(rows, ["method"], sort=False):
+        try:
+            parameters = family(method).row_parameters
+        except ValueError as err:
+            raise ValueError(f"recertify: {err}") from None
+        keys = [c for c in dict.fromkeys((*parameters, *CERTIFICATION_COLUMNS)) if c in rows]
+        for values, group in _groups(of_method, keys, sort=False):
+            yield group, {"method": method, **dict(zip(keys, values))}
+
+
 def recertify(
     df: pd.DataFrame,
     certificate: str = "standard",
@@ -53,17 +72,17 @@ def recertify(
     between binary and Bonferroni multiclass certification (default: each row's own);
     ``alpha`` sets a new one-sided level (default: each row's own; exact families have none).
 
-    Returns a copy with prediction, correct, radius_l1/radius_l2, p_a_lower, p_b_upper, alpha
-    and certificate replaced; ``selected`` (the n0 choice) is unchanged.
+    Rows are re-certified in groups that share every column their family's smoothing depends on
+    (``row_parameters``: a sweep's rows of several Zhang et al. k each get their own curve).
+
+    Returns a copy with prediction, correct, the radius column, p_a_lower, p_b_upper, alpha,
+    certificate (and Zhang et al.'s curve failure probability delta) replaced; ``selected``
+    (the n0 choice) is unchanged.
     """
     if certificate not in CERTIFICATES:
         raise ValueError(f"recertify: certificate must be one of {CERTIFICATES}, got {certificate!r}")
     out = df.reset_index(drop=True)  # positions below must be unique labels
-    group_keys = [
-        c for c in ("method", "training", "sigma", "seed", "q", "certificate", "alpha", "dataset", "split") if c in out
-    ]
-    for keys, rows in _groups(out, group_keys, sort=False):
-        params = dict(zip(group_keys, keys))
+    for rows, params in _smoothings(out):
         try:
             noise = stored_noise(rows)
         except ValueError as err:
@@ -85,8 +104,9 @@ def recertify(
             raise ValueError(f"recertify: {err}") from None
         out.loc[rows.index, "prediction"] = result["prediction"]
         out.loc[rows.index, RADIUS_COLUMNS[noise.norm]] = result["radius"]
-        for column in ("p_a_lower", "p_b_upper", "certificate"):
-            out.loc[rows.index, column] = result[column]
+        for column in ("p_a_lower", "p_b_upper", "certificate", "delta"):
+            if column in result:
+                out.loc[rows.index, column] = result[column]
         if not noise.exact:
             out.loc[rows.index, "alpha"] = level
     out["correct"] = out["prediction"].to_numpy() == out["label"].to_numpy()

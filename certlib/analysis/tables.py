@@ -60,13 +60,18 @@ def over_columns(over: Over) -> list[str]:
     return [over] if isinstance(over, str) else list(over)
 
 
-def grouping(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
-    """``by`` and every NEVER_POOLED column that takes several values within one of its groups:
+# Columns that tell one configuration's rows (one model, one smoothing) from another's beyond
+# CONFIG: never pooled where a table is per configuration.
+CONFIGURATION_POOLED_NEVER = NEVER_POOLED + ("k", "training_sigma")
+
+
+def grouping(df: pd.DataFrame, by: Sequence[str], never: Sequence[str] = NEVER_POOLED) -> list[str]:
+    """``by`` and every ``never`` column that takes several values within one of its groups:
     a table asked for by method alone still keeps standard and stability training apart."""
     by = list(by)
     # A column with one value overall cannot vary within a group: only the others need the
     # (costlier, on millions of rows) per-group count.
-    extra = [c for c in NEVER_POOLED if c in df and c not in by and df[c].nunique(dropna=False) > 1]
+    extra = [c for c in never if c in df and c not in by and df[c].nunique(dropna=False) > 1]
     if not extra or df.empty:
         return by
     if not by:
@@ -150,8 +155,10 @@ def _scores(df: pd.DataFrame, radii: Sequence[float]) -> pd.DataFrame:
 
 def certified_accuracy(df: pd.DataFrame, radii: Sequence[float], by: Sequence[str] = CONFIG) -> pd.DataFrame:
     """Certified accuracy at each radius for each configuration: one row per value of the
-    ``by`` columns, a ``clean`` column, one column per radius (float keys) and ``images``."""
-    by = list(by)
+    ``by`` columns (with any column of ``CONFIGURATION_POOLED_NEVER`` the rows vary in within
+    them, such as Zhang et al.'s k), a ``clean`` column, one column per radius (float keys) and
+    ``images``."""
+    by = grouping(df, by, CONFIGURATION_POOLED_NEVER)
     scores = _scores(df, radii)
     scores[by] = df[by]
     grouped = scores.groupby(by, sort=True, observed=True, dropna=False)  # k is null outside Zhang's families
@@ -230,28 +237,29 @@ def high_probability_accuracy(
     df: pd.DataFrame, radii: Sequence[float], alpha: float | None = None, rho: float = 0.001, by: Sequence[str] = CONFIG
 ) -> pd.DataFrame:
     """Approximate certified accuracy next to Cohen et al.'s Theorem 5 lower bound, which holds
-    with probability >= 1 - rho over the randomness of CERTIFY run at failure rate alpha
-    (default: the rows' own alpha). DSSN rows are exact: their bound is the accuracy itself.
+    at each radius with probability >= ``confidence`` over the randomness of CERTIFY run at
+    failure rate alpha (default: the rows' own alpha): 1 - rho, and 1 - rho - delta for Zhang et
+    al.'s families, whose radius curve (failure probability delta) is shared by every image.
+    DSSN rows are exact: their bound is the accuracy itself (confidence 1). Configurations are
+    never pooled (``certified_accuracy``: different k or training sigmas stay apart).
 
-    Long format: the ``by`` columns, ``radius``, ``images``, ``approximate``, ``lower_bound``.
+    Long format: the ``by`` columns, ``radius``, ``images``, ``approximate``, ``lower_bound``,
+    ``confidence``.
     """
-    by = list(by)
+    by = grouping(df, by, CONFIGURATION_POOLED_NEVER)
     table = certified_accuracy(df, radii, by)
-    exact = (
-        family_attribute(df["method"], "exact").groupby([df[c] for c in by], sort=True, observed=True).all().to_numpy()
-    )
-    row_alpha = (
-        df.groupby(by, sort=True, observed=True)["alpha"].max().to_numpy()
-        if "alpha" in df
-        else np.full(len(table), np.nan)
-    )
+    grouped = df.groupby(by, sort=True, observed=True, dropna=False)
+    exact_rows = family_attribute(df["method"], "exact")
+    exact = exact_rows.groupby([df[c] for c in by], sort=True, dropna=False).all().to_numpy()
+    row_alpha = grouped["alpha"].max().to_numpy() if "alpha" in df else np.full(len(table), np.nan)
+    curve_delta = grouped["delta"].max().fillna(0.0).to_numpy() if "delta" in df else np.zeros(len(table))
     rows = []
     for i, (_, config) in enumerate(table.iterrows()):
         a = alpha if alpha is not None else row_alpha[i]
         for r in radii:
             approx = config[float(r)]
             if exact[i]:
-                bound = approx
+                bound, confidence = approx, 1.0
             elif a is None or np.isnan(a):
                 raise ValueError("high_probability_accuracy: Monte Carlo rows without alpha; pass alpha")
             else:
@@ -260,6 +268,7 @@ def high_probability_accuracy(
                         round(approx * config["images"]), int(config["images"]), a, rho
                     )
                 )
+                confidence = 1 - rho - curve_delta[i]
             rows.append(
                 {
                     **{k: config[k] for k in by},
@@ -267,6 +276,7 @@ def high_probability_accuracy(
                     "images": int(config["images"]),
                     "approximate": approx,
                     "lower_bound": bound,
+                    "confidence": confidence,
                 }
             )
     return pd.DataFrame(rows)

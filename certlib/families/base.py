@@ -72,6 +72,9 @@ class SmoothingNoise(ABC):
     binary_only: ClassVar[str] = ""  # why it has no multiclass certificate (empty: it has one)
     card_keys: ClassVar[tuple[str, ...]] = ()  # card fields a model must match besides method and sigma
     shaped: ClassVar[bool] = False  # takes a shape k and the input dimension (Zhang et al.'s families)
+    # The row columns its smoothing is rebuilt from (``rows.stored_noise``): rows re-certified
+    # together must agree on every one of them.
+    row_parameters: ClassVar[tuple[str, ...]] = ("sigma",)
 
     def __init__(self, sigma: float, *, q: int = 255, seed: int = 0):
         self.sigma = check_sigma(sigma)

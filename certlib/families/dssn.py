@@ -33,6 +33,7 @@ class DSSNNoise(SmoothingNoise):
     exact = True
     certificates = ("standard", "dssn")
     card_keys = ("seed", "q")
+    row_parameters = ("sigma", "q", "seed")
 
     def __init__(self, sigma: float, *, q: int = 255, seed: int = 0):
         super().__init__(sigma)

@@ -6,7 +6,7 @@ certificate (Theorem 1, Eq. 6; ``certificates.zhang_radius``):
 * ``zhang-l2``: pi0(z) ∝ ||z||_2^-k exp(-||z||_2^2 / (2 sigma^2)) (Eq. 11; k = 0 is Gaussian);
 * ``zhang-linf``: pi0(z) ∝ ||z||_inf^-k exp(-||z||_2^2 / (2 sigma^2)) (Eq. 13), L-infinity radii.
 
-The shape k >= 0 (below the input dimension d) moves the radius distribution toward zero. The
+The shape k in [0, d - 0.05] (d the input dimension) moves the radius distribution toward zero. The
 samplers are exact: the radial part is drawn from its one-dimensional law (the same as the
 certificate's, ``certlib.dual_certificate``) with a numpy generator seeded from the torch
 generator (torch's gamma sampler takes no generator), the direction on the device. The
@@ -25,12 +25,23 @@ from certlib.families.base import MonteCarloNoise
 
 DELTA = 0.001  # failure probability of the radius curve (added to alpha)
 CURVE_SAMPLES = 100_000  # samples of pi0 behind the radius curve
+CURVE_SEED = 0  # their stream
+
+
+def _truncated_normal(u: torch.Tensor, t: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``dual_certificate.truncated_normal`` on the device: erf near the center, the lower
+    tail's ndtri beyond sigma."""
+    s = sigma * math.sqrt(2)
+    central = s * torch.special.erfinv((2 * u - 1) * torch.special.erf(t / s))
+    edge = torch.special.ndtr(-t / sigma)
+    return torch.where(t < sigma, central, sigma * torch.special.ndtri(edge + u * (1 - 2 * edge)))
 
 
 class ZhangNoise(MonteCarloNoise):
     """The part the three families share: the shape k, the input dimension and the certificate."""
 
     shaped = True
+    row_parameters = ("sigma", "k", "dataset")  # the dataset gives the input dimension
     binary_only = "the dual certificate of Zhang et al. is binary (Theorem 1 with p_B = 1 - p_A)"
 
     def __init__(self, sigma: float, *, q: int = 255, seed: int = 0, k: float = 0.0, dim: int | None = None):
@@ -38,9 +49,10 @@ class ZhangNoise(MonteCarloNoise):
         self.k = float(k)
         if not (math.isfinite(self.k) and self.k >= 0):
             raise ValueError(f"k must be a finite number >= 0, got {k}")
-        if dim is not None and not self.k < dim:
+        if dim is not None and not self.k <= dim - dual_certificate.K_GAP:
             raise ValueError(
-                f"k must be below the input dimension d = {dim} (the density is not normalizable), got {k}"
+                f"k must be at most the input dimension d = {dim} less {dual_certificate.K_GAP} (the density "
+                f"needs k < d; nearer d its radii underflow float64), got {k}"
             )
         self.dim = dim
 
@@ -70,11 +82,24 @@ class ZhangNoise(MonteCarloNoise):
         if self.dim is None:
             raise ValueError(f"{self.name} needs the input dimension d to certify")
         return dual_certificate.zhang_radius(
-            p_a_lower, norm=self.norm, k=self.k, scale=self.scale, dim=self.dim, n=CURVE_SAMPLES, delta=DELTA
+            p_a_lower,
+            norm=self.norm,
+            k=self.k,
+            scale=self.scale,
+            dim=self.dim,
+            n=CURVE_SAMPLES,
+            delta=DELTA,
+            seed=CURVE_SEED,
         )
 
+    def certify(self, votes, *, alpha, multiclass=False, certificate="standard", x=None):
+        result = super().certify(votes, alpha=alpha, multiclass=multiclass, certificate=certificate, x=x)
+        return {**result, "delta": DELTA}
+
     def settings(self, *, n0, n, alpha, multiclass):
-        return {**super().settings(n0=n0, n=n, alpha=alpha, multiclass=multiclass), "delta": DELTA}
+        # Everything the radius curve depends on, so that a change recomputes the shards.
+        curve = {"curve_samples": CURVE_SAMPLES, "curve_seed": CURVE_SEED, "curve_bound": dual_certificate.BOUND}
+        return {**super().settings(n0=n0, n=n, alpha=alpha, multiclass=multiclass), "delta": DELTA, **curve}
 
     def describe(self):
         return {**super().describe(), "k": self.k, "scale": self.scale}
@@ -116,7 +141,7 @@ class ZhangL2Noise(ZhangNoise):
 
 class ZhangLinfNoise(ZhangNoise):
     """Eq. 13: t = ||z||_inf from its one-dimensional law; one coordinate (uniform, random sign)
-    at +-t, the others N(0, sigma^2) truncated to [-t, t] (inverse CDF on the device)."""
+    at +-t, the others N(0, sigma^2) truncated to [-t, t] (``_truncated_normal``)."""
 
     name = "zhang-linf"
     norm = "linf"
@@ -125,9 +150,8 @@ class ZhangLinfNoise(ZhangNoise):
         flat = x.flatten(1).double()
         rows, d = flat.shape
         t = self._radial(rows, d, generator, x.device).double()[:, None]
-        edge = torch.special.ndtr(-t / self.sigma)
         u = torch.rand(flat.shape, generator=generator, device=x.device, dtype=torch.float64)
-        z = torch.minimum(torch.maximum(self.sigma * torch.special.ndtri(edge + u * (1 - 2 * edge)), -t), t)
+        z = torch.minimum(torch.maximum(_truncated_normal(u, t, self.sigma), -t), t)
         peak = torch.randint(d, (rows, 1), generator=generator, device=x.device)
         sign = torch.where(torch.rand((rows, 1), generator=generator, device=x.device) < 0.5, -1.0, 1.0).double()
         z = z.scatter(1, peak, sign * t)
