@@ -63,21 +63,32 @@ def _l2_radii(k: float, sigma: float, d: int, n: int, rng: np.random.Generator) 
     return np.sqrt(2 * sigma**2 * rng.gamma((d - k) / 2, 1.0, n))
 
 
+def _shares(a: float, rest: float, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n draws of (B, 1 - B) for B ~ Beta(a, rest), each as a ratio of Gamma draws, so that
+    1 - B keeps its relative accuracy where B is near 1 (rest = 0: B = 1)."""
+    if rest == 0:
+        return np.ones(n), np.zeros(n)
+    first, second = rng.gamma(a, 1.0, n), rng.gamma(rest, 1.0, n)
+    total = first + second
+    return first / total, second / total
+
+
 def _l1_statistics(k: float, b: float, d: int, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """||z||_1 and z_1 for z ~ Eq. 10: the radius is Gamma(d - k, b) (the density of ||z||_1 is
-    r^(d-1) r^-k exp(-r/b) up to a constant) and |z_1| / ||z||_1 is a coordinate of a uniform
-    point of the simplex, Beta(1, d - 1), with a random sign."""
+    """||z||_1, z_1 and ||z||_1 - |z_1| for z ~ Eq. 10: the radius is Gamma(d - k, b) (the
+    density of ||z||_1 is r^(d-1) r^-k exp(-r/b) up to a constant) and |z_1| / ||z||_1 is a
+    coordinate of a uniform point of the simplex, Beta(1, d - 1), with a random sign."""
     radius = _l1_radii(k, b, d, n, rng)
-    share = rng.beta(1.0, d - 1.0, n) if d > 1 else np.ones(n)
-    return {"norm": radius, "z1": radius * share * rng.choice((-1.0, 1.0), n)}
+    share, rest = _shares(1.0, d - 1.0, n, rng)
+    return {"norm": radius, "z1": radius * share * rng.choice((-1.0, 1.0), n), "rest": radius * rest}
 
 
 def _l2_statistics(k: float, sigma: float, d: int, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """||z||_2^2 and z_1 for z ~ Eq. 11: ||z||^2 / (2 sigma^2) is Gamma((d - k) / 2, 1) and z_1^2
-    / ||z||^2 is a squared coordinate of a uniform point of the sphere, Beta(1/2, (d - 1)/2)."""
+    """||z||_2^2, z_1 and ||z||_2^2 - z_1^2 for z ~ Eq. 11: ||z||^2 / (2 sigma^2) is
+    Gamma((d - k) / 2, 1) and z_1^2 / ||z||^2 is a squared coordinate of a uniform point of the
+    sphere, Beta(1/2, (d - 1)/2)."""
     square = _l2_radii(k, sigma, d, n, rng) ** 2
-    share = rng.beta(0.5, (d - 1) / 2, n) if d > 1 else np.ones(n)
-    return {"square": square, "z1": np.sqrt(square * share) * rng.choice((-1.0, 1.0), n)}
+    share, rest = _shares(0.5, (d - 1) / 2, n, rng)
+    return {"square": square, "z1": np.sqrt(square * share) * rng.choice((-1.0, 1.0), n), "rest": square * rest}
 
 
 def _linf_log_density(t: np.ndarray, k: float, sigma: float, d: int) -> np.ndarray:
@@ -200,15 +211,18 @@ def sample_statistics(norm: str, k: float, scale: float, dim: int, n: int, seed:
 def log_ratio(
     statistics: dict[str, np.ndarray], r: float, *, norm: str, k: float, scale: float, dim: int
 ) -> np.ndarray:
-    """log R = log pi0(z - delta*) - log pi0(z) for delta* of Theorem 2 (r e1) or 3 (r 1)."""
-    if norm == "l1":
-        s, z1 = statistics["norm"], statistics["z1"]
-        change = np.abs(z1 - r) - np.abs(z1)  # ||z - r e1||_1 - ||z||_1
-        return -k * np.log1p(change / s) - change / scale
-    if norm == "l2":
-        s, z1 = statistics["square"], statistics["z1"]
-        change = r * r - 2 * r * z1  # ||z - r e1||^2 - ||z||^2
-        return -k / 2 * np.log1p(change / s) - change / (2 * scale**2)
+    """log R = log pi0(z - delta*) - log pi0(z) for delta* of Theorem 2 (r e1) or 3 (r 1). The
+    shifted norm is summed from its parts (|z_1 - r| and the other coordinates' share), not as
+    the norm plus its change, which would cancel where z nears delta* and pi0 is singular."""
+    with np.errstate(divide="ignore"):  # z = delta* exactly: R = inf where k > 0
+        if norm == "l1":
+            s, z1 = statistics["norm"], statistics["z1"]
+            change = np.abs(z1 - r) - np.abs(z1)  # ||z - r e1||_1 - ||z||_1
+            return -k * (np.log(np.abs(z1 - r) + statistics["rest"]) - np.log(s)) - change / scale
+        if norm == "l2":
+            s, z1 = statistics["square"], statistics["z1"]
+            change = r * r - 2 * r * z1  # ||z - r e1||^2 - ||z||^2
+            return -k / 2 * (np.log((z1 - r) ** 2 + statistics["rest"]) - np.log(s)) - change / (2 * scale**2)
     shifted = np.maximum(statistics["max"] - r, r - statistics["min"])  # ||z - r 1||_inf
     change = dim * r * r - 2 * r * statistics["sum"]
     return -k * (np.log(shifted) - np.log(statistics["t"])) - change / (2 * scale**2)
@@ -306,32 +320,15 @@ def threshold(log_ratios: np.ndarray, delta: float) -> float:
     return best if best < 1 else math.inf
 
 
-# The radius grid: geometric, each step RADIUS_RATIO, from the largest radius certified at
-# p_A = P_CEILING down over RADIUS_SPAN: a radius rounds down by less than 1 - 1/RADIUS_RATIO of
-# itself. P_CEILING is above any p_A lower bound of n <= 10^6 samples at alpha >= 10^-3.
+# The radius grid, fixed before any sample is drawn (the argument in ``radius_curve`` needs it):
+# unit * RADIUS_RATIO^j for integers j from RADIUS_FLOOR units up, unit = the scale (l-infinity:
+# scale / sqrt d), until the threshold passes P_CEILING. A radius rounds down by less than
+# 1 - 1/RADIUS_RATIO of itself. P_CEILING is above any p_A lower bound of n <= 10^6 samples at
+# alpha >= 10^-3; RADIUS_REACH (units) stops a curve that would not pass it.
 RADIUS_RATIO = 1.005
-RADIUS_SPAN = 1000.0
+RADIUS_FLOOR = 1e-3
+RADIUS_REACH = 1e3
 P_CEILING = 1 - 1e-6
-
-
-def _reach(certified_at, unit: float) -> float:
-    """The largest radius r with certified_at(r) (a predicate true for small r), to 1e-4 of
-    itself, by doubling and bisection in log r; 0 where none from unit * 1e-6 up is."""
-    low, high = unit, unit
-    if certified_at(unit):
-        while certified_at(high * 2) and high < unit * 1e6:
-            high *= 2
-        low, high = high, high * 2
-    else:
-        while not certified_at(low / 2):
-            low /= 2
-            if low < unit * 1e-6:
-                return 0.0
-        low, high = low / 2, low
-    while high / low > 1 + 1e-4:
-        middle = math.sqrt(low * high)
-        low, high = (middle, high) if certified_at(middle) else (low, middle)
-    return low
 
 
 @functools.lru_cache(maxsize=32)
@@ -347,7 +344,9 @@ def radius_curve(
     at or above j* is reported only if the (non-decreasing) threshold at j* is below p_A's
     lower bound, which needs j*'s bound to have failed: each image's radius is wrong with
     probability <= alpha + delta, and a table at one radius is wrong for any of its images
-    only if the bound at the first grid radius at or above it failed (probability delta)."""
+    only if the bound at the first grid radius at or above it failed (probability delta). Both
+    need the grid fixed before the samples: it is (``RADIUS_RATIO``); only where it stops
+    depends on them, and every radius reported lies below that."""
     _check(norm, k, scale, dim)
     if not 0 < delta < 1:
         raise ValueError(f"delta must lie in (0, 1), got {delta}")
@@ -359,12 +358,17 @@ def radius_curve(
         return threshold(log_ratio(statistics, r, norm=norm, k=k, scale=scale, dim=dim), delta)
 
     unit = scale / math.sqrt(dim) if norm == "linf" else scale
-    top = _reach(lambda r: at(r) <= P_CEILING, unit)
-    points = math.ceil(math.log(RADIUS_SPAN) / math.log(RADIUS_RATIO)) + 1
-    radii = top * RADIUS_RATIO ** np.arange(1 - points, 1, dtype=np.float64) if top > 0 else np.empty(0)
-    thresholds = np.maximum.accumulate(np.array([at(float(r)) for r in radii]))
-    radii.flags.writeable = thresholds.flags.writeable = False
-    return radii, thresholds
+    radii: list[float] = []
+    thresholds: list[float] = []
+    j = math.ceil(math.log(RADIUS_FLOOR) / math.log(RADIUS_RATIO))
+    while (r := unit * RADIUS_RATIO**j) <= unit * RADIUS_REACH and (t := at(r)) <= P_CEILING:
+        radii.append(r)
+        thresholds.append(t)
+        j += 1
+    curve = np.array(radii, dtype=np.float64), np.maximum.accumulate(np.array(thresholds, dtype=np.float64))
+    for array in curve:
+        array.flags.writeable = False
+    return curve
 
 
 def zhang_radius(

@@ -127,6 +127,34 @@ def test_curve_is_monotone_read_only_and_certifies_zero_above_one_half():
     assert radius[5] == radii[-1]
 
 
+def test_the_radius_grid_does_not_depend_on_the_samples():
+    """The grid is a lattice fixed before sampling (``radius_curve``'s argument needs it): two
+    seeds' curves share their radii up to where the shorter one stops."""
+    a, _ = radius_curve("l2", 0.0, 0.5, 64, 2000, DELTA, 0)
+    b, _ = radius_curve("l2", 0.0, 0.5, 64, 2000, DELTA, 1)
+    common = min(len(a), len(b))
+    assert common > 1000 and np.array_equal(a[:common], b[:common])
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_log_ratio_keeps_its_digits_where_z_nears_the_shift(norm):
+    """d = 1, z_1 within 1e-8 of r, k = 0.9: against mpmath at 50 digits (the norm plus its
+    change cancelled there, an error of 0.05 in log R for l2)."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    k, scale, r = 0.9, 1.0, 0.3
+    z1 = np.array([r * (1 + 1e-8), r * (1 - 1e-7), -0.7])
+    statistics = {"z1": z1, "rest": np.zeros(3), "norm": np.abs(z1), "square": z1**2}
+    computed = log_ratio(statistics, r, norm=norm, k=k, scale=scale, dim=1)
+    for value, z in zip(computed, z1):
+        z, rr = mpmath.mpf(float(z)), mpmath.mpf(r)
+        if norm == "l1":
+            exact = -k * mpmath.log(abs(z - rr) / abs(z)) - (abs(z - rr) - abs(z)) / scale
+        else:
+            exact = -k / 2 * mpmath.log((z - rr) ** 2 / z**2) - (rr**2 - 2 * rr * z) / (2 * scale**2)
+        assert abs(value - float(exact)) < 1e-12, (norm, float(z), value, float(exact))
+
+
 @pytest.mark.parametrize("norm, k", [("l2", 0.0), ("l1", 0.0), ("linf", 0.0)])
 def test_samplers_follow_their_laws_at_k_zero(norm, k):
     """k = 0: Laplace coordinates and Gamma radius (l1); Gaussian coordinates and chi-square
