@@ -40,14 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from certlib.analysis import load_results  # noqa: E402
-from certlib.cascade import Cascade  # noqa: E402
-from certlib.checkpoint import ModelCard, load_checkpoint, save_checkpoint  # noqa: E402
+from certlib.checkpoints.checkpoint import ModelCard, load_checkpoint, save_checkpoint  # noqa: E402
 from certlib.data import load_dataset  # noqa: E402
+from certlib.engine.cascade import Cascade  # noqa: E402
+from certlib.engine.voting import default_batch_size  # noqa: E402
 from certlib.families import make_noise  # noqa: E402
 from certlib.models import build_model  # noqa: E402
 from certlib.smooth import Smooth  # noqa: E402
-from certlib.voting import default_batch_size  # noqa: E402
-from cluster import jobs, local_ray  # noqa: E402
+from cluster.client import jobs, local_ray  # noqa: E402
 from cluster.plan import model_keys  # noqa: E402
 from cluster.record import progress_file  # noqa: E402
 from cluster.spec import parse_spec  # noqa: E402

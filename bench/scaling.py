@@ -28,7 +28,7 @@ SECONDS_VARIABLE = "CERTIFY_SIMULATED_SECONDS_PER_IMAGE"
 
 def simulated_device() -> None:
     """Worker setup hook: every unit's computation also takes the simulated device time."""
-    from cluster.worker import UnitRunner
+    from cluster.job.worker import UnitRunner
 
     seconds = float(os.environ[SECONDS_VARIABLE])
     compute = UnitRunner.compute
@@ -47,7 +47,7 @@ def run(nodes: int, args, work: Path) -> float:
     import ray._private.utils
 
     from certlib.data import load_digits
-    from cluster.executor import run_sweep
+    from cluster.job.executor import run_sweep
     from cluster.plan import model_keys
     from cluster.spec import parse_spec
     from tests.conftest import random_checkpoint, simulated_cluster

@@ -51,16 +51,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from certlib.cascade import EXACT_TIE, LEVELS, Cascade, disable_tf32, fold_batchnorm  # noqa: E402
-from certlib.checkpoint import load_checkpoint  # noqa: E402
+from certlib.checkpoints.checkpoint import load_checkpoint  # noqa: E402
 from certlib.data import (  # noqa: E402
     load_cifar10,
     load_dataset,
     quantize,  # noqa: E402
 )
+from certlib.engine.cascade import EXACT_TIE, LEVELS, Cascade, disable_tf32, fold_batchnorm  # noqa: E402
+from certlib.engine.voting import MC_BLOCK, default_batch_size, dssn_votes, monte_carlo_counts, stream_seed  # noqa: E402
 from certlib.families import DSSNNoise, GaussianNoise, UniformNoise  # noqa: E402
 from certlib.models import build_model  # noqa: E402
-from certlib.voting import MC_BLOCK, default_batch_size, dssn_votes, monte_carlo_counts, stream_seed  # noqa: E402
 
 DEFAULT_CIFAR = Path(
     os.environ.get("CIFAR") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-batches-bin"
@@ -115,8 +115,8 @@ def cycled(test, count: int, device) -> torch.Tensor:
 
 
 def acceptance_model(cifar: Path, device: torch.device, epochs: int, out: Path):
-    from certlib.train import train_model
-    from certlib.train_config import TrainConfig
+    from certlib.training.config import TrainConfig
+    from certlib.training.train import train_model
 
     train = load_dataset("cifar10", "train", cifar, limit=6_000)
     heldout = load_dataset("cifar10", "test", cifar, start=5_000, limit=1_000)  # the cells use images 0..
@@ -482,9 +482,9 @@ def pipeline_section(cifar: Path, images: int, workers: list[int], sigma: float,
     import ray
 
     from certlib.analysis import load_results
-    from certlib.checkpoint import ModelCard, save_checkpoint
+    from certlib.checkpoints.checkpoint import ModelCard, save_checkpoint
     from certlib.smooth import Smooth
-    from cluster.executor import run_sweep
+    from cluster.job.executor import run_sweep
     from cluster.plan import model_keys
     from cluster.spec import parse_spec
 

@@ -45,12 +45,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from certlib.data import QuantizedDataset, load_dataset  # noqa: E402
+from certlib.engine.voting import stream_seed  # noqa: E402
 from certlib.families import make_noise  # noqa: E402
 from certlib.models import build_model  # noqa: E402
-from certlib.train import train_model  # noqa: E402
-from certlib.train_config import TrainConfig  # noqa: E402
-from certlib.train_step import augment, stability_loss  # noqa: E402
-from certlib.voting import stream_seed  # noqa: E402
+from certlib.training.config import TrainConfig  # noqa: E402
+from certlib.training.step import augment, stability_loss  # noqa: E402
+from certlib.training.train import train_model  # noqa: E402
 
 DEFAULT_CIFAR = Path(
     os.environ.get("CIFAR") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-batches-bin"

@@ -14,8 +14,8 @@ import argparse
 from pathlib import Path
 
 from certlib.data import load_dataset
-from certlib.train import train_model
-from certlib.train_config import TrainConfig
+from certlib.training.config import TrainConfig
+from certlib.training.train import train_model
 
 DEFAULT_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-batches-bin"
 

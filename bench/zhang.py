@@ -5,7 +5,7 @@ the same n, side by side in one run (issue 14's target: within 1.2x).
     python bench/zhang.py --device cuda --images 100 --n 100000 --checkpoint <Gaussian-trained WRN or ResNet>
 
 The radius curve of each (family, sigma, k) is computed once per sweep configuration and cached
-(``certlib.dual_certificate.radius_curve``); its time is printed apart, then each family's
+(``certlib.certificates.dual.radius_curve``); its time is printed apart, then each family's
 per-image time is measured with the curve warm, as a sweep's units see it.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from certlib.checkpoint import load_checkpoint  # noqa: E402
+from certlib.checkpoints.checkpoint import load_checkpoint  # noqa: E402
 from certlib.data import load_dataset  # noqa: E402
 from certlib.families import make_noise  # noqa: E402
 from certlib.models import build_model  # noqa: E402

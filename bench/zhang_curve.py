@@ -24,7 +24,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from certlib.dual_certificate import log_ratio, sample_statistics, zhang_radius  # noqa: E402
+from certlib.certificates.dual import log_ratio, sample_statistics, zhang_radius  # noqa: E402
 
 P = (0.55, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999)
 SCALES = {"l1": 0.5 / math.sqrt(2), "l2": 0.5, "linf": 0.5}  # sigma = 0.5 (Laplace b = sigma / sqrt 2)

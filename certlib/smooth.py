@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from certlib import certificates
-from certlib.cascade import Cascade, EngineOptions
+from certlib.engine.cascade import Cascade, EngineOptions
+from certlib.engine.voting import make_cascade
 from certlib.families import SmoothingNoise
-from certlib.voting import make_cascade
 
 
 class Smooth:
@@ -20,7 +20,7 @@ class Smooth:
 
     ``model`` maps pixel-scale images (B, C, H, W) in [0, 1] to logits (B, num_classes); or it
     is a ``Cascade`` around such a model, built once and reused across calls (a worker's). The
-    engine options (``certlib.cascade.EngineOptions``) build the cascade of a plain module; they
+    engine options (``certlib.engine.cascade.EngineOptions``) build the cascade of a plain module; they
     change speed, never a vote.
     """
 

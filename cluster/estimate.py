@@ -2,7 +2,7 @@
 images, units, images, forward passes) and the time those take at given rates.
 
 Pure: the spec's files and arithmetic, no Ray, nothing written (``certify plan`` measures the
-rates with ``certlib.throughput`` and prints what this module counts). A forward pass is one
+rates with ``certlib.engine.throughput`` and prints what this module counts). A forward pass is one
 evaluation of the base classifier on one input: an exact family (DSSN) costs its L noisy copies
 per image, a Monte Carlo family its n0 + n samples (``passes_per_image``).
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from certlib.families import family
-from certlib.train_config import TrainConfig, TrainSettings, step_flops
+from certlib.training.config import TrainConfig, TrainSettings, step_flops
 from cluster.plan import (
     ModelKey,
     Plan,

@@ -7,7 +7,7 @@
     print(job.table())
     job.plot("curves.svg")                      # or job.plot(): a matplotlib Figure, shown inline
 
-The same machinery as the ``certify`` command line (``cluster.submission``): the same
+The same machinery as the ``certify`` command line (``cluster.client.submission``): the same
 validation (one-line ``SpecError`` before anything is written or started), job ids and
 attempts, the embedded local Ray started where none runs, the same progress record as
 ``certify status`` and the same tables and curves as ``certify table`` and ``certify plot``.
@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster import jobs, submission
-from cluster.jobs import ClusterError
+from cluster.client import jobs, submission
+from cluster.client.jobs import ClusterError
 from cluster.spec import SpecError, Sweep
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """The sweep as a plan: its units, which are done already, which models must be trained first
 and which units wait for them, and how many images a unit takes.
 
-Pure: files and arithmetic, no Ray (``cluster.executor`` runs a plan on Ray actors). The
+Pure: files and arithmetic, no Ray (``cluster.job.executor`` runs a plan on Ray actors). The
 command line checks a spec against its files here before submitting it (``preflight``).
 """
 
@@ -13,11 +13,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from certlib.checkpoint import check_card, read_card
+from certlib.checkpoints.checkpoint import check_card, read_card
 from certlib.data import DATASETS, QuantizedDataset, load_dataset
 from certlib.families import SmoothingNoise, family, make_noise
 from certlib.rows import existing_shards, legacy_layout, shard_config, shard_path, shard_state
-from certlib.train_config import PAPER_DEFAULTS
+from certlib.training.config import PAPER_DEFAULTS
 from cluster.progress import Progress
 from cluster.record import sweep_file
 from cluster.spec import SpecError, Sweep, parse_spec
@@ -137,7 +137,9 @@ def expand(sweep: Sweep, num_images: int) -> list[Unit]:
     """All units of the sweep over ``num_images`` selected images, shard by shard."""
     size = sweep.resources.shard_size
     if isinstance(size, str):
-        raise ValueError("expand: resources.shard_size must be resolved (cluster.executor.resolve_shard_size) first")
+        raise ValueError(
+            "expand: resources.shard_size must be resolved (cluster.job.executor.resolve_shard_size) first"
+        )
     return [
         Unit(key, start, min(start + size, num_images))
         for key in model_keys(sweep)

@@ -77,7 +77,7 @@ def ray_session():
     user already runs (the quickstart leaves one up) is neither attached to nor disturbed.
     Yields its ``LocalRay`` (gcs_address, dashboard_url); this process is connected to it."""
     ray = pytest.importorskip("ray")
-    from cluster import local_ray
+    from cluster.client import local_ray
 
     instance = local_ray.start(num_cpus=2, private=True, object_store_bytes=1 << 30)
     try:
@@ -100,7 +100,7 @@ def random_checkpoint(
 ) -> Path:
     """A checkpoint of a randomly initialised model with a matching card (no training); with
     ``poison`` its weights are NaN, so that certifying it fails."""
-    from certlib.checkpoint import ModelCard, save_checkpoint
+    from certlib.checkpoints.checkpoint import ModelCard, save_checkpoint
     from certlib.families import make_noise
     from certlib.models import build_model
 
@@ -140,7 +140,7 @@ def simulated_cluster(nodes: int, prefix: str, **head_args):
     import ray._private.utils
     from ray.cluster_utils import Cluster
 
-    from cluster.local_ray import free_port
+    from cluster.client.local_ray import free_port
 
     ray._private.utils.write_ray_address = lambda *args, **kwargs: None  # leave /tmp/ray's pointer alone
     temp_dir = tempfile.mkdtemp(prefix=prefix)  # short: Ray's socket paths must fit 107 bytes

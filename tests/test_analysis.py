@@ -36,9 +36,9 @@ from certlib.data import load_digits
 from certlib.families import FAMILIES, Votes, make_noise
 from certlib.rows import CONFIG, certification_rows, shard_path
 from cluster.cli import main
+from cluster.job.worker import UnitRunner
 from cluster.plan import expand, model_keys
 from cluster.spec import parse_spec
-from cluster.worker import UnitRunner
 from tests.conftest import random_checkpoint
 from tests.test_paper_results import RADII, TABLE_1
 

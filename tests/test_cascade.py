@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from certlib import cascade as cascade_module
-from certlib import voting
-from certlib.cascade import LEVELS, Cascade, cascade_levels, fold_batchnorm, resolve_compile, resolve_precision
 from certlib.data import load_digits
+from certlib.engine import cascade as cascade_module
+from certlib.engine import voting
+from certlib.engine.cascade import LEVELS, Cascade, cascade_levels, fold_batchnorm, resolve_compile, resolve_precision
+from certlib.engine.voting import dssn_votes, monte_carlo_counts
 from certlib.families import DSSNNoise, UniformNoise
 from certlib.models import build_model
-from certlib.voting import dssn_votes, monte_carlo_counts
 from tests.test_voting import random_cnn
 
 

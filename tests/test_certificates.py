@@ -13,6 +13,7 @@ from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
 from certlib import certificates as C
+from certlib.families import Votes, make_noise
 
 probs = st.floats(0.0, 1.0, allow_nan=False)
 lams = st.floats(0.05, 20.0, allow_nan=False)
@@ -162,7 +163,7 @@ def test_voracek_hein_example_2_9():
     """x = (0.4, 0.6), lambda = 1, h(x) = 0.88: radius 0.8 certified by Theorem 2.8, not by Cor. 2.4."""
     x = np.array([0.4, 0.6])
     assert C.l1_uniform_radius(0.88, 1.0) < 0.8
-    assert C.l1_box_radius(0.88, 1.0, x=x, method="uniform") >= 0.8
+    assert C.l1_box_radius(0.88, 1.0, x=x) >= 0.8
     # the overlap at c = 0.8: 0.63 with box constraints (Theorem 2.8), 0.6 without (Prop. 2.2)
     assert brute_force_min_overlap(x, 0.8, 1.0, steps=100) == pytest.approx(0.63, abs=1e-9)
 
@@ -170,7 +171,7 @@ def test_voracek_hein_example_2_9():
 @pytest.mark.parametrize("lam", [0.3, 0.5, 0.75, 1.0, 2.5, 6.0])
 @pytest.mark.parametrize("p_a", [0.55, 0.7, 0.88, 0.97, 0.999])
 def test_box_radius_grid_free_is_the_exact_piecewise_bound(lam, p_a):
-    r = float(C.l1_box_radius(p_a, lam, method="uniform"))
+    r = float(C.l1_box_radius(p_a, lam))
     tau = 1.5 - p_a
     assert overlap_piecewise(r, lam) == pytest.approx(tau, abs=1e-9)  # tight at the radius
     assert overlap_piecewise(r + 1e-6, lam) < tau  # and nothing larger holds
@@ -184,22 +185,22 @@ def test_box_radius_grid_free_is_the_exact_piecewise_bound(lam, p_a):
 def test_box_radius_input_dependent_against_brute_force(x, lam):
     x = np.array(x)
     for p_a in (0.6, 0.75, 0.9):
-        r = float(C.l1_box_radius(p_a, lam, x=x, method="uniform"))
+        r = float(C.l1_box_radius(p_a, lam, x=x))
         tau = 1.5 - p_a
         if math.isinf(r):  # the certified ball covers the whole box
             assert brute_force_min_overlap(x, len(x), lam) >= tau
             continue
         assert brute_force_min_overlap(x, r, lam) >= tau - 1e-9  # the certified radius holds
         assert brute_force_min_overlap(x, r + 0.05, lam) < tau  # and is (nearly) tight
-        assert r >= C.l1_box_radius(p_a, lam, method="uniform") - 1e-12 >= C.l1_uniform_radius(p_a, lam) - 1e-12
+        assert r >= C.l1_box_radius(p_a, lam) - 1e-12 >= C.l1_uniform_radius(p_a, lam) - 1e-12
 
 
 def test_box_radius_at_a_corner_equals_the_grid_free_bound():
     """Theorem 2.8 with x at a corner of the box (every coordinate can move by 1) is Prop. 2.5."""
     p = np.array([0.6, 0.8, 0.95, 0.999])
     np.testing.assert_allclose(
-        C.l1_box_radius(p, 2.0, x=np.zeros((4, 3072)), method="uniform"),
-        C.l1_box_radius(p, 2.0, method="uniform"),
+        C.l1_box_radius(p, 2.0, x=np.zeros((4, 3072))),
+        C.l1_box_radius(p, 2.0),
         rtol=1e-12,
     )
 
@@ -208,19 +209,21 @@ def test_box_radius_at_a_corner_equals_the_grid_free_bound():
 @given(probs, probs, lams)
 def test_box_radius_never_below_plain(p_a, p_b, lam):
     for pb in (None, p_b):
-        plain, box = C.l1_uniform_radius(p_a, lam, pb), C.l1_box_radius(p_a, lam, pb, method="uniform")
+        plain, box = C.l1_uniform_radius(p_a, lam, pb), C.l1_box_radius(p_a, lam, pb)
         assert np.isnan(plain) == np.isnan(box)
         assert np.isnan(box) or box >= plain - 1e-9
 
 
 def test_box_radius_multiclass_and_refusals():
     # lambda < 0.5: the box bound is the plain one
-    assert C.l1_box_radius(0.6, 0.4, 0.3, method="uniform") == pytest.approx(C.l1_uniform_radius(0.6, 0.4, 0.3))
-    assert np.isnan(C.l1_box_radius(0.3, 2.0, 0.35, method="uniform"))
-    with pytest.raises(ValueError, match="independent"):
-        C.l1_box_radius(0.9, 2.0, method="dssn")
+    assert C.l1_box_radius(0.6, 0.4, 0.3) == pytest.approx(C.l1_uniform_radius(0.6, 0.4, 0.3))
+    assert np.isnan(C.l1_box_radius(0.3, 2.0, 0.35))
+    # Box radii hold for independent coordinates only (Theorem 2.11): the families guard it.
+    dssn = make_noise("dssn", 0.5, q=255)
+    with pytest.raises(ValueError, match="'box' certificate does not apply to dssn"):
+        dssn.certify(Votes(np.array([[200, 1]])), alpha=0.001, certificate="box")
     with pytest.raises(ValueError, match="pixel scale"):
-        C.l1_box_radius(0.9, 2.0, x=np.array([1.5, 0.2]), method="uniform")
+        C.l1_box_radius(0.9, 2.0, x=np.array([1.5, 0.2]))
 
 
 # --------------------------------------------------------------------------- Gaussian L2, Laplace L1
@@ -286,14 +289,14 @@ def test_certified_accuracy_lower_bound():
 def test_box_radius_never_rounds_above_the_supremum():
     """Found in review: the closed-form inversion landed on 5.0 where the exact supremum is
     4.99999999999999665 (60-digit arithmetic); the returned radius must stay below it."""
-    assert C.l1_box_radius(0.9978168866142979, 3.8852889664714354, method="uniform") < 5.0
-    assert C.l1_box_radius(0.9978168866142979, 3.8852889664714354, x=np.zeros(64), method="uniform") < 5.0
+    assert C.l1_box_radius(0.9978168866142979, 3.8852889664714354) < 5.0
+    assert C.l1_box_radius(0.9978168866142979, 3.8852889664714354, x=np.zeros(64)) < 5.0
 
 
 @settings(max_examples=500)
 @given(st.floats(0.5001, 0.99999), st.floats(0.55, 50.0))
 def test_box_radius_bound_holds_at_the_returned_radius(p_a, lam):
-    r = float(C.l1_box_radius(p_a, lam, method="uniform"))
+    r = float(C.l1_box_radius(p_a, lam))
     full = math.floor(r)
     overlap = (1 - 1 / (2 * lam)) ** full * (1 - (r - full) / (2 * lam))
     if r > C.l1_uniform_radius(p_a, lam):  # above the plain radius the box bound holds exactly in floats

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from certlib.analysis import load_results
 from certlib.data import load_digits
-from cluster import submission
 from cluster.cli import main, submission_id
+from cluster.client import submission
 from cluster.record import progress_file
 from tests.conftest import random_checkpoint
 
@@ -241,7 +241,7 @@ def test_a_spec_without_train_section_keeps_none_through_the_round_trip():
 
 
 def test_status_commands_never_start_a_cluster(monkeypatch):
-    from cluster import jobs, local_ray
+    from cluster.client import jobs, local_ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(jobs, "LOCAL_DASHBOARD", "http://127.0.0.1:9")  # nothing listens there

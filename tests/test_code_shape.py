@@ -4,6 +4,8 @@ own module and the registry, and functions and modules stay small enough to read
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from certlib.families import FAMILIES
@@ -49,3 +51,81 @@ def test_functions_and_modules_stay_small():
                 if lines > MAX_FUNCTION_LINES:
                     too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines")
     assert too_long == []
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(tree: ast.Module, modules: set[str]) -> set[str]:
+    """The project modules ``tree`` imports, at any depth (a function's import is an edge too),
+    except those only a type checker reads (``if TYPE_CHECKING:``)."""
+    checking_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in checking_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in modules else node.module)
+    return found & modules
+
+
+def test_no_import_circle():
+    """The modules' import graph (every import, at any depth) has no cycle: each layer and
+    folder can be read knowing only what it imports."""
+    modules = {_module_name(path): path for path in SOURCES}
+    graph = {name: _imported(ast.parse(path.read_text()), set(modules)) - {name} for name, path in modules.items()}
+    cycles, index, low, stack, on_stack = [], {}, {}, [], set()
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while not component or component[-1] != node:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for name in graph:
+        if name not in index:
+            visit(name)
+    assert cycles == []
+
+
+def test_the_math_floor_imports_no_torch_and_no_registry():
+    """``certlib.certificates`` is numpy and the papers only: importing it (and computing a
+    radius) loads neither torch nor the family registry."""
+    script = (
+        "import sys; from certlib import certificates; certificates.l1_laplace_radius(0.9, 0.5); "
+        "print(sorted(m for m in ('torch', 'certlib.families', 'ray') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == "[]"
+
+
+def test_no_package_folder_holds_more_than_ten_modules():
+    crowded = {
+        str(folder.relative_to(ROOT)): count
+        for folder in {path.parent for path in SOURCES}
+        if (count := sum(1 for p in folder.glob("*.py") if p.name != "__init__.py")) > 10
+    }
+    assert crowded == {}

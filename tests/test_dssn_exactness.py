@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from certlib.certificates import dssn_radius
+from certlib.engine.voting import dssn_votes
 from certlib.families import DSSNNoise
-from certlib.voting import dssn_votes
 from tests.conftest import LookupTableClassifier, smooth_random_table
 
 

@@ -14,7 +14,7 @@ import pytest
 from scipy import special, stats
 from statsmodels.stats.proportion import proportion_confint
 
-from certlib.dual_certificate import (
+from certlib.certificates.dual import (
     RADIUS_RATIO,
     clopper_pearson_upper_table,
     empirical_bernstein_width,

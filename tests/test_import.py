@@ -1,4 +1,4 @@
-"""Importing external models (certlib.importing, ``certify import-model``): each supported layout
+"""Importing external models (certlib.checkpoints.importing, ``certify import-model``): each supported layout
 is built here from a randomly initialised network, imported, and the written checkpoint's logits
 on pixel-scale inputs must equal the original network's on the same inputs normalized the
 original's way. Mismatched and unsafe files are refused with one line."""
@@ -16,9 +16,9 @@ import yaml
 from click.testing import CliRunner
 from torch import nn
 
-from certlib.checkpoint import load_checkpoint, read_card, save_checkpoint
-from certlib.importing import import_model
-from cluster.cli_import import import_model_command
+from certlib.checkpoints.checkpoint import load_checkpoint, read_card, save_checkpoint
+from certlib.checkpoints.importing import import_model
+from cluster.cli.importing import import_model_command
 
 COHEN_CIFAR = ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -345,8 +345,8 @@ def test_truncated_files_are_refused(tmp_path):
 
 
 def _tiny_card_model():
-    from certlib.checkpoint import ModelCard
-    from certlib.weights import build_architecture
+    from certlib.checkpoints.checkpoint import ModelCard
+    from certlib.checkpoints.weights import build_architecture
 
     model = build_architecture("factory:tests.test_import:tiny_factory", 10, [0.5] * 3, [0.25] * 3, [3, 32, 32])
     card = ModelCard(
@@ -439,9 +439,9 @@ def test_an_imported_model_is_certified_in_a_sweep_and_tabled(tmp_path):
     reads the rows."""
     from certlib.analysis import load_results
     from cluster.cli import main
+    from cluster.job.worker import UnitRunner
     from cluster.plan import expand, preflight
     from cluster.spec import parse_spec
-    from cluster.worker import UnitRunner
 
     torch.manual_seed(0)
     torch.save(digits_factory().state_dict(), tmp_path / "mine.pt")
@@ -529,9 +529,9 @@ def test_only_the_users_own_modules_are_shipped_with_a_job(tmp_path, monkeypatch
     a built-in architecture do not."""
     from types import SimpleNamespace
 
-    import certlib.checkpoint
+    import certlib.checkpoints.checkpoint
+    from cluster.client.submission import user_modules
     from cluster.spec import parse_spec
-    from cluster.submission import user_modules
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
@@ -540,7 +540,9 @@ def test_only_the_users_own_modules_are_shipped_with_a_job(tmp_path, monkeypatch
     (tmp_path / "userpkg" / "nets.py").write_text(USER_MODULE)
     for sigma in (0.25, 0.5):
         (tmp_path / f"m-{sigma}.pt").write_bytes(b"")
-    monkeypatch.setattr(certlib.checkpoint, "read_card", lambda path: SimpleNamespace(architecture=architecture))
+    monkeypatch.setattr(
+        certlib.checkpoints.checkpoint, "read_card", lambda path: SimpleNamespace(architecture=architecture)
+    )
     sweep = parse_spec(
         {
             "name": "ship",

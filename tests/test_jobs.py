@@ -16,8 +16,8 @@ import yaml
 from click.testing import CliRunner
 
 from certlib.data import load_digits
-from cluster import jobs, local_ray
 from cluster.cli import main
+from cluster.client import jobs, local_ray
 from cluster.record import progress_file
 from tests.conftest import random_checkpoint
 

@@ -28,7 +28,7 @@ def scenario(workdir: str) -> None:
 
     from certlib.data import load_digits
     from certlib.rows import existing_shards
-    from cluster.executor import run_sweep
+    from cluster.job.executor import run_sweep
     from cluster.plan import model_keys
     from cluster.spec import parse_spec
     from tests.conftest import random_checkpoint, simulated_cluster

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from certlib.data import load_digits
-from cluster import submission
+from cluster.client import submission
 from cluster.notebook import ClusterError, JobFailed, SpecError, attach, submit
 from tests.conftest import random_checkpoint
 

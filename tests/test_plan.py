@@ -90,7 +90,7 @@ def test_units_of_a_model_to_train_wait_for_it(tmp_path, digits):
 
 
 def test_a_valid_shard_is_skipped_and_a_damaged_one_recomputed(tmp_path, digits):
-    from cluster.worker import UnitRunner
+    from cluster.job.worker import UnitRunner
 
     sweep = digits_sweep(tmp_path)
     for key in model_keys(sweep):
@@ -109,7 +109,7 @@ def test_a_valid_shard_is_skipped_and_a_damaged_one_recomputed(tmp_path, digits)
 
 
 def test_an_output_directory_of_another_sweep_is_refused(tmp_path, digits):
-    from cluster.worker import UnitRunner
+    from cluster.job.worker import UnitRunner
 
     sweep = digits_sweep(tmp_path)
     for key in model_keys(sweep):
@@ -152,7 +152,7 @@ def test_a_resume_reads_the_shard_size_an_earlier_run_chose(tmp_path):
 
 
 def test_preflight_checks_the_selection_and_the_output(tmp_path, digits):
-    from cluster.worker import UnitRunner
+    from cluster.job.worker import UnitRunner
 
     with pytest.raises(SpecError, match="holds no image"):
         preflight(digits_sweep(tmp_path, start=10_000))

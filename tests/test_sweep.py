@@ -21,7 +21,7 @@ import pytest
 from certlib.analysis import load_results
 from certlib.data import load_cifar10
 from certlib.rows import existing_shards
-from cluster.executor import run_sweep
+from cluster.job.executor import run_sweep
 from cluster.plan import SweepConflict, model_keys
 from cluster.record import failures_dir, sweep_file
 from cluster.spec import parse_spec
@@ -196,7 +196,7 @@ def test_a_killed_driver_resumes_with_only_the_missing_units(ray_session, tmp_pa
     spec = base64.b64encode(sweep.to_json().encode()).decode()
     code = (
         f"import ray, sys; ray.init(address={address!r}, log_to_driver=False); "
-        f"from cluster.driver import main; sys.exit(main(['--job-id', 'driver-kill', '--spec-b64', {spec!r}]))"
+        f"from cluster.job.driver import main; sys.exit(main(['--job-id', 'driver-kill', '--spec-b64', {spec!r}]))"
     )
     driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -242,7 +242,7 @@ def test_an_output_directory_of_another_sweep_is_refused(ray_session, tmp_path, 
     random_checkpoint(
         key.checkpoint(sweep), cifar_test, key.method, key.sigma, key.seed + 1
     )  # other weights, same place
-    from certlib.checkpoint import load_checkpoint, save_checkpoint
+    from certlib.checkpoints.checkpoint import load_checkpoint, save_checkpoint
 
     model, card = load_checkpoint(key.checkpoint(sweep), override=True)
     save_checkpoint(key.checkpoint(sweep), model, dataclasses.replace(card, seed=key.seed))
@@ -259,7 +259,7 @@ def _as_yaml(sweep):
 def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
     import torch
 
-    import cluster.worker as worker
+    import cluster.job.worker as worker
 
     sweep = parse_spec(
         {
@@ -303,7 +303,7 @@ def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
 
 
 def test_training_progress_and_eta_are_reported_while_models_train(ray_session, tmp_path, monkeypatch):
-    import cluster.executor as executor
+    import cluster.job.executor as executor
 
     monkeypatch.setattr(executor, "PROGRESS_EVERY", 0.5)
     monkeypatch.setattr(executor, "PROGRESS_JSON_EVERY", 0.5)
@@ -388,7 +388,7 @@ def test_the_eta_adds_the_training_still_to_do_to_certification():
     ],
 )
 def test_training_units_share_a_gpu_when_a_step_does_not_fill_it(tmp_path, dataset, architecture, training, share):
-    from cluster.pool import training_gpu_share
+    from cluster.job.pool import training_gpu_share
 
     spec = {
         "name": "share",

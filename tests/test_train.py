@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-import certlib.train as train_module
+import certlib.training.train as train_module
 from certlib.certificates import dssn_radius
-from certlib.checkpoint import CardMismatch, load_checkpoint, read_card, save_checkpoint
+from certlib.checkpoints.checkpoint import CardMismatch, load_checkpoint, read_card, save_checkpoint
 from certlib.data import QuantizedDataset, load_cifar10, load_digits, load_imagenet
+from certlib.engine.voting import stream_seed
 from certlib.families import DSSNNoise, make_noise
 from certlib.models import build_model
 from certlib.smooth import Smooth
-from certlib.train import train_model
-from certlib.train_config import TrainConfig
-from certlib.train_step import augment, stability_loss
-from certlib.voting import stream_seed
+from certlib.training.config import TrainConfig
+from certlib.training.step import augment, stability_loss
+from certlib.training.train import train_model
 from tests.conftest import random_checkpoint
 
 

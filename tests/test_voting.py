@@ -10,12 +10,12 @@ import pytest
 import torch
 from scipy import stats
 
-from certlib.cascade import EXACT_TIE
 from certlib.certificates import dssn_radius
 from certlib.data import load_cifar10, load_digits
+from certlib.engine.cascade import EXACT_TIE
+from certlib.engine.voting import dssn_votes, monte_carlo_counts
 from certlib.families import DSSNNoise, GaussianNoise, LaplaceNoise, SplitIndependentNoise, UniformNoise
 from certlib.smooth import Smooth
-from certlib.voting import dssn_votes, monte_carlo_counts
 
 
 def random_cnn(in_channels: int, num_classes: int = 10, seed: int = 0) -> torch.nn.Module:

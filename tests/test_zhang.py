@@ -13,14 +13,14 @@ from click.testing import CliRunner
 from scipy import stats
 
 from certlib.analysis import load_results
+from certlib.certificates.dual import sample_statistics, truncated_normal
 from certlib.data import load_digits
-from certlib.dual_certificate import sample_statistics, truncated_normal
 from certlib.families import make_noise
 from certlib.families.zhang import _truncated_normal
 from cluster.cli import main
+from cluster.job.worker import UnitRunner
 from cluster.plan import expand, model_keys
 from cluster.spec import SpecError, parse_spec
-from cluster.worker import UnitRunner
 from tests.conftest import random_checkpoint
 
 D = 10

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from certlib import certificates
-from certlib.cascade import Cascade
-from certlib.voting import monte_carlo_counts
+from certlib.engine.cascade import Cascade
+from certlib.engine.voting import monte_carlo_counts
 
 RadiusFunction = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 

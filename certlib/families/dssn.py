@@ -11,8 +11,8 @@ import torch
 
 from certlib import certificates
 from certlib.data import quantize
+from certlib.engine.voting import dssn_votes
 from certlib.families.base import SmoothingNoise, Votes
-from certlib.voting import dssn_votes
 
 
 class DSSNNoise(SmoothingNoise):

@@ -35,7 +35,7 @@ class BoxCertified(MonteCarloNoise):
         if certificate == "box_input" and x is None:
             raise ValueError("the box_input certificate needs the images x")
         image = x if certificate == "box_input" else None
-        return lambda p_a, p_b: certificates.l1_box_radius(p_a, self.lam, p_b, x=image, method=self.name)
+        return lambda p_a, p_b: certificates.l1_box_radius(p_a, self.lam, p_b, x=image)
 
     def describe(self):
         return {**super().describe(), "lambda": self.lam}

@@ -8,7 +8,7 @@ certificate (Theorem 1, Eq. 6; ``certificates.zhang_radius``):
 
 The shape k in [0, d - 0.05] (d the input dimension) moves the radius distribution toward zero. The
 samplers are exact: the radial part is drawn from its one-dimensional law (the same as the
-certificate's, ``certlib.dual_certificate``) with a numpy generator seeded from the torch
+certificate's, ``certlib.certificates.dual``) with a numpy generator seeded from the torch
 generator (torch's gamma sampler takes no generator), the direction on the device. The
 certificate is binary and holds with probability 1 - alpha - ``DELTA``.
 """
@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from certlib import dual_certificate
+from certlib.certificates import dual
 from certlib.families.base import MonteCarloNoise
 
 DELTA = 0.001  # failure probability of the radius curve (added to alpha)
@@ -29,7 +29,7 @@ CURVE_SEED = 0  # their stream
 
 
 def _truncated_normal(u: torch.Tensor, t: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``dual_certificate.truncated_normal`` on the device: erf near the center, the lower
+    """``dual.truncated_normal`` on the device: erf near the center, the lower
     tail's ndtri beyond sigma."""
     s = sigma * math.sqrt(2)
     central = s * torch.special.erfinv((2 * u - 1) * torch.special.erf(t / s))
@@ -49,9 +49,9 @@ class ZhangNoise(MonteCarloNoise):
         self.k = float(k)
         if not (math.isfinite(self.k) and self.k >= 0):
             raise ValueError(f"k must be a finite number >= 0, got {k}")
-        if dim is not None and not self.k <= dim - dual_certificate.K_GAP:
+        if dim is not None and not self.k <= dim - dual.K_GAP:
             raise ValueError(
-                f"k must be at most the input dimension d = {dim} less {dual_certificate.K_GAP} (the density "
+                f"k must be at most the input dimension d = {dim} less {dual.K_GAP} (the density "
                 f"needs k < d; nearer d its radii underflow float64), got {k}"
             )
         self.dim = dim
@@ -74,14 +74,14 @@ class ZhangNoise(MonteCarloNoise):
             # A graph would replay the host draw: every step the same radii.
             raise RuntimeError(f"{self.name} draws its radii on the host; train with cuda_graph: false")
         rng = self._numpy_rng(generator)
-        return torch.from_numpy(dual_certificate.RADII[self.norm](self.k, self.scale, d, count, rng)).to(device)
+        return torch.from_numpy(dual.RADII[self.norm](self.k, self.scale, d, count, rng)).to(device)
 
     def certified_radius(self, p_a_lower, p_b_upper=None):
         if p_b_upper is not None:
             raise ValueError(f"{self.binary_only}: pass no p_b_upper")
         if self.dim is None:
             raise ValueError(f"{self.name} needs the input dimension d to certify")
-        return dual_certificate.zhang_radius(
+        return dual.zhang_radius(
             p_a_lower,
             norm=self.norm,
             k=self.k,
@@ -98,7 +98,7 @@ class ZhangNoise(MonteCarloNoise):
 
     def settings(self, *, n0, n, alpha, multiclass):
         # Everything the radius curve depends on, so that a change recomputes the shards.
-        curve = {"curve_samples": CURVE_SAMPLES, "curve_seed": CURVE_SEED, "curve_bound": dual_certificate.BOUND}
+        curve = {"curve_samples": CURVE_SAMPLES, "curve_seed": CURVE_SEED, "curve_bound": dual.BOUND}
         return {**super().settings(n0=n0, n=n, alpha=alpha, multiclass=multiclass), "delta": DELTA, **curve}
 
     def describe(self):

@@ -19,7 +19,8 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from certlib.atomic import atomic_write
-from cluster.jobs import PROGRESS_PREFIX
+from cluster.client.jobs import PROGRESS_PREFIX
+from cluster.job.pool import Pool, PoolError, Slot, Task
 from cluster.plan import (
     ModelKey,
     Plan,
@@ -33,7 +34,6 @@ from cluster.plan import (
     select_images,
     with_shard_size,
 )
-from cluster.pool import Pool, PoolError, Slot, Task
 from cluster.progress import Metrics, Progress, describe_progress, write_progress
 from cluster.record import failures_dir, sweep_file
 from cluster.spec import Sweep

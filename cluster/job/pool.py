@@ -17,10 +17,10 @@ from typing import Any
 
 import ray
 
-from certlib.train_config import TrainConfig, TrainSettings, step_flops
+from certlib.training.config import TrainConfig, TrainSettings, step_flops
+from cluster.job.worker import Worker
 from cluster.plan import ModelKey, Unit
 from cluster.spec import Sweep
-from cluster.worker import Worker
 
 # A training step below about this many floating-point operations does not fill a GPU: a
 # WRN-40-2 step at batch 256 (5.03e11, step_flops) ran 1.9x the images/s of one at batch 64
@@ -69,7 +69,7 @@ class Task:
 @dataclass(eq=False)
 class Slot:
     kind: str  # "train" or "certify"
-    actor: Any  # a Ray actor handle of cluster.worker.Worker
+    actor: Any  # a Ray actor handle of cluster.job.worker.Worker
     tasks: list[Task] = field(default_factory=list)  # in the order the worker runs them
     model: ModelKey | None = None  # the model of its latest call: kept loaded by the worker
 

@@ -24,7 +24,7 @@ import torch
 import certlib
 from certlib.atomic import atomic_write
 from certlib.families import family
-from certlib.weights import (
+from certlib.checkpoints.weights import (
     CARD_METADATA_KEY,
     build_architecture,
     is_safetensors,

@@ -7,7 +7,7 @@ images at once and count its predictions per class, on any torch device.
 
 Images x offsets (or images x samples) are packed into flat batches of the cascade's batch size;
 noisy copies are made on the device and evaluated through a precision cascade
-(``certlib.cascade``): each prediction comes from the first level whose margin clears its
+(``certlib.engine.cascade``): each prediction comes from the first level whose margin clears its
 near-tie band, so the votes are the float64 network's whatever the batch size, grouping,
 worker, precision or compilation.
 
@@ -32,8 +32,8 @@ from typing import Protocol, Unpack
 import numpy as np
 import torch
 
-from certlib.cascade import LEVELS, NOT_FINITE, Cascade, EngineOptions, model_device
 from certlib.data import quantize
+from certlib.engine.cascade import LEVELS, NOT_FINITE, Cascade, EngineOptions, model_device
 
 MC_BLOCK = 1024  # samples per random-stream block; part of the stream's definition
 QUEUE_BATCHES = 4  # capacity of each refinement queue, in batches: a synchronization every 3 batches at most

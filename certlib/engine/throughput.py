@@ -15,18 +15,18 @@ from dataclasses import dataclass
 
 import torch
 
-from certlib.batches import ResidentBatches
-from certlib.cascade import EngineOptions
+from certlib.checkpoints.weights import build_architecture
 from certlib.data import DATASETS, QuantizedDataset
 from certlib.determinism import deterministic_kernels
+from certlib.engine.cascade import EngineOptions
+from certlib.engine.voting import make_cascade
 from certlib.families import make_noise
+from certlib.training.batches import ResidentBatches
+from certlib.training.config import ResolvedConfig, TrainConfig
 
 # The training run's own builders, so that the measured step is the one a run takes (resident
 # split, CUDA graph where it applies, amp, channels_last).
-from certlib.train import _batches, _build, _step
-from certlib.train_config import ResolvedConfig, TrainConfig
-from certlib.voting import make_cascade
-from certlib.weights import build_architecture
+from certlib.training.train import _batches, _build, _step
 
 TRAIN_BATCHES = 4  # full batches in the synthetic training split: a graph's warm-up takes 3
 PROBE_BATCHES = (4, 8)  # two small training steps: a step costs about a fixed time plus a time per image

@@ -1,7 +1,7 @@
 """Import an external model: its weights into a checkpoint with a model card, so that it is
 certified like the models this product trains (``import_model``; ``certify import-model``).
 
-Weights are read without running pickled code (``certlib.weights.read_weights``) and loaded with
+Weights are read without running pickled code (``certlib.checkpoints.weights.read_weights``) and loaded with
 ``strict=True`` after the layout's key mapping: a missing or unexpected key, a shape or a class
 count that differs is refused with one line, never a half-loaded model. Every imported model
 takes pixel-scale [0, 1] images: the layout's input normalization becomes its ``Standardize``
@@ -59,10 +59,10 @@ from typing import Any
 
 import torch
 
-from certlib.checkpoint import ModelCard, save_checkpoint
+from certlib.checkpoints.checkpoint import ModelCard, save_checkpoint
 from certlib.data import CIFAR10_CLASSES, DATASETS
 from certlib.families import family, make_noise
-from certlib.weights import build_architecture, read_weights, strict_load
+from certlib.checkpoints.weights import build_architecture, read_weights, strict_load
 
 __all__ = ["LAYOUTS", "import_model", "summary"]
 

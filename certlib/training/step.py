@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from certlib.batches import ResidentBatches
 from certlib.families import SmoothingNoise
+from certlib.training.batches import ResidentBatches
 
 WARMUP_STEPS = 3  # eager steps before the first capture: cuDNN, cuBLAS and autograd set up lazily
 

@@ -7,7 +7,7 @@
   C * KL(f(x + d1) || f(x + d2)) between the predictions on two noisy copies, C = 6
   (Voracek & Hein 2023, Section 3.1).
 
-The configuration and its per-dataset paper defaults are ``certlib.train_config``'s.
+The configuration and its per-dataset paper defaults are ``certlib.training.config``'s.
 
 Training is resumable at epoch granularity: the state after each epoch is written atomically
 next to the output (``<out>.state``), and all randomness of epoch e comes from a generator
@@ -16,7 +16,7 @@ bit-identical weights. On a GPU they do with ``deterministic=True`` (determinist
 cuBLAS kernels, on the same GPU model and software); by default cuDNN autotunes its kernels,
 some of which sum in a varying order, so weights agree in distribution, not in their bits.
 
-Speed (``certlib.train_step``, ``certlib.batches``): a split that fits on the device (CIFAR-10)
+Speed (``certlib.training.step``, ``certlib.training.batches``): a split that fits on the device (CIFAR-10)
 lives there and batches are gathered, cropped, flipped and noised on it; on a GPU the whole
 step is replayed as a CUDA graph. A split that does not fit (ImageNet) is decoded by DataLoader
 worker processes into pinned memory. Nothing inside an epoch waits for the device: the loss
@@ -35,15 +35,15 @@ import numpy as np
 import torch
 
 from certlib.atomic import atomic_write
-from certlib.batches import LoadedBatches, ResidentBatches, fits_on_device
-from certlib.checkpoint import ModelCard, save_checkpoint
+from certlib.checkpoints.checkpoint import ModelCard, save_checkpoint
 from certlib.data import QuantizedDataset
 from certlib.determinism import deterministic_kernels
+from certlib.engine.voting import stream_seed
 from certlib.families import SmoothingNoise, make_noise
 from certlib.models import build_model
-from certlib.train_config import ResolvedConfig, TrainConfig, json_config
-from certlib.train_step import GraphedStep, TrainStep
-from certlib.voting import stream_seed
+from certlib.training.batches import LoadedBatches, ResidentBatches, fits_on_device
+from certlib.training.config import ResolvedConfig, TrainConfig, json_config
+from certlib.training.step import GraphedStep, TrainStep
 
 # Random-stream stages of stream_seed (0 and 1 are certification's selection and estimation).
 _TRAIN_STREAM, _HELDOUT_STREAM = 2, 3

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster import jobs, local_ray
+from cluster.client import jobs, local_ray
 
 if TYPE_CHECKING:
     from cluster.spec import Sweep
@@ -86,8 +86,8 @@ def user_modules(sweep: Sweep) -> list[str]:
     import importlib.util
     import sysconfig
 
-    from certlib.checkpoint import read_card
-    from certlib.weights import factory_module
+    from certlib.checkpoints.checkpoint import read_card
+    from certlib.checkpoints.weights import factory_module
     from cluster.plan import model_keys
 
     importable_from_here()
@@ -165,7 +165,7 @@ def submit(
     returned as it is (``already``); after a cancel, a failure or a crash the spec is submitted
     again as attempt ``-r2``, ``-r3``, ... whose driver skips the units already on disk.
     ``echo`` says what was submitted; ``notice`` (default ``echo``) that a local Ray starts."""
-    from cluster.driver import SPEC_VARIABLE
+    from cluster.job.driver import SPEC_VARIABLE
 
     sweep, url = validate(spec, address)
     spec_json = sweep.to_json()
@@ -193,7 +193,7 @@ def submit(
         if modules:
             runtime_env["py_modules"] = [str(_as_package(Path(m), Path(staging))) for m in modules]
         client.submit_job(  # uploads the modules: the staging copies may go once it returns
-            entrypoint=f"{python} -m cluster.driver --job-id {job_id}",
+            entrypoint=f"{python} -m cluster.job.driver --job-id {job_id}",
             runtime_env=runtime_env,
             submission_id=job_id,
             metadata={"certify": "1", "name": sweep.name, "output": sweep.output, "spec": spec_json},

@@ -14,12 +14,12 @@ from pathlib import Path
 import click
 
 import certlib
-from cluster import jobs, local_ray, submission
-from cluster.cli_errors import UserError, user_errors
-from cluster.cli_import import import_model_command
-from cluster.cli_plan import plan, print_plan
-from cluster.cli_tables import plot, table
-from cluster.submission import submission_id as submission_id  # where tests and scripts found it
+from cluster.cli.errors import UserError, user_errors
+from cluster.cli.importing import import_model_command
+from cluster.cli.plan import plan, print_plan
+from cluster.cli.tables import plot, table
+from cluster.client import jobs, local_ray, submission
+from cluster.client.submission import submission_id as submission_id  # where tests and scripts found it
 
 
 def address_option(command):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cluster.cli_errors import UserError, user_errors
+from cluster.cli.errors import UserError, user_errors
 
 
 def _floats(text: str | None) -> list[float] | None:

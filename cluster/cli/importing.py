@@ -1,11 +1,11 @@
 """The ``certify import-model`` command: an external model's weights into a checkpoint with a
-model card (``certlib.importing.import_model``), so that sweeps certify it like their own."""
+model card (``certlib.checkpoints.importing.import_model``), so that sweeps certify it like their own."""
 
 from __future__ import annotations
 
 import click
 
-from cluster.cli_errors import UserError, user_errors
+from cluster.cli.errors import UserError, user_errors
 
 
 def _floats(name: str, text: str | None) -> list[float] | None:
@@ -63,8 +63,8 @@ def import_model_command(
     certify import-model --layout cohen --weights models/cifar10/resnet110/noise_0.25/checkpoint.pth.tar \\
         --dataset cifar10 -o models/cohen-0.25.pt
     """
-    from certlib.importing import import_model, summary
-    from cluster.submission import importable_from_here
+    from certlib.checkpoints.importing import import_model, summary
+    from cluster.client.submission import importable_from_here
 
     importable_from_here()  # SOURCE package.module:function may be the user's module, here
 

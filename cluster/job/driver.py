@@ -1,6 +1,6 @@
-"""The job's entry point: ``python -m cluster.driver --job-id ...``, run by Ray as the driver of
+"""The job's entry point: ``python -m cluster.job.driver --job-id ...``, run by Ray as the driver of
 a submitted job. It reads the validated sweep from its environment, runs it
-(``cluster.executor.run_sweep``: the plan of ``cluster.plan`` on Ray actors) and prints the
+(``cluster.job.executor.run_sweep``: the plan of ``cluster.plan`` on Ray actors) and prints the
 sweep's table.
 """
 
@@ -11,7 +11,7 @@ import base64
 import os
 import sys
 
-from cluster.executor import run_sweep
+from cluster.job.executor import run_sweep
 from cluster.plan import SweepConflict
 from cluster.spec import SpecError, Sweep
 

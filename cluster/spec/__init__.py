@@ -17,11 +17,11 @@ from typing import Any
 
 import yaml
 
-from certlib.cascade import PRECISIONS, EngineOptions
 from certlib.data import DATASETS
+from certlib.engine.cascade import PRECISIONS, EngineOptions
 from certlib.families import FAMILIES, family, make_noise
-from certlib.train_config import DATA_PLACEMENTS, PAPER_DEFAULTS, TRAINING_MODES, TrainSettings
-from cluster.spec_fields import (
+from certlib.training.config import DATA_PLACEMENTS, PAPER_DEFAULTS, TRAINING_MODES, TrainSettings
+from cluster.spec.fields import (
     SpecError,
     auto_or_boolean,
     boolean,
@@ -78,7 +78,7 @@ class CertifySpec:
         return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "multiclass": self.multiclass}
 
     def engine(self) -> EngineOptions:
-        """How the engine runs: speed only, never a vote (``certlib.cascade.EngineOptions``)."""
+        """How the engine runs: speed only, never a vote (``certlib.engine.cascade.EngineOptions``)."""
         return {"batch_size": self.batch_size, "precision": self.precision, "compile": self.compile}
 
 

@@ -1,6 +1,6 @@
 """Voracek & Hein 2023's box-constrained L1 radii (Proposition 2.5 and Theorem 2.8 plugged into
-Propositions 2.1 and 2.12), never above the exact supremum for the float inputs. The public entry
-point is ``certificates.l1_box_radius``; this module holds the inversions.
+Propositions 2.1 and 2.12), never above the exact supremum for the float inputs
+(``l1_box_radius``).
 
 Both overlap bounds are piecewise linear in the L1 distance c: on the k-th piece [S_k, S_k+1],
 g(c) = P_k (1 - (c - S_k) / (2 lam)), where S_k is the distance spent moving the k coordinates of
@@ -22,7 +22,9 @@ import math
 
 import numpy as np
 
-from certlib.certificates import _mul_down, _sub_down, _sub_up, _up
+from certlib.certificates.inputs import positive, probabilities
+from certlib.certificates.radii import l1_uniform_radius
+from certlib.certificates.rounding import mul_down, sub_down, sub_up, up
 
 _U = 2.0**-53  # unit roundoff of float64
 _MAX_PIECES = 2**32  # beyond, n u is no longer tiny (lambda > 3e9): the plain bound only
@@ -33,16 +35,16 @@ def overlap_target_upper(p_a: np.ndarray, p_b: np.ndarray | None) -> np.ndarray:
     keeps the prediction: 1.5 - p_A (Prop. 2.1: h(y) >= p_A - 1 + overlap > 1/2; exact in float
     for p_A in [1/2, 1]) or 1 - (p_A - p_B) / 2 (Prop. 2.12). Meaningful where certified only."""
     if p_b is None:
-        return _sub_up(1.5, p_a)
-    return _sub_up(1.0, 0.5 * _sub_down(p_a, p_b))
+        return sub_up(1.5, p_a)
+    return sub_up(1.0, 0.5 * sub_down(p_a, p_b))
 
 
 def _crossing(spent_lo, prefix_lo, tau_hi, lam: float) -> np.ndarray:
     """A lower bound on S + 2 lam (1 - tau / P), increasing in S and P and decreasing in tau, from
     S >= spent_lo, P >= prefix_lo > 0 and tau <= tau_hi, with every rounding directed down."""
-    ratio_hi = _up(tau_hi / prefix_lo)  # >= tau / P: one rounding to nearest, one step up
-    room = _sub_down(1.0, ratio_hi)
-    return _sub_down(spent_lo, -_mul_down(lam, 2 * room))
+    ratio_hi = up(tau_hi / prefix_lo)  # >= tau / P: one rounding to nearest, one step up
+    room = sub_down(1.0, ratio_hi)
+    return sub_down(spent_lo, -mul_down(lam, 2 * room))
 
 
 def _power(base: float, n: np.ndarray) -> np.ndarray:
@@ -67,13 +69,13 @@ def grid_free_radius(tau_hi: np.ndarray, lam: float) -> np.ndarray:
     if lam <= 1:
         # beta <= 1/2 <= tau: g crosses tau on its first piece, the plain bound (Prop. 2.2).
         return _crossing(0.0, 1.0, tau_hi, lam)
-    beta_lo = _sub_down(1.0, _up(0.5 / lam))  # <= beta, at most two ulps below it
+    beta_lo = sub_down(1.0, up(0.5 / lam))  # <= beta, at most two ulps below it
     with np.errstate(divide="ignore", over="ignore"):  # tau = 1 or a huge lambda: n = 0 below
         n = np.floor(np.log(tau_hi) / math.log1p(-0.5 / lam))  # the crossing piece, up to rounding
     n = np.where((n >= 0) & (n <= _MAX_PIECES), n, 0.0)
     # beta^n >= beta_lo^n >= _power(beta_lo, n) / (1 + gamma_{n-1}) >= _power(beta_lo, n) (1 - n u)
     # to first order; 2 (n + 1) u leaves room for the second-order terms (n u <= 2^-21).
-    prefix_lo = _mul_down(_power(beta_lo, n), 1 - (n + 1) * 2 * _U)
+    prefix_lo = mul_down(_power(beta_lo, n), 1 - (n + 1) * 2 * _U)
     return _crossing(n, prefix_lo, tau_hi, lam)
 
 
@@ -93,11 +95,56 @@ def input_dependent_radius(tau_hi: np.ndarray, lam: float, x: np.ndarray) -> np.
     spent_k = np.where(k > 0, spent[rows, k - 1], 0.0)
     prefix_k = np.where(k > 0, prefix[rows, k - 1], 1.0)
     # S_k >= (1 - u) (1 - gamma_{k-1}) S^_k >= (1 - k u) S^_k to first order: margin 2 (k + 1) u.
-    spent_lo = _mul_down(spent_k, 1 - (k + 1) * 2 * _U)
+    spent_lo = mul_down(spent_k, 1 - (k + 1) * 2 * _U)
     # Every factor of a prefix above tau_hi >= 1/2 is above 1/2, so q = reach / (2 lam) < 1/2 and,
     # as 1 - x, / lam and 1 - round once each, |f^ - f| <= 2u q + u f <= 3u f. With the product's
     # gamma_{k-1}, P_k >= (1 - 4 k u) P^_k to first order: margin 10 (k + 1) u.
-    prefix_lo = _mul_down(prefix_k, 1 - (k + 1) * 10 * _U)
+    prefix_lo = mul_down(prefix_k, 1 - (k + 1) * 10 * _U)
     radius = _crossing(spent_lo, prefix_lo, tau_hi, lam)
-    whole_lo = _mul_down(prefix[:, -1], 1 - (d + 1) * 10 * _U)  # P_d, as above
+    whole_lo = mul_down(prefix[:, -1], 1 - (d + 1) * 10 * _U)  # P_d, as above
     return np.where(whole & (whole_lo > tau_hi), np.inf, radius)
+
+
+def l1_box_radius(p_a_lower, lam: float, p_b_upper=None, x=None) -> np.ndarray:
+    """Box-constrained L1 radius for uniform noise and independent SSN (Voracek & Hein 2023,
+    "uniform++" / "split++").
+
+    Adversarial inputs must stay in [0, 1]^d, so the overlap of the two noise supports is
+    bounded with the exact piecewise form of Proposition 2.5,
+    (1 - 1/(2 lam))^floor(c) (1 - (c - floor(c))/(2 lam)), plugged into Proposition 2.1
+    (binary, p_b_upper None) or Proposition 2.12 (multiclass). The closed forms of
+    Corollaries 2.7/2.14 are the looser exponential relaxation of this bound; the piecewise form
+    is never below the plain radius of ``l1_uniform_radius`` for the same bounds.
+    With the image ``x`` (shape (d,) or (N, d), pixel scale) the input-dependent Theorem 2.8
+    (coordinates sorted by their distance to the box boundary, filled greedily) is used instead;
+    it returns +inf where the certified ball covers the whole box.
+
+    Valid for uniform noise and independent SSN only (Theorem 2.11 needs independent
+    coordinates): DSSN's probabilities must never reach it. The families that hold it say so
+    (``accepted_certificates``), and every caller in the product goes through them. NaN where
+    not certified. Never above the exact supremum (the module docstring says how), and below it
+    by about 1e-14 (1 + lam^2) at most.
+    """
+    lam = positive(lam, "lambda")
+    p_a = probabilities(p_a_lower, "p_a_lower")
+    p_b = None if p_b_upper is None else probabilities(p_b_upper, "p_b_upper")
+    certified = p_a > 0.5 if p_b is None else p_a > p_b
+    tau = np.where(certified, overlap_target_upper(p_a, p_b), 0.5)  # 0.5: a placeholder
+    tau = np.broadcast_to(tau, np.broadcast_shapes(p_a.shape, () if p_b is None else p_b.shape))
+    if x is None:
+        radius = grid_free_radius(tau, lam)
+    else:
+        x = np.asarray(x, dtype=np.float64)
+        if np.isnan(x).any() or (x < 0).any() or (x > 1).any():
+            raise ValueError("x must be images in pixel scale [0, 1]")
+        if tau.ndim == 0:
+            radius = input_dependent_radius(tau[None], lam, x.reshape(1, -1))[0]
+        elif tau.ndim == 1 and x.ndim >= 2 and len(x) == len(tau):
+            radius = input_dependent_radius(tau, lam, x.reshape(len(x), -1))
+        else:
+            raise ValueError(f"x of shape {x.shape} does not hold one image per probability bound ({tau.shape})")
+    # The plain bound (Prop. 2.2) is the line through the overlap's first piece, so it is never
+    # above the box radius; the larger of the two keeps the box radius's error margins from
+    # landing below the plain radius where both are equal (lambda <= 1/2, tiny radii).
+    plain = l1_uniform_radius(p_a, lam, p_b)
+    return np.where(certified, np.maximum(radius, plain), np.nan)

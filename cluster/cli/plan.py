@@ -4,7 +4,7 @@ given rates), without submitting, starting Ray or writing anything.
 
 The spec is validated as ``submit-job`` validates it for a local run (``load_spec``,
 ``resolve_paths``, ``preflight``: they only read), so a bad spec gets the same one-line error.
-The counts are ``cluster.estimate``'s, the measurements ``certlib.throughput``'s.
+The counts are ``cluster.estimate``'s, the measurements ``certlib.engine.throughput``'s.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cluster.cli_errors import UserError, user_errors
+from cluster.cli.errors import UserError, user_errors
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +84,7 @@ def _given(rate: float) -> dict[str, Any]:
 def _measure_certify(sweep: Sweep, architecture: str, device: torch.device) -> dict[str, Any]:
     from certlib.data import DATASETS
     from certlib.determinism import deterministic_kernels
-    from certlib.throughput import forward_throughput
+    from certlib.engine.throughput import forward_throughput
 
     info = DATASETS[sweep.dataset.name]
     with deterministic_kernels(sweep.certify.deterministic):  # as the worker runs (certify.deterministic)
@@ -104,7 +104,7 @@ def _measure_certify(sweep: Sweep, architecture: str, device: torch.device) -> d
 def _measure_training(sweep: Sweep, device: torch.device) -> dict[str, Any]:
     """One training run's measured rate, and its standard-training equivalent
     (``standard_per_second``): the estimate scales each training mode from it."""
-    from certlib.throughput import training_throughput
+    from certlib.engine.throughput import training_throughput
     from cluster.estimate import relative_training_cost, train_config
     from cluster.plan import model_keys
 
@@ -167,7 +167,7 @@ def dry_run(
     samples/s of one certification worker; ``train_rate``: images/s of one standard training
     run), the workers assumed and the time estimate. Starts nothing, writes nothing."""
     from cluster.estimate import Rates, cost_dict, estimate, estimate_dict
-    from cluster.worker import device_name
+    from cluster.job.worker import device_name
 
     sweep = _validated(spec)
     dev = _device(device)

@@ -21,16 +21,16 @@ import torch
 
 import certlib
 from certlib.atomic import exclusive_lock
-from certlib.cascade import Cascade
-from certlib.checkpoint import ModelCard, load_checkpoint, read_card
+from certlib.checkpoints.checkpoint import ModelCard, load_checkpoint, read_card
 from certlib.data import DATASETS, QuantizedDataset, load_dataset
 from certlib.determinism import enable_deterministic_kernels
+from certlib.engine.cascade import Cascade
+from certlib.engine.throughput import forward_throughput
+from certlib.engine.voting import make_cascade
 from certlib.rows import certification_rows, write_shard
 from certlib.smooth import Smooth
-from certlib.throughput import forward_throughput
-from certlib.train import train_model
-from certlib.train_config import TrainConfig
-from certlib.voting import make_cascade
+from certlib.training.config import TrainConfig
+from certlib.training.train import train_model
 from cluster.plan import ModelKey, Unit, select_images, unit_parameters
 from cluster.spec import Sweep
 

@@ -1,0 +1,45 @@
+"""Confidence bounds from counts: one-sided Clopper-Pearson bounds on a binomial proportion
+(fixed n) and Cohen et al.'s Theorem 5 bound on a test set's certified accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from statsmodels.stats.proportion import proportion_confint
+
+from certlib.certificates.inputs import counts, level
+
+
+def clopper_pearson_lower(k, n, alpha: float) -> np.ndarray:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion from k of n
+    (Cohen et al. 2019, Appendix C: ``proportion_confint(k, n, alpha=2*alpha, method="beta")[0]``)."""
+    k, n = counts(k, n)
+    low = proportion_confint(k, n, alpha=2 * level(alpha), method="beta")[0]
+    return np.where(k == 0, 0.0, low)
+
+
+def clopper_pearson_upper(k, n, alpha: float) -> np.ndarray:
+    """One-sided (1 - alpha) Clopper-Pearson upper bound on a binomial proportion from k of n."""
+    k, n = counts(k, n)
+    high = proportion_confint(k, n, alpha=2 * level(alpha), method="beta")[1]
+    return np.where(k == n, 1.0, high)
+
+
+def certified_accuracy_lower_bound(y_count, m: int, alpha: float, rho: float) -> np.ndarray:
+    """Lower bound on the true certified accuracy that holds with probability >= 1 - rho over
+    the randomness of CERTIFY run with failure rate alpha on each of m test images, of which
+    ``y_count`` were certified correctly at the radius (Cohen et al. 2019, Theorem 5, Eq. 16):
+    1/(1-alpha) (Y/m - alpha - sqrt(2 alpha (1-alpha) log(1/rho) / m) - log(1/rho) / (3m)),
+    clipped at 0."""
+    y = np.asarray(y_count, dtype=np.float64)
+    if int(m) != m or m < 1:
+        raise ValueError(f"m must be a positive integer, got {m}")
+    if (y < 0).any() or (y > m).any():
+        raise ValueError("y_count must lie in [0, m]")
+    alpha = level(alpha)
+    if not 0 < rho < 1:
+        raise ValueError(f"rho must lie in (0, 1), got {rho}")
+    log_term = math.log(1 / rho)
+    bound = (y / m - alpha - math.sqrt(2 * alpha * (1 - alpha) * log_term / m) - log_term / (3 * m)) / (1 - alpha)
+    return np.maximum(bound, 0.0)

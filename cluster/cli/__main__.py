@@ -1,0 +1,5 @@
+"""``python -m cluster.cli``: the ``certify`` command."""
+
+from cluster.cli import main
+
+main()
