@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from certlib.atomic import atomic_write
 from certlib.data import DATASETS
-from certlib.families import SmoothingNoise, Votes, family, make_noise
+from certlib.families import CertifySettings, SmoothingNoise, Votes, family, make_noise
 
 # The configuration of a row: one model and its smoothing (with Zhang et al.'s k, below).
 CONFIG = ("method", "training", "sigma", "seed")
@@ -54,7 +54,8 @@ _FIELDS = pa.schema(
         pa.field("n", pa.int64()),
         pa.field("alpha", pa.float64()),
         pa.field("delta", pa.float64()),  # Zhang et al.: the radius curve's failure probability (added to alpha)
-        pa.field("certificate", pa.string()),  # dssn_exact | binary | multiclass
+        pa.field("certificate", pa.string()),  # standard (each family's own) | box | box_input
+        pa.field("multiclass", pa.bool_()),  # Monte Carlo: multiclass bounds or binary; null for exact families
         pa.field("selected", pa.int64()),  # DSSN: the prediction; Monte Carlo: the n0 samples' class
         pa.field("prediction", pa.int64()),  # -1 = abstain
         pa.field("correct", pa.bool_()),  # prediction == label
@@ -77,16 +78,17 @@ _FIELDS = pa.schema(
         pa.field("library_version", pa.string()),
     ]
 )
-# Integer columns that are null for some families: read back by pandas as Int64, not as floats.
-NULLABLE_INTEGERS = ("levels", "n0", "n")
+# Columns that are null for some families, with the pandas dtype that reads them back as what
+# they are (Int64, not floats; boolean, not objects).
+NULLABLE = {"levels": "Int64", "n0": "Int64", "n": "Int64", "multiclass": "boolean"}
 
 
 def _with_pandas_metadata(schema: pa.Schema) -> pa.Schema:
     """``schema`` carrying pandas' own metadata, which makes ``pandas.read_parquet`` restore the
-    nullable integer columns as ``Int64`` (pyarrow writes the same metadata for a DataFrame)."""
+    NULLABLE columns as their pandas dtypes (pyarrow writes the same metadata for a DataFrame)."""
     empty = schema.empty_table().to_pandas()
-    for column in NULLABLE_INTEGERS:
-        empty[column] = empty[column].astype("Int64")
+    for column, dtype in NULLABLE.items():
+        empty[column] = empty[column].astype(dtype)
     return schema.with_metadata(pa.Table.from_pandas(empty, schema=schema, preserve_index=False).schema.metadata)
 
 
@@ -163,16 +165,18 @@ def rows_table(columns: Mapping[str, Any]) -> pa.Table:
 def certification_rows(
     noise: SmoothingNoise,
     result: Mapping[str, Any],
-    settings: Mapping[str, Any],
+    settings: CertifySettings,
     *,
     indices: np.ndarray,
     labels: np.ndarray,
     **context: Any,
 ) -> pa.Table:
     """The rows of one certification: ``result`` as ``Smooth.certify`` returns it for images of
-    dataset ``indices`` with ``labels``, under the family's ``settings``; ``context`` gives the
-    remaining columns (training, seed, job_id, unit_id, dataset, split, q, seconds, ...)."""
+    dataset ``indices`` with ``labels``, under ``settings`` (the rows keep what the family
+    depends on); ``context`` gives the remaining columns (training, seed, job_id, unit_id,
+    dataset, split, q, seconds, ...)."""
     described = noise.describe()
+    used = noise.depends_on(settings)
     prediction = np.asarray(result["prediction"])
     radius = np.asarray(result["radius"], dtype=np.float64)
     nan = np.full(len(prediction), np.nan)
@@ -186,13 +190,14 @@ def certification_rows(
             "noise_lambda": described.get("lambda"),
             "noise_scale": noise.scale,
             "k": described.get("k"),
-            "delta": settings.get("delta"),
+            "delta": used.get("delta"),
             "norm": noise.norm,
             "levels": described.get("levels"),
-            "n0": settings.get("n0"),
-            "n": settings.get("n"),
-            "alpha": settings.get("alpha"),
+            "n0": used.get("n0"),
+            "n": used.get("n"),
+            "alpha": used.get("alpha"),
             "certificate": result["certificate"],
+            "multiclass": result["multiclass"],
             "selected": result["selected"],
             "prediction": prediction,
             "correct": prediction == labels,
@@ -257,25 +262,33 @@ def _constant(rows: pd.DataFrame, column: str) -> Any:
     return values[0]
 
 
+# The row column each family parameter is stored in (the input dimension: the dataset's).
+PARAMETER_COLUMNS = {"q": "q", "seed": "seed", "k": "k", "dim": "dataset"}
+
+
+def smoothing_columns(method: str) -> tuple[str, ...]:
+    """The row columns the smoothing of ``method``'s rows is rebuilt from: sigma and its
+    family's own parameters (``parameters``)."""
+    return ("sigma", *(PARAMETER_COLUMNS[name] for name in family(method).parameters))
+
+
 def stored_noise(rows: pd.DataFrame) -> SmoothingNoise:
-    """The smoothing that certified ``rows``, rebuilt through the registry from the columns its
-    family names (``row_parameters``: sigma, DSSN's q and seed, Zhang et al.'s k and the
-    dataset's input dimension), which must be the same in every row, and checked against what
-    the rows store (DSSN's L)."""
+    """The smoothing that certified ``rows``, rebuilt through the registry from the columns of
+    its family's parameters (``smoothing_columns``: sigma, DSSN's q and seed, Zhang et al.'s k
+    and the dataset's input dimension), which must be the same in every row, and checked
+    against what the rows store (DSSN's L)."""
     method = _constant(rows, "method")
-    values = {column: _constant(rows, column) for column in family(method).row_parameters}
-    options: dict[str, Any] = {}
-    if "q" in values:
-        options["q"] = int(values["q"])
-    if "seed" in values:
-        options["seed"] = int(values["seed"])
-    if "k" in values:
-        options["k"] = float(values["k"])
-    if "dataset" in values:
-        if values["dataset"] not in DATASETS:
-            raise ValueError(f"{method} rows name an unknown dataset {values['dataset']!r}")
-        options["dim"] = math.prod(DATASETS[values["dataset"]].input_shape)
-    noise = make_noise(method, float(values["sigma"]), **options)
+    values = {column: _constant(rows, column) for column in smoothing_columns(method)}
+    if "dataset" in values and values["dataset"] not in DATASETS:
+        raise ValueError(f"{method} rows name an unknown dataset {values['dataset']!r}")
+    parameters = {
+        "q": lambda: int(values["q"]),
+        "seed": lambda: int(values["seed"]),
+        "k": lambda: float(values["k"]),
+        "dim": lambda: math.prod(DATASETS[values["dataset"]].input_shape),
+    }
+    own = {name: parameters[name]() for name in family(method).parameters}
+    noise = make_noise(method, float(values["sigma"]), **own)
     stored, levels = (rows["levels"].iloc[0] if "levels" in rows else None), noise.describe().get("levels")
     if levels is not None and pd.notna(stored) and int(stored) != levels:
         raise ValueError(
@@ -319,4 +332,30 @@ def load_results(path: str | Path, filters=None, columns: Sequence[str] | None =
     # The full schema: shards written before a column existed read it as null.
     dataset = pds.dataset(files, schema=ROW_SCHEMA, format="parquet")
     table = dataset.to_table(columns=list(columns) if columns is not None else None, filter=_expression(filters))
-    return table.to_pandas()
+    return _split_legacy_certificates(table.to_pandas())
+
+
+# certify 0.2 stored both facts in one string: each value's (certificate, multiclass).
+LEGACY_CERTIFICATES = {
+    "dssn_exact": ("standard", None),
+    "binary": ("standard", False),
+    "multiclass": ("standard", True),
+    "binary_box": ("box", False),
+    "multiclass_box": ("box", True),
+    "binary_box_input": ("box_input", False),
+    "multiclass_box_input": ("box_input", True),
+}
+
+
+def _split_legacy_certificates(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of certify 0.2 shards read as today's: their ``certificate`` string split into the
+    certificate and ``multiclass``."""
+    if "certificate" not in df:
+        return df
+    legacy = df["certificate"].isin(list(LEGACY_CERTIFICATES))
+    if legacy.any():
+        old = df.loc[legacy, "certificate"]
+        df.loc[legacy, "certificate"] = old.map(lambda value: LEGACY_CERTIFICATES[value][0])
+        if "multiclass" in df:
+            df.loc[legacy, "multiclass"] = old.map(lambda value: LEGACY_CERTIFICATES[value][1]).astype("boolean")
+    return df

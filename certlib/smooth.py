@@ -12,7 +12,7 @@ import torch
 from certlib import certificates
 from certlib.engine.cascade import Cascade, EngineOptions
 from certlib.engine.voting import make_cascade
-from certlib.families import SmoothingNoise
+from certlib.families import CertifySettings, SmoothingNoise
 
 
 class Smooth:
@@ -44,6 +44,7 @@ class Smooth:
         alpha: float = 0.001,
         seed: int = 0,
         multiclass: bool = False,
+        certificate: str = "standard",
     ) -> dict[str, Any]:
         """Predictions and certified radii (in ``noise.norm``, pixel scale) for a batch of images.
 
@@ -53,11 +54,16 @@ class Smooth:
         NaN where it abstains. ``indices`` (dataset indices, default 0..N-1) seed the random
         streams. Returns arrays keyed selected, prediction, radius, p_a_lower, p_b_upper,
         votes (exact: over all L copies; Monte Carlo: the n estimation samples),
-        selection_votes (Monte Carlo: the n0 samples; None for exact families) and the
-        ``certificate`` name.
+        selection_votes (Monte Carlo: the n0 samples; None for exact families), and the
+        ``certificate`` and ``multiclass`` the rows store.
         """
         indices = np.arange(len(images)) if indices is None else np.asarray(indices)
+        settings = CertifySettings(n0=n0, n=n, alpha=alpha, multiclass=multiclass, certificate=certificate, seed=seed)
+        return self.certify_with(images, indices, settings)
+
+    def certify_with(self, images: torch.Tensor, indices, settings: CertifySettings) -> dict[str, Any]:
+        """``certify`` with its settings as one object (a sweep's worker holds them so)."""
         cascade = make_cascade(self.model, images, self.num_classes, **self.engine)
-        votes = self.noise.count(cascade, images, indices, n0=n0, n=n, seed=seed)
-        result = self.noise.certify(votes, alpha=alpha, multiclass=multiclass)
+        votes = self.noise.count(cascade, images, np.asarray(indices), settings)
+        result = self.noise.certify(votes, settings)
         return {**result, "votes": votes.counts, "selection_votes": votes.selection}

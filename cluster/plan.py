@@ -112,7 +112,7 @@ def model_keys(sweep: Sweep) -> list[ModelKey]:
         for m in sweep.methods
         for t in sweep.training
         for s in sweep.sigmas
-        for k in (sweep.ks if family(m).shaped else (None,))
+        for k in (sweep.ks if "k" in family(m).parameters else (None,))
         for trained in sweep.models.sigmas or (None,)
         for seed in sweep.seeds
     ]
@@ -153,7 +153,7 @@ def unit_parameters(sweep: Sweep, unit: Unit, model_sha256: str) -> str:
     computed under other parameters or with another model."""
     # How the votes are computed does not change them (the precision cascade): batch size,
     # precision, kernels and compilation are recorded in the rows, not part of a shard's identity.
-    certify = unit.model.noise(sweep).settings(**sweep.certify.settings())
+    certify = unit.model.noise(sweep).depends_on(sweep.certify.settings(unit.model.seed))
     return json.dumps(
         {
             "dataset": asdict(sweep.dataset) | {"root": None},
@@ -323,7 +323,7 @@ def recorded_shard_size(output: str | Path) -> int | None:
 
 def passes_per_image(sweep: Sweep, key: ModelKey) -> int:
     """Forward passes one image costs: DSSN's L noisy copies, or Monte Carlo's n0 + n."""
-    return key.noise(sweep).passes_per_image(sweep.certify.n0, sweep.certify.n)
+    return key.noise(sweep).passes_per_image(sweep.certify.settings(key.seed))
 
 
 def with_shard_size(sweep: Sweep, size: int) -> Sweep:

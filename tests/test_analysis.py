@@ -33,7 +33,7 @@ from certlib.analysis import (
 )
 from certlib.analysis.tables import envelope_over
 from certlib.data import load_digits
-from certlib.families import FAMILIES, Votes, make_noise
+from certlib.families import FAMILIES, CertifySettings, Votes, make_noise
 from certlib.rows import CONFIG, certification_rows, shard_path
 from cluster.cli import main
 from cluster.job.worker import UnitRunner
@@ -255,7 +255,7 @@ def test_recertify_with_the_same_certificate_reproduces_the_sweep(own_results):
     for column in ("prediction", "radius_l1", "radius_l2", "p_a_lower"):
         np.testing.assert_array_equal(again[column].to_numpy(), df[column].to_numpy())
     dssn = df[df.method == "dssn"]
-    np.testing.assert_array_equal(recertify(dssn, "dssn")["radius_l1"].to_numpy(), dssn["radius_l1"].to_numpy())
+    np.testing.assert_array_equal(recertify(dssn, "standard")["radius_l1"].to_numpy(), dssn["radius_l1"].to_numpy())
 
 
 def test_box_constrained_recertification_never_shrinks_a_radius(own_results):
@@ -269,14 +269,15 @@ def test_box_constrained_recertification_never_shrinks_a_radius(own_results):
     assert (box["radius_l1"].to_numpy()[certified] >= plain[certified]).all()
     assert (box_input["radius_l1"].to_numpy()[certified] >= box["radius_l1"].to_numpy()[certified] - 1e-12).all()
     assert (box["radius_l1"].to_numpy()[certified] > plain[certified]).any(), "radii above 1 should grow"
-    assert set(box["certificate"]) == {"binary_box"} and set(box_input["certificate"]) == {"binary_box_input"}
+    assert set(box["certificate"]) == {"box"} and set(box_input["certificate"]) == {"box_input"}
+    assert not box["multiclass"].any() and not box_input["multiclass"].any()
 
 
 def test_recertify_multiclass_and_alpha(own_results):
     _, df = own_results
     uniform = df[df.method == "uniform"]
     multi = recertify(uniform, multiclass=True)
-    assert set(multi["certificate"]) == {"multiclass"} and multi["p_b_upper"].notna().all()
+    assert set(multi["certificate"]) == {"standard"} and multi["multiclass"].all() and multi["p_b_upper"].notna().all()
     counts = np.stack(uniform["votes"].to_numpy())
     top = counts[np.arange(len(counts)), uniform["selected"].to_numpy()]
     np.testing.assert_allclose(multi["p_a_lower"], certificates.clopper_pearson_lower(top, 2000, 0.0005))
@@ -294,12 +295,12 @@ def synthetic_rows(method: str, sigma: float, *, q: int, seed: int, k: float | N
         votes = Votes(counts)
     else:
         votes = Votes(counts, selection=(counts * 64 // counts.sum(axis=1, keepdims=True)))
-    result = noise.certify(votes, alpha=0.001)
-    n = int(counts.sum(axis=1)[0])
+    settings = CertifySettings(n0=64, n=int(counts.sum(axis=1)[0]), alpha=0.001)
+    result = noise.certify(votes, settings)
     table = certification_rows(
         noise,
         {**result, "votes": counts, "selection_votes": votes.selection},
-        noise.settings(n0=64, n=n, alpha=0.001, multiclass=False) if not noise.exact else {},
+        settings,
         indices=digits.indices[: len(counts)],
         labels=np.zeros(len(counts), dtype=np.int64),
         training="standard",
@@ -336,8 +337,8 @@ def test_recertify_rebuilds_every_familys_smoothing_from_its_rows(method):
     (sigma, q, seed and, for the shaped families, k), in both orders: re-certifying the mixed
     rows gives back each row's own radius."""
     cls = FAMILIES[method]
-    first = {"sigma": 0.5, "q": 255, "seed": 0, "k": 0.0 if cls.shaped else None}
-    second = {"sigma": 0.7, "q": 127, "seed": 3, "k": 40.0 if cls.shaped else None}
+    first = {"sigma": 0.5, "q": 255, "seed": 0, "k": 0.0 if "k" in cls.parameters else None}
+    second = {"sigma": 0.7, "q": 127, "seed": 3, "k": 40.0 if "k" in cls.parameters else None}
     rows = []
     for options in (first, second):
         levels = make_noise(method, options["sigma"], q=options["q"]).describe().get("levels")
@@ -386,7 +387,7 @@ def test_plot_and_table_commands(own_results, tmp_path):
     for path in (Path(sweep.output) / "uniform", Path(sweep.output) / "dssn"):
         shutil.copytree(path, l1_only / path.name)
     csv = runner.invoke(main, ["table", str(l1_only), "--radii", "0.5,1.5", "--format", "csv", "--certificate", "box"])
-    assert csv.exit_code == 0 and "l1,uniform,standard,binary_box,0.5," in csv.output
+    assert csv.exit_code == 0 and "l1,uniform,standard,box,0.5," in csv.output
     assert csv.output.startswith("norm,method,training,certificate,radius,certified_accuracy,clean_accuracy,sigma")
     latex = runner.invoke(main, ["table", sweep.output, "--format", "latex", "--seeds"])
     assert latex.exit_code == 0 and r"\begin{tabular}" in latex.output and "seed = 0" in latex.output

@@ -13,7 +13,7 @@ from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
 from certlib import certificates as C
-from certlib.families import Votes, make_noise
+from certlib.families import CertifySettings, Votes, make_noise
 
 probs = st.floats(0.0, 1.0, allow_nan=False)
 lams = st.floats(0.05, 20.0, allow_nan=False)
@@ -221,7 +221,7 @@ def test_box_radius_multiclass_and_refusals():
     # Box radii hold for independent coordinates only (Theorem 2.11): the families guard it.
     dssn = make_noise("dssn", 0.5, q=255)
     with pytest.raises(ValueError, match="'box' certificate does not apply to dssn"):
-        dssn.certify(Votes(np.array([[200, 1]])), alpha=0.001, certificate="box")
+        dssn.certify(Votes(np.array([[200, 1]])), CertifySettings(certificate="box"))
     with pytest.raises(ValueError, match="pixel scale"):
         C.l1_box_radius(0.9, 2.0, x=np.array([1.5, 0.2]))
 

@@ -21,7 +21,7 @@ from certlib.families import (
     make_noise,
     split_center,
 )
-from certlib.families.base import Votes
+from certlib.families.base import CertifySettings, Votes
 
 
 @pytest.mark.parametrize("cls", [GaussianNoise, UniformNoise, LaplaceNoise])
@@ -116,6 +116,6 @@ def test_dssn_refuses_fewer_than_one_offset_and_bad_q():
     with pytest.raises(ValueError, match="unknown method"):
         make_noise("gauss", 0.5)
     with pytest.raises(ValueError, match="'box' certificate does not apply to dssn"):
-        DSSNNoise(0.5, q=16).certify(Votes(np.array([[27, 0]])), alpha=0.001, certificate="box")
+        DSSNNoise(0.5, q=16).certify(Votes(np.array([[27, 0]])), CertifySettings(certificate="box"))
     with pytest.raises(ValueError, match="binary only"):
         LaplaceNoise(0.5).certified_radius(0.9, 0.05)

@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pds
+import pyarrow.parquet as pq
 import pytest
 
 from certlib.analysis import load_results
-from certlib.families import make_noise
+from certlib.families import CertifySettings, make_noise
 from certlib.rows import CONFIG, ROW_SCHEMA, certification_rows, shard_config, shard_path, write_shard
 from cluster.plan import SweepConflict, plan_sweep, preflight
 from cluster.spec import SpecError, parse_spec
@@ -27,14 +28,15 @@ def _rows(noise, training: str, seed: int, images: int = 3) -> pa.Table:
     result = {
         "prediction": np.zeros(images, np.int64),
         "radius": np.full(images, 0.25),
-        "certificate": "dssn_exact" if exact else "binary",
+        "certificate": "standard",
+        "multiclass": None if exact else False,
         "selected": np.zeros(images, np.int64),
         "votes": votes,
         "selection_votes": None if exact else votes,
         "p_a_lower": np.full(images, np.nan if exact else 0.9),
         "p_b_upper": np.full(images, np.nan),
     }
-    settings = {} if exact else {"n0": 10, "n": 100, "alpha": 0.001}
+    settings = CertifySettings(n0=10, n=100, alpha=0.001)
     return certification_rows(
         noise,
         result,
@@ -69,6 +71,9 @@ def test_pandas_reads_typed_columns_and_filters_on_sigma(results):
     assert str(df["levels"].dtype) == "Int64" and str(df["n0"].dtype) == "Int64"
     assert df.loc[df.method == "dssn", "n0"].isna().all() and (df.loc[df.method == "uniform", "n0"] == 10).all()
     assert df.query("sigma == 0.5 and noise_lambda > 0").shape[0] == 6  # no keyword columns break query
+    # Whether the bounds were multiclass: a nullable boolean, null where it does not apply (exact).
+    assert str(df["multiclass"].dtype) == "boolean" and df.loc[df.method == "dssn", "multiclass"].isna().all()
+    assert (df.loc[df.method == "uniform", "multiclass"] == False).all()  # noqa: E712
     pd.testing.assert_frame_equal(
         load_results(results).sort_values(["method", "sigma"]).reset_index(drop=True),
         df.sort_values(["method", "sigma"]).reset_index(drop=True),
@@ -120,3 +125,18 @@ def test_the_readme_documents_every_column():
     table = readme[readme.index("| column | meaning |") :].split("\n\n")[0]
     documented = set(re.findall(r"`([a-z0-9_]+)`", "\n".join(line.split("|")[1] for line in table.splitlines()[2:])))
     assert set(ROW_SCHEMA.names) <= documented, set(ROW_SCHEMA.names) - documented
+
+
+def test_shards_of_certify_0_2_read_with_their_certificate_split(results):
+    """certify 0.2 stored "binary_box" where rows now store certificate "box" and multiclass
+    False (and no multiclass column at all): load_results reads such shards as today's."""
+    path = next(results.rglob("part-uniform-0.25.parquet"))
+    table = pq.read_table(path)
+    old = table.drop_columns(["multiclass"]).set_column(
+        table.schema.get_field_index("certificate"), "certificate", pa.array(["multiclass_box"] * len(table))
+    )
+    pq.write_table(old, path)
+    df = load_results(results)
+    rows = df[(df.method == "uniform") & (df.sigma == 0.25)]
+    assert set(rows["certificate"]) == {"box"} and rows["multiclass"].tolist() == [True] * 3
+    assert set(df.loc[df.method == "dssn", "certificate"]) == {"standard"}

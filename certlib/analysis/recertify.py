@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 
 from certlib.analysis.tables import _groups
-from certlib.families import FAMILIES, family, with_certificate
-from certlib.rows import RADIUS_COLUMNS, stored_noise, stored_votes
+from certlib.families import FAMILIES, CertifySettings, with_certificate
+from certlib.rows import RADIUS_COLUMNS, smoothing_columns, stored_noise, stored_votes
 
-CERTIFICATES = tuple(dict.fromkeys(c for cls in FAMILIES.values() for c in cls.certificates))
+CERTIFICATES = tuple(dict.fromkeys(c for cls in FAMILIES.values() for c in cls.accepted_certificates))
 
 
 @functools.lru_cache(maxsize=4)
@@ -38,16 +38,16 @@ def _images_of(rows: pd.DataFrame, dataset_root: str | Path | None) -> np.ndarra
 
 # What a row's certificate depends on besides its smoothing: the bound's kind and level, and the
 # images (input-dependent box certificates read them from the dataset).
-CERTIFICATION_COLUMNS = ("certificate", "alpha", "dataset", "split")
+CERTIFICATION_COLUMNS = ("certificate", "multiclass", "alpha", "dataset", "split")
 
 
 def _smoothings(rows: pd.DataFrame):
     """(rows, their shared column values) for each smoothing and certification: grouped by the
-    columns each family rebuilds its smoothing from (``row_parameters``, so no parameter a
-    family depends on can be left out) and by CERTIFICATION_COLUMNS."""
+    columns each family rebuilds its smoothing from (``smoothing_columns``: its own parameters,
+    so none a family depends on can be left out) and by CERTIFICATION_COLUMNS."""
     for (method,), of_method in _groups(rows, ["method"], sort=False):
         try:
-            parameters = family(method).row_parameters
+            parameters = smoothing_columns(method)
         except ValueError as err:
             raise ValueError(f"recertify: {err}") from None
         keys = [c for c in dict.fromkeys((*parameters, *CERTIFICATION_COLUMNS)) if c in rows]
@@ -67,13 +67,13 @@ def recertify(
 
     ``certificate``: ``standard`` (each family's own certificate), ``box`` (Voracek & Hein
     uniform++/split++, Prop. 2.5, uniform and ssn rows), ``box_input`` (their input-dependent
-    Theorem 2.8; reads the images from the dataset, ``dataset_root`` for CIFAR-10/ImageNet) or
-    ``dssn`` (exact, DSSN rows): each family lists the ones it accepts. ``multiclass`` switches
-    between binary and Bonferroni multiclass certification (default: each row's own);
+    Theorem 2.8; reads the images from the dataset, ``dataset_root`` for CIFAR-10/ImageNet);
+    each family lists the ones it accepts. ``multiclass`` switches between binary and
+    Bonferroni multiclass certification (default: each row's own);
     ``alpha`` sets a new one-sided level (default: each row's own; exact families have none).
 
     Rows are re-certified in groups that share every column their family's smoothing depends on
-    (``row_parameters``: a sweep's rows of several Zhang et al. k each get their own curve).
+    (``smoothing_columns``: a sweep's rows of several Zhang et al. k each get their own curve).
 
     Returns a copy with prediction, correct, the radius column, p_a_lower, p_b_upper, alpha,
     certificate (and Zhang et al.'s curve failure probability delta) replaced; ``selected``
@@ -87,24 +87,24 @@ def recertify(
             noise = stored_noise(rows)
         except ValueError as err:
             raise ValueError(f"recertify: {err}") from None
-        if certificate not in noise.certificates:
+        if certificate not in noise.accepted_certificates:
             raise ValueError(
                 f"recertify: the {certificate!r} certificate does not apply to {noise.name} rows "
                 f"(it applies to {', '.join(with_certificate(certificate))} rows); select those rows first"
             )
-        multi = (
-            str(params.get("certificate") or "binary").startswith("multiclass") if multiclass is None else multiclass
-        )
+        stored_multiclass = params.get("multiclass")
+        multi = bool(stored_multiclass is True) if multiclass is None else multiclass
         level = (np.nan if noise.exact else float(params["alpha"])) if alpha is None else float(alpha)
         x = _images_of(rows, dataset_root) if certificate == "box_input" else None
         try:
             votes = stored_votes(rows, noise.exact)
-            result = noise.certify(votes, alpha=level, multiclass=multi, certificate=certificate, x=x)
+            settings = CertifySettings(alpha=level, multiclass=multi, certificate=certificate)
+            result = noise.certify(votes, settings, x)
         except ValueError as err:
             raise ValueError(f"recertify: {err}") from None
         out.loc[rows.index, "prediction"] = result["prediction"]
         out.loc[rows.index, RADIUS_COLUMNS[noise.norm]] = result["radius"]
-        for column in ("p_a_lower", "p_b_upper", "certificate", "delta"):
+        for column in ("p_a_lower", "p_b_upper", "certificate", "multiclass", "delta"):
             if column in result:
                 out.loc[rows.index, column] = result[column]
         if not noise.exact:

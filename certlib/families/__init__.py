@@ -14,7 +14,9 @@ module and a line in ``FAMILIES``.
 
 from __future__ import annotations
 
-from certlib.families.base import MonteCarloNoise, SmoothingNoise, Votes
+from typing import Any
+
+from certlib.families.base import CertifySettings, MonteCarloNoise, SmoothingNoise, Votes
 from certlib.families.dssn import DSSNNoise
 from certlib.families.gaussian import GaussianNoise
 from certlib.families.laplace import LaplaceNoise
@@ -44,26 +46,26 @@ def family(method: str) -> type[SmoothingNoise]:
     return FAMILIES[method]
 
 
-def make_noise(
-    method: str, sigma: float, *, q: int = 255, seed: int = 0, k: float | None = None, dim: int | None = None
-) -> SmoothingNoise:
-    """The smoothing ``method`` at level sigma on the 1/q grid (q and seed matter for DSSN); a
-    shaped family (``shaped``) also takes its shape ``k`` (default 0) and the input dimension."""
+def make_noise(method: str, sigma: float, **available: Any) -> SmoothingNoise:
+    """The smoothing ``method`` at level sigma, constructed from the parameters its family takes
+    (``parameters``) among those ``available``: q and seed (DSSN), k and dim (Zhang et al.'s
+    families). The others are not its own and are left out; a shape k given to a family without
+    one is refused (a spec's ``ks`` naming a family that ignores them)."""
     cls = family(method)
-    if cls.shaped:
-        return cls(sigma, q=q, seed=seed, k=0.0 if k is None else k, dim=dim)  # type: ignore[call-arg]
-    if k is not None:
+    if available.get("k") is not None and "k" not in cls.parameters:
         raise ValueError(f"{method} has no shape parameter k")
-    return cls(sigma, q=q, seed=seed)
+    own = {name: available[name] for name in cls.parameters if available.get(name) is not None}
+    return cls(sigma, **own)
 
 
 def with_certificate(certificate: str) -> list[str]:
     """The families that accept ``certificate``."""
-    return [name for name, cls in FAMILIES.items() if certificate in cls.certificates]
+    return [name for name, cls in FAMILIES.items() if certificate in cls.accepted_certificates]
 
 
 __all__ = [
     "FAMILIES",
+    "CertifySettings",
     "DSSNNoise",
     "GaussianNoise",
     "LaplaceNoise",

@@ -1,14 +1,21 @@
 """What every smoothing family implements, and the Monte Carlo path four of them share.
 
-A family is a noise class; an instance is one configured smoothing (its ``sigma``, and for
-DSSN also ``q`` and ``seed``). The family owns everything that differs between families:
+A family is a noise class; an instance is one configured smoothing, constructed from its own
+parameters: ``sigma``, and those it names in ``parameters`` (DSSN's ``q`` and ``seed``, Zhang et
+al.'s ``k`` and input dimension ``dim``). The family owns everything that differs between
+families:
 
 * the noise: ``sample`` (training, and Monte Carlo certification), or an exact enumeration;
 * which engine counts its votes (``count``): Monte Carlo sampling or exact enumeration;
-* its certificates (``certify``, ``certificates``) and the norm of their radii (``norm``);
-* what of the certification settings determines its rows (``settings``: a shard's identity);
+* its certificates (``certify``, ``accepted_certificates``, ``multiclass_refusal``) and the
+  norm of their radii (``norm``);
+* what of the certification settings its rows depend on (``depends_on``: a shard's identity);
 * what a model card must match besides method and sigma (``card_keys``);
 * its parameters' validation (the constructor raises ValueError).
+
+Counting and certifying read what they need from one ``CertifySettings``: DSSN's exact engine
+reads only the certificate; Monte Carlo families read n0, n and the seed to count, alpha,
+multiclass and the certificate to certify.
 
 Conventions shared by every family:
 
@@ -53,6 +60,21 @@ def uniform_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Te
 
 
 @dataclass(frozen=True)
+class CertifySettings:
+    """How to certify: ``n0`` selection and ``n`` estimation samples per image and the streams'
+    ``seed`` (Monte Carlo), the one-sided level ``alpha``, binary or ``multiclass`` bounds, and
+    the ``certificate`` (``standard``: each family's own; ``box``/``box_input``: Voracek & Hein's
+    box-constrained radii where a family accepts them). Each family reads what it needs."""
+
+    n0: int = 64
+    n: int = 100_000
+    alpha: float = 0.001
+    multiclass: bool = False
+    certificate: str = "standard"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Votes:
     """What an engine counted for N images: ``counts`` (N, C), the votes over all copies
     (exact) or the n estimation samples (Monte Carlo); ``selection`` (N, C), the n0 selection
@@ -68,15 +90,12 @@ class SmoothingNoise(ABC):
     name: ClassVar[str]
     norm: ClassVar[str]  # "l1", "l2" or "linf": the norm of the certified radius
     exact: ClassVar[bool] = False  # votes enumerated exactly: no Monte Carlo parameters, no alpha
-    certificates: ClassVar[tuple[str, ...]] = ("standard",)  # what ``certify(certificate=...)`` accepts
-    binary_only: ClassVar[str] = ""  # why it has no multiclass certificate (empty: it has one)
+    parameters: ClassVar[tuple[str, ...]] = ()  # its constructor's keyword parameters besides sigma
+    accepted_certificates: ClassVar[tuple[str, ...]] = ("standard",)  # the ``CertifySettings.certificate``s it takes
+    multiclass_refusal: ClassVar[str | None] = None  # why it has no multiclass certificate; None: it has one
     card_keys: ClassVar[tuple[str, ...]] = ()  # card fields a model must match besides method and sigma
-    shaped: ClassVar[bool] = False  # takes a shape k and the input dimension (Zhang et al.'s families)
-    # The row columns its smoothing is rebuilt from (``rows.stored_noise``): rows re-certified
-    # together must agree on every one of them.
-    row_parameters: ClassVar[tuple[str, ...]] = ("sigma",)
 
-    def __init__(self, sigma: float, *, q: int = 255, seed: int = 0):
+    def __init__(self, sigma: float):
         self.sigma = check_sigma(sigma)
 
     @property
@@ -99,46 +118,36 @@ class SmoothingNoise(ABC):
         self,
         cascade: Cascade,
         images: torch.Tensor,
-        indices: Sequence[int],
-        *,
-        n0: int,
-        n: int,
-        seed: int,
+        indices: Sequence[int] | np.ndarray,
+        settings: CertifySettings,
         stats: dict[str, int] | None = None,
     ) -> Votes:
         """The base classifier's votes on ``images`` (dataset ``indices`` seed random streams)."""
 
     @abstractmethod
-    def certify(
-        self,
-        votes: Votes,
-        *,
-        alpha: float,
-        multiclass: bool = False,
-        certificate: str = "standard",
-        x: np.ndarray | None = None,
-    ) -> dict[str, Any]:
+    def certify(self, votes: Votes, settings: CertifySettings, x: np.ndarray | None = None) -> dict[str, Any]:
         """Predictions and radii from votes: arrays selected, prediction (-1 = abstain), radius,
-        p_a_lower, p_b_upper, and ``certificate``, the name stored in the rows. ``x`` (N, d)
-        pixel-scale images, for input-dependent certificates."""
+        p_a_lower, p_b_upper, and what the rows store of how: ``certificate`` and ``multiclass``
+        (None where it does not apply). ``x`` (N, d) pixel-scale images, for input-dependent
+        certificates."""
 
     @abstractmethod
-    def passes_per_image(self, n0: int, n: int) -> int:
+    def passes_per_image(self, settings: CertifySettings) -> int:
         """Forward passes one image costs."""
 
     @abstractmethod
-    def settings(self, *, n0: int, n: int, alpha: float, multiclass: bool) -> dict[str, Any]:
-        """The certification settings its rows depend on: part of a shard's identity."""
+    def depends_on(self, settings: CertifySettings) -> dict[str, Any]:
+        """What of the certification settings its rows depend on: part of a shard's identity."""
 
     def describe(self) -> dict[str, Any]:
         """The parameters that define this smoothing, for result rows and model cards."""
         return {"method": self.name, "sigma": self.sigma}
 
     def refuse_certificate(self, certificate: str) -> None:
-        if certificate not in self.certificates:
+        if certificate not in self.accepted_certificates:
             raise ValueError(
                 f"the {certificate!r} certificate does not apply to {self.name} rows "
-                f"(theirs: {', '.join(self.certificates)})"
+                f"(theirs: {', '.join(self.accepted_certificates)})"
             )
 
     def __repr__(self) -> str:
@@ -156,29 +165,38 @@ class MonteCarloNoise(SmoothingNoise):
         """Radius in ``self.norm`` from probability bounds; NaN where it must abstain."""
 
     def radius_function(self, certificate: str, x: np.ndarray | None) -> RadiusFunction:
-        """The radius of ``certificate`` (one of ``certificates``) as a function of the bounds."""
+        """The radius of ``certificate`` (one of ``accepted_certificates``) as a function of the
+        bounds."""
         self.refuse_certificate(certificate)
         return self.certified_radius
 
-    def count(self, cascade, images, indices, *, n0, n, seed, stats=None):
+    def count(self, cascade, images, indices, settings, stats=None):
         selection, counts = monte_carlo_counts(
-            cascade, images, indices, self, cascade.num_classes, n0=n0, n=n, seed=seed, stats=stats
+            cascade,
+            images,
+            indices,
+            self,
+            cascade.num_classes,
+            n0=settings.n0,
+            n=settings.n,
+            seed=settings.seed,
+            stats=stats,
         )
         return Votes(counts, selection)
 
-    def certify(self, votes, *, alpha, multiclass=False, certificate="standard", x=None):
+    def certify(self, votes, settings, x=None):
         if votes.selection is None:
             raise ValueError(f"{self.name}: Monte Carlo certification needs the n0 selection counts")
-        if multiclass and self.binary_only:
-            raise ValueError(self.binary_only)
+        if settings.multiclass and self.multiclass_refusal:
+            raise ValueError(self.multiclass_refusal)
+        radius = self.radius_function(settings.certificate, x)
         result = certificates.monte_carlo_certify(
-            votes.selection, votes.counts, alpha, self.radius_function(certificate, x), multiclass
+            votes.selection, votes.counts, settings.alpha, radius, settings.multiclass
         )
-        suffix = "" if certificate == "standard" else f"_{certificate}"
-        return {**result, "certificate": ("multiclass" if multiclass else "binary") + suffix}
+        return {**result, "certificate": settings.certificate, "multiclass": settings.multiclass}
 
-    def passes_per_image(self, n0, n):
-        return int(n0) + int(n)
+    def passes_per_image(self, settings):
+        return int(settings.n0) + int(settings.n)
 
-    def settings(self, *, n0, n, alpha, multiclass):
-        return {"n0": n0, "n": n, "alpha": alpha, "multiclass": multiclass}
+    def depends_on(self, settings):
+        return {"n0": settings.n0, "n": settings.n, "alpha": settings.alpha, "multiclass": settings.multiclass}

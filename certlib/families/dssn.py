@@ -31,9 +31,8 @@ class DSSNNoise(SmoothingNoise):
     name = "dssn"
     norm = "l1"
     exact = True
-    certificates = ("standard", "dssn")
+    parameters = ("q", "seed")
     card_keys = ("seed", "q")
-    row_parameters = ("sigma", "q", "seed")
 
     def __init__(self, sigma: float, *, q: int = 255, seed: int = 0):
         super().__init__(sigma)
@@ -92,13 +91,13 @@ class DSSNNoise(SmoothingNoise):
         s_base = torch.randint(self.levels, (grid.shape[0],), generator=generator, device=grid.device)
         return self.copies(grid.flatten(1).to(torch.int32), s_base, dtype).view(grid.shape)
 
-    def count(self, cascade, images, indices, *, n0, n, seed, stats=None):
+    def count(self, cascade, images, indices, settings, stats=None):
         return Votes(dssn_votes(cascade, images, self, cascade.num_classes, stats=stats))
 
-    def certify(self, votes, *, alpha, multiclass=False, certificate="standard", x=None):
+    def certify(self, votes, settings, x=None):
         """Exact prediction and L1 radius (``certificates.dssn_radius``, inclusive): no alpha,
-        no abstention, binary and multiclass alike."""
-        self.refuse_certificate(certificate)
+        no abstention, against every other class (``multiclass`` does not apply)."""
+        self.refuse_certificate(settings.certificate)
         prediction, radius = certificates.dssn_radius(votes.counts, self.levels, self.q)
         nan = np.full(len(prediction), np.nan)
         return {
@@ -107,13 +106,14 @@ class DSSNNoise(SmoothingNoise):
             "radius": radius,
             "p_a_lower": nan,
             "p_b_upper": nan,
-            "certificate": "dssn_exact",
+            "certificate": settings.certificate,
+            "multiclass": None,
         }
 
-    def passes_per_image(self, n0, n):
+    def passes_per_image(self, settings):
         return self.levels
 
-    def settings(self, *, n0, n, alpha, multiclass):
+    def depends_on(self, settings):
         return {}  # exact: none of the Monte Carlo parameters matter
 
     def describe(self):

@@ -16,9 +16,9 @@ class LaplaceNoise(MonteCarloNoise):
 
     name = "laplace"
     norm = "l1"
-    binary_only = "the Laplace certificate is binary only (Zhang et al. Corollary 1)"
+    multiclass_refusal = "the Laplace certificate is binary only (Zhang et al. Corollary 1)"
 
-    def __init__(self, sigma: float, *, q: int = 255, seed: int = 0):
+    def __init__(self, sigma: float):
         super().__init__(sigma)
         self.b = self.sigma / math.sqrt(2)
 
@@ -34,7 +34,7 @@ class LaplaceNoise(MonteCarloNoise):
 
     def certified_radius(self, p_a_lower, p_b_upper=None):
         if p_b_upper is not None:
-            raise ValueError(f"{self.binary_only}: pass no p_b_upper")
+            raise ValueError(f"{self.multiclass_refusal}: pass no p_b_upper")
         return certificates.l1_laplace_radius(p_a_lower, self.b)
 
     def describe(self):

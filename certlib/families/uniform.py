@@ -15,9 +15,9 @@ class BoxCertified(MonteCarloNoise):
     Prop. 2.5, ``box_input``: Theorem 2.8 with the images; Theorem 2.11 extends them to
     independent splitting noise)."""
 
-    certificates = ("standard", "box", "box_input")
+    accepted_certificates = ("standard", "box", "box_input")
 
-    def __init__(self, sigma: float, *, q: int = 255, seed: int = 0):
+    def __init__(self, sigma: float):
         super().__init__(sigma)
         self.lam = self.sigma * math.sqrt(3)
 

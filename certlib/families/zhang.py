@@ -40,11 +40,10 @@ def _truncated_normal(u: torch.Tensor, t: torch.Tensor, sigma: float) -> torch.T
 class ZhangNoise(MonteCarloNoise):
     """The part the three families share: the shape k, the input dimension and the certificate."""
 
-    shaped = True
-    row_parameters = ("sigma", "k", "dataset")  # the dataset gives the input dimension
-    binary_only = "the dual certificate of Zhang et al. is binary (Theorem 1 with p_B = 1 - p_A)"
+    parameters = ("k", "dim")
+    multiclass_refusal = "the dual certificate of Zhang et al. is binary (Theorem 1 with p_B = 1 - p_A)"
 
-    def __init__(self, sigma: float, *, q: int = 255, seed: int = 0, k: float = 0.0, dim: int | None = None):
+    def __init__(self, sigma: float, *, k: float = 0.0, dim: int | None = None):
         super().__init__(sigma)
         self.k = float(k)
         if not (math.isfinite(self.k) and self.k >= 0):
@@ -78,7 +77,7 @@ class ZhangNoise(MonteCarloNoise):
 
     def certified_radius(self, p_a_lower, p_b_upper=None):
         if p_b_upper is not None:
-            raise ValueError(f"{self.binary_only}: pass no p_b_upper")
+            raise ValueError(f"{self.multiclass_refusal}: pass no p_b_upper")
         if self.dim is None:
             raise ValueError(f"{self.name} needs the input dimension d to certify")
         return dual.zhang_radius(
@@ -92,14 +91,13 @@ class ZhangNoise(MonteCarloNoise):
             seed=CURVE_SEED,
         )
 
-    def certify(self, votes, *, alpha, multiclass=False, certificate="standard", x=None):
-        result = super().certify(votes, alpha=alpha, multiclass=multiclass, certificate=certificate, x=x)
-        return {**result, "delta": DELTA}
+    def certify(self, votes, settings, x=None):
+        return {**super().certify(votes, settings, x), "delta": DELTA}
 
-    def settings(self, *, n0, n, alpha, multiclass):
+    def depends_on(self, settings):
         # Everything the radius curve depends on, so that a change recomputes the shards.
         curve = {"curve_samples": CURVE_SAMPLES, "curve_seed": CURVE_SEED, "curve_bound": dual.BOUND}
-        return {**super().settings(n0=n0, n=n, alpha=alpha, multiclass=multiclass), "delta": DELTA, **curve}
+        return {**super().depends_on(settings), "delta": DELTA, **curve}
 
     def describe(self):
         return {**super().describe(), "k": self.k, "scale": self.scale}

@@ -157,22 +157,14 @@ class UnitRunner:
         cascade, card = self._load(key)
         noise = key.noise(sweep)
         rows = np.arange(unit.start, unit.stop)
-        cert = sweep.certify
+        settings = sweep.certify.settings(key.seed)
         started = time.perf_counter()
-        result = Smooth(cascade, noise, card.num_classes).certify(
-            images,
-            self.images.indices[rows],
-            n0=cert.n0,
-            n=cert.n,
-            alpha=cert.alpha,
-            seed=key.seed,
-            multiclass=cert.multiclass,
-        )
+        result = Smooth(cascade, noise, card.num_classes).certify_with(images, self.images.indices[rows], settings)
         seconds = time.perf_counter() - started
         table = certification_rows(
             noise,
             result,
-            noise.settings(**cert.settings()),
+            settings,
             indices=self.images.indices[rows],
             labels=self.images.labels.numpy()[rows],
             training=key.training,

@@ -19,7 +19,7 @@ import yaml
 
 from certlib.data import DATASETS
 from certlib.engine.cascade import PRECISIONS, EngineOptions
-from certlib.families import FAMILIES, family, make_noise
+from certlib.families import FAMILIES, CertifySettings, family, make_noise
 from certlib.training.config import DATA_PLACEMENTS, PAPER_DEFAULTS, TRAINING_MODES, TrainSettings
 from cluster.spec.fields import (
     SpecError,
@@ -73,9 +73,10 @@ class CertifySpec:
     deterministic: bool = False
     compile: bool | str = "auto"
 
-    def settings(self) -> dict[str, Any]:
-        """What a family's certificate may depend on (the rest is how the engine runs)."""
-        return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "multiclass": self.multiclass}
+    def settings(self, seed: int = 0) -> CertifySettings:
+        """What a family's votes and certificate may depend on (the rest is how the engine runs),
+        for the model of ``seed`` (which seeds the Monte Carlo streams)."""
+        return CertifySettings(n0=self.n0, n=self.n, alpha=self.alpha, multiclass=self.multiclass, seed=seed)
 
     def engine(self) -> EngineOptions:
         """How the engine runs: speed only, never a vote (``certlib.engine.cascade.EngineOptions``)."""
@@ -260,8 +261,8 @@ def _resources(data, path="resources") -> ResourcesSpec:
 
 
 def _ks(data: dict, methods: tuple[str, ...]) -> tuple[float, ...]:
-    if "ks" in data and not any(family(m).shaped for m in methods):
-        shaped = ", ".join(m for m, cls in FAMILIES.items() if cls.shaped)
+    if "ks" in data and not any("k" in family(m).parameters for m in methods):
+        shaped = ", ".join(m for m, cls in FAMILIES.items() if "k" in cls.parameters)
         raise SpecError(f"ks: only the methods {shaped} take a shape k")
     return unique_list(data.get("ks", [0.0]), "ks", lambda v, w: number(v, w, minimum=0))
 
@@ -285,17 +286,18 @@ def parse_spec(data: Any) -> Sweep:
             make_noise(method, sigma, q=info.q)
         except ValueError as err:
             raise SpecError(f"sigmas[{i}]: {err}") from None
-    for method, (j, k) in itertools.product([m for m in methods if family(m).shaped], enumerate(ks)):
+    for method, (j, k) in itertools.product([m for m in methods if "k" in family(m).parameters], enumerate(ks)):
         try:
             make_noise(method, sigmas[0], q=info.q, k=k, dim=math.prod(info.input_shape))
         except ValueError as err:
             raise SpecError(f"ks[{j}]: {err}") from None
     training = unique_list(data.get("training", ["standard"]), "training", lambda v, w: string(v, w, TRAINING_MODES))
     certify = _certify(data.get("certify"))
-    binary_only = [m for m in methods if family(m).binary_only]
+    binary_only = [m for m in methods if family(m).multiclass_refusal]
     if certify.multiclass and binary_only:
         raise SpecError(
-            f"certify.multiclass: {family(binary_only[0]).binary_only}; certify {binary_only[0]} in a sweep of its own"
+            f"certify.multiclass: {family(binary_only[0]).multiclass_refusal}; "
+            f"certify {binary_only[0]} in a sweep of its own"
         )
     radii = unique_list(data.get("radii", list(Sweep.radii)), "radii", lambda v, w: number(v, w, minimum=0))
     sweep = Sweep(
