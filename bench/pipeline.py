@@ -49,7 +49,7 @@ from certlib.models import build_model  # noqa: E402
 from certlib.smooth import Smooth  # noqa: E402
 from cluster.client import jobs, local_ray  # noqa: E402
 from cluster.plan import model_keys  # noqa: E402
-from cluster.record import progress_file  # noqa: E402
+from cluster.record import PROGRESS_PREFIX, progress_file  # noqa: E402
 from cluster.spec import parse_spec  # noqa: E402
 
 DEFAULT_CIFAR = Path(os.environ.get("CIFAR", ROOT.parent / "shared" / "data" / "cifar-10-batches-bin"))
@@ -69,21 +69,8 @@ def model_checkpoint(args, test, path: Path) -> Path:
         return path
     torch.manual_seed(0)
     model = build_model(args.arch, 10, test.mean, test.std, test.input_shape)
-    noise = make_noise("dssn", args.sigma, q=255, seed=0).describe()
-    card = ModelCard(
-        architecture=args.arch,
-        dataset="cifar10",
-        class_names=list(test.class_names),
-        input_shape=list(test.input_shape),
-        mean=list(test.mean),
-        std=list(test.std),
-        q=255,
-        method="dssn",
-        sigma=args.sigma,
-        lam=noise["lambda"],
-        levels=noise["levels"],
-        seed=0,
-        training="standard",
+    card = ModelCard.describing(
+        args.arch, test, make_noise("dssn", args.sigma, q=255, seed=0), seed=0, training="standard"
     )
     save_checkpoint(path, model, card)
     return path
@@ -138,7 +125,7 @@ def status_on_a_big_log(instance, gigabytes: float) -> list[list[str]]:
     client = jobs.connect(instance.dashboard_url)
     line = "x" * 1023
     count = int(gigabytes * 2**30 / 1024)
-    progress = jobs.PROGRESS_PREFIX + json.dumps(
+    progress = PROGRESS_PREFIX + json.dumps(
         {
             "images_done": 1,
             "images_total": 2,

@@ -494,21 +494,7 @@ def pipeline_section(cifar: Path, images: int, workers: list[int], sigma: float,
     torch.manual_seed(0)
     model = build_model(arch, 10, test.mean, test.std, test.input_shape)
     template = str(work / "{method}-{training}-{sigma}-{seed}.pt")
-    card = ModelCard(
-        architecture=arch,
-        dataset="cifar10",
-        class_names=test.class_names,
-        input_shape=list(test.input_shape),
-        mean=list(test.mean),
-        std=list(test.std),
-        q=255,
-        method="dssn",
-        sigma=sigma,
-        lam=noise.lam,
-        levels=noise.levels,
-        seed=0,
-        training="standard",
-    )
+    card = ModelCard.describing(arch, test, noise, seed=0, training="standard")
     checkpoint = Path(template.format(method="dssn", training="standard", sigma=sigma, seed=0))
     save_checkpoint(checkpoint, model, card)
 

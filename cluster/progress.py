@@ -9,10 +9,20 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from certlib.atomic import atomic_write
 from cluster.record import progress_file
+
+
+class TrainingState(StrEnum):
+    """Where a model to train stands (a string in the progress record)."""
+
+    QUEUED = "queued"
+    TRAINING = "training"
+    DONE = "done"
+    FAILED = "failed"
 
 
 @dataclass
@@ -31,7 +41,7 @@ class Progress:
     started: float = field(default_factory=time.time)
     images_this_run: int = 0
     failures: list[str] = field(default_factory=list)
-    # Per model to train: {"state": queued|training|done|failed} plus, once an epoch is done,
+    # Per model to train: {"state": a TrainingState} plus, once an epoch is done,
     # the worker's latest epoch metrics and when they arrived ("reported").
     training: dict[str, dict] = field(default_factory=dict)
     train_slots: int = 1
@@ -44,9 +54,9 @@ class Progress:
             if "epoch" in info:
                 epoch_seconds = info["images"] / max(info["images_per_second"], 1e-9)
                 per_model.append(info["epochs"] * epoch_seconds)
-            if info["state"] == "queued":
+            if info["state"] == TrainingState.QUEUED:
                 queued += 1
-            elif info["state"] == "training":
+            elif info["state"] == TrainingState.TRAINING:
                 if "epoch" not in info:
                     queued += 1  # started, not measured yet: counted as a whole model
                 else:
@@ -77,7 +87,7 @@ class Progress:
                     "epochs": info["epochs"],
                     "images_per_second": round(info["images_per_second"], 1),
                     "eta_seconds": round(max(0.0, left - (now - info["reported"])), 1)
-                    if info["state"] == "training"
+                    if info["state"] == TrainingState.TRAINING
                     else 0.0,
                 }
             training[label] = entry
@@ -109,7 +119,7 @@ def format_seconds(seconds: float | None) -> str:
 def describe_progress(snap: dict) -> str:
     """One human line: images, rate, ETA (training included), units, failures, trained models."""
     training = snap.get("training", {})
-    running = sum(1 for t in training.values() if t["state"] == "training")
+    running = sum(1 for t in training.values() if t["state"] == TrainingState.TRAINING)
     train_part = f"models trained {snap['models_trained']}/{snap['models_to_train']}"
     if snap["models_trained"] < snap["models_to_train"]:
         train_part += f" ({running} training, training ETA {format_seconds(snap.get('training_eta_seconds'))})"
@@ -127,7 +137,7 @@ def describe_training(label: str, entry: dict) -> str:
         return f"{label}: {entry['state']}"
     line = f"{label}: {entry['state']}, epoch {entry['epoch']}/{entry['epochs']}"
     line += f", {entry['images_per_second']:,.0f} images/s"
-    return line + (f", ETA {format_seconds(entry['eta_seconds'])}" if entry["state"] == "training" else "")
+    return line + (f", ETA {format_seconds(entry['eta_seconds'])}" if entry["state"] == TrainingState.TRAINING else "")
 
 
 class Metrics:

@@ -1,5 +1,6 @@
-"""The job record of a results directory: everything a sweep writes that is not a result row
-lives beside the results, in ``<output>.job/``, so the results directory holds Parquet shards
+"""The job record of a results directory and what the client and the job say to each other: both
+sides import this module and nothing of each other. Everything a sweep writes that is not a
+result row lives beside the results, in ``<output>.job/``, so the results directory holds Parquet shards
 only (Polars, DuckDB and Spark read it whole without a glob).
 
 ``<output>.job/sweep.json`` is the resolved spec (`certify table` takes its radii from it, a
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+SPEC_VARIABLE = "CERTIFY_SPEC_B64"  # the job's validated sweep, base64 JSON, in its environment
+PROGRESS_PREFIX = "[certify-progress] "  # a machine-readable progress record in the job's log
 SWEEP_FILE = "sweep.json"
 PROGRESS_FILE = "progress.json"
 FAILURES_DIR = "failures"

@@ -110,22 +110,8 @@ def random_checkpoint(
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(float("nan"))
-    noise = make_noise(method, sigma, q=dataset.q, seed=seed).describe()
-    card = ModelCard(
-        architecture=architecture,
-        dataset=dataset.name,
-        class_names=list(dataset.class_names),
-        input_shape=list(dataset.input_shape),
-        mean=list(dataset.mean),
-        std=list(dataset.std),
-        q=dataset.q,
-        method=method,
-        sigma=sigma,
-        lam=noise.get("lambda"),
-        levels=noise.get("levels"),
-        seed=seed,
-        training=training,
-    )
+    noise = make_noise(method, sigma, q=dataset.q, seed=seed)
+    card = ModelCard.describing(architecture, dataset, noise, seed=seed, training=training, sigma=sigma)
     save_checkpoint(path, model, card)
     return path
 

@@ -4,6 +4,8 @@ specs, and a whole job through the Ray Job Submission API."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from cluster.cli import main, submission_id
 from cluster.client import submission
 from cluster.record import progress_file
 from tests.conftest import random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GOOD = {
     "name": "cli-test",
@@ -251,3 +255,15 @@ def test_status_commands_never_start_a_cluster(monkeypatch):
         assert result.exit_code == 2 and "no local Ray instance" in result.output
     unreachable = CliRunner().invoke(main, ["list", "--address", "http://127.0.0.1:9"])
     assert unreachable.exit_code == 2 and unreachable.output.startswith("error: cannot reach the Ray cluster")
+
+
+def test_status_imports_neither_torch_nor_the_job():
+    """The client/job boundary: ``certify status`` (here against an address nothing answers)
+    imports the client side only, not torch or the job's executor, pool and workers."""
+    script = (
+        "import sys\nfrom cluster.cli import main\ntry:\n    main(['status', 'a-job', '--address', 'http://127.0.0.1:9'])\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('cluster.job')))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr

@@ -20,9 +20,9 @@ from certlib.engine.throughput import timed_rate
 from certlib.families import make_noise
 from cluster.cli import main
 from cluster.cli.plan import dry_run, duration, plan, print_plan, render
-from cluster.estimate import Rates, Workers, makespan
 from cluster.job.worker import UnitRunner
 from cluster.plan import model_keys, resolve_paths
+from cluster.plan.estimate import Rates, Workers, makespan
 from cluster.spec import parse_spec
 from tests.conftest import random_checkpoint
 
@@ -267,7 +267,7 @@ def test_a_real_calibration_on_the_quickstart(tmp_path, monkeypatch):
 
 def test_the_dry_run_and_the_worker_calibration_import_no_ray(tmp_path):
     code = (
-        "import sys; from cluster.cli.plan import dry_run; import cluster.estimate, certlib.engine.throughput; "
+        "import sys; from cluster.cli.plan import dry_run; import cluster.plan.estimate, certlib.engine.throughput; "
         "from cluster.job.worker import UnitRunner; "
         f"r = dry_run({spec(tmp_path)!r}, rate=1e4, train_rate=1e3); "
         f"assert UnitRunner({json.dumps(resolve_paths(parse_spec(spec(tmp_path)), tmp_path).to_json())}, 'j')"

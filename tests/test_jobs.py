@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from certlib.data import load_digits
 from cluster.cli import main
 from cluster.client import jobs, local_ray
-from cluster.record import progress_file
+from cluster.record import PROGRESS_PREFIX, progress_file
 from tests.conftest import random_checkpoint
 
 
@@ -63,10 +63,10 @@ def test_following_gives_up_with_one_line_when_the_dashboard_stays_away():
 def test_progress_lines_are_found_from_the_end_of_a_log():
     lines = [
         "x",
-        jobs.PROGRESS_PREFIX + json.dumps({"images_done": 1}),
+        PROGRESS_PREFIX + json.dumps({"images_done": 1}),
         "y",
-        jobs.PROGRESS_PREFIX + json.dumps({"images_done": 2}),
-        jobs.PROGRESS_PREFIX + '{"images_do',
+        PROGRESS_PREFIX + json.dumps({"images_done": 2}),
+        PROGRESS_PREFIX + '{"images_do',
     ]
     assert jobs.last_progress_line(lines) == {"images_done": 2}  # the cut last line is skipped
     assert jobs.last_progress_line(["nothing"]) is None

@@ -13,15 +13,14 @@ from certlib.data import load_digits
 from cluster.plan import (
     SweepConflict,
     calibration_architecture,
-    choose_shard_size,
     expand,
     model_keys,
     plan_sweep,
     preflight,
-    recorded_shard_size,
     select_images,
     with_shard_size,
 )
+from cluster.plan.sizing import choose_shard_size, recorded_shard_size
 from cluster.record import sweep_file
 from cluster.spec import SpecError, parse_spec
 from tests.conftest import random_checkpoint

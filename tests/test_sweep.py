@@ -23,7 +23,7 @@ from certlib.data import load_cifar10
 from certlib.rows import existing_shards
 from cluster.job.executor import run_sweep
 from cluster.plan import SweepConflict, model_keys
-from cluster.record import failures_dir, sweep_file
+from cluster.record import PROGRESS_PREFIX, failures_dir, sweep_file
 from cluster.spec import parse_spec
 from tests.conftest import random_checkpoint
 
@@ -259,7 +259,7 @@ def _as_yaml(sweep):
 def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
     import torch
 
-    import cluster.job.worker as worker
+    import cluster.job.training as training
 
     sweep = parse_spec(
         {
@@ -282,13 +282,13 @@ def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
         time.sleep(1.0)  # long enough for the other job to find the checkpoint locked
         return real_train_model(*args, **kwargs)
 
-    real_train_model = worker.train_model
-    monkeypatch.setattr(worker, "train_model", slow_train_model)
-    runners = [worker.UnitRunner(sweep.to_json(), f"job-{i}", threads=torch.get_num_threads()) for i in range(2)]
+    real_train_model = training.train_model
+    monkeypatch.setattr(training, "train_model", slow_train_model)
+    trainers = [training.ModelTrainer(sweep, torch.device("cpu")) for _ in range(2)]
     results = [None, None]
 
     def train(i):
-        results[i] = runners[i].train(key)
+        results[i] = trainers[i].train(key)
 
     threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
     threads[0].start()
@@ -326,9 +326,7 @@ def test_training_progress_and_eta_are_reported_while_models_train(ray_session, 
     lines = []
     progress = run_sweep(sweep, "job-train-progress", log=lines.append)
     assert not progress.failures and progress.models_trained == 2
-    records = [
-        json.loads(line.split(executor.PROGRESS_PREFIX, 1)[1]) for line in lines if executor.PROGRESS_PREFIX in line
-    ]
+    records = [json.loads(line.split(PROGRESS_PREFIX, 1)[1]) for line in lines if PROGRESS_PREFIX in line]
     mid = [r for r in records if any(t.get("state") == "training" and "epoch" in t for t in r["training"].values())]
     assert mid, "no progress record caught a model mid-training"
     entry = next(t for t in mid[0]["training"].values() if "epoch" in t)
@@ -405,7 +403,7 @@ def test_training_units_share_a_gpu_when_a_step_does_not_fill_it(tmp_path, datas
 
 def test_an_automatic_shard_size_is_measured_once_and_kept_by_the_resume(ray_session, tmp_path):
     from certlib.data import load_digits
-    from cluster.plan import recorded_shard_size
+    from cluster.plan.sizing import recorded_shard_size
 
     sweep = parse_spec(
         {

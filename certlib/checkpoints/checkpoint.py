@@ -17,13 +17,17 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import certlib
 from certlib.atomic import atomic_write
 from certlib.families import family
+
+if TYPE_CHECKING:
+    from certlib.data import QuantizedDataset
+    from certlib.families import SmoothingNoise
 from certlib.checkpoints.weights import (
     CARD_METADATA_KEY,
     build_architecture,
@@ -68,6 +72,33 @@ class ModelCard:
     library_version: str = certlib.__version__
     weights_sha256: str = ""
     format: int = CARD_FORMAT
+
+    @classmethod
+    def describing(
+        cls, architecture: str, images: QuantizedDataset, noise: SmoothingNoise, *, seed: int, training: str, **fields: Any
+    ) -> ModelCard:
+        """The card of a model of ``architecture`` for the dataset of ``images`` (its classes,
+        input shape, normalization and q), trained under ``noise`` (its method, sigma, effective
+        lambda and L) with ``seed`` and ``training``; ``fields`` set the rest."""
+        described = noise.describe()
+        return cls(
+            **{
+                "architecture": architecture,
+                "dataset": images.name,
+                "class_names": list(images.class_names),
+                "input_shape": list(images.input_shape),
+                "mean": list(images.mean),
+                "std": list(images.std),
+                "q": images.q,
+                "method": noise.name,
+                "sigma": noise.sigma,
+                "lam": described.get("lambda"),
+                "levels": described.get("levels"),
+                "seed": seed,
+                "training": training,
+                **fields,
+            }
+        )
 
     @property
     def num_classes(self) -> int:

@@ -222,21 +222,13 @@ def _heldout(cfg: ResolvedConfig, heldout_set: QuantizedDataset) -> QuantizedDat
 def _card(
     cfg: ResolvedConfig, noise: SmoothingNoise, train_set: QuantizedDataset, heldout: str, clean: float, noisy: float
 ) -> ModelCard:
-    described = noise.describe()
-    return ModelCard(
-        architecture=cfg.architecture,
-        dataset=cfg.dataset,
-        class_names=list(train_set.class_names),
-        input_shape=list(train_set.input_shape),
-        mean=list(train_set.mean),
-        std=list(train_set.std),
-        q=train_set.q,
-        method=cfg.method,
-        sigma=cfg.sigma,
-        lam=described.get("lambda"),
-        levels=described.get("levels"),
+    return ModelCard.describing(
+        cfg.architecture,
+        train_set,
+        noise,
         seed=cfg.seed,
         training=cfg.training,
+        sigma=cfg.sigma,
         hyperparameters=dataclasses.asdict(cfg),
         epochs_done=cfg.epochs,
         clean_accuracy=clean,

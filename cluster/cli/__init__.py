@@ -109,7 +109,7 @@ def _resolve_job(client, job: str) -> str:
 @user_errors
 def status(job: str, address: str | None) -> None:
     """Status and progress of JOB (a job id or a sweep name)."""
-    from cluster.progress import describe_progress, describe_training
+    from cluster.progress import TrainingState, describe_progress, describe_training
 
     client = _client(address)
     job_id = _resolve_job(client, job)
@@ -122,7 +122,7 @@ def status(job: str, address: str | None) -> None:
         return
     click.echo(describe_progress(progress) + f"  (as of {progress['elapsed_seconds']:.0f} s into the run)")
     training = progress.get("training", {})
-    if any(entry["state"] != "done" for entry in training.values()):
+    if any(entry["state"] != TrainingState.DONE for entry in training.values()):
         click.echo("training:")
         for label, entry in sorted(training.items()):
             click.echo(f"  {describe_training(label, entry)}")

@@ -4,7 +4,7 @@ given rates), without submitting, starting Ray or writing anything.
 
 The spec is validated as ``submit-job`` validates it for a local run (``load_spec``,
 ``resolve_paths``, ``preflight``: they only read), so a bad spec gets the same one-line error.
-The counts are ``cluster.estimate``'s, the measurements ``certlib.engine.throughput``'s.
+The counts are ``cluster.plan.estimate``'s, the measurements ``certlib.engine.throughput``'s.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from cluster.cli.errors import UserError, user_errors
 if TYPE_CHECKING:
     import torch
 
-    from cluster.estimate import Cost, Workers
+    from cluster.plan.estimate import Cost, Workers
     from cluster.spec import Sweep
 
 CALIBRATION_SECONDS = 1.0  # per measured rate: the speed of a steady state, not of a run
@@ -105,8 +105,8 @@ def _measure_training(sweep: Sweep, device: torch.device) -> dict[str, Any]:
     """One training run's measured rate, and its standard-training equivalent
     (``standard_per_second``): the estimate scales each training mode from it."""
     from certlib.engine.throughput import training_throughput
-    from cluster.estimate import relative_training_cost, train_config
     from cluster.plan import model_keys
+    from cluster.plan.estimate import relative_training_cost, train_config
 
     key = next(k for k in model_keys(sweep) if not k.checkpoint(sweep).is_file())  # the first run to train
     config = train_config(sweep, key)
@@ -124,7 +124,7 @@ def _measure_training(sweep: Sweep, device: torch.device) -> dict[str, Any]:
 def _workers(sweep: Sweep, device: torch.device, workers: int | None) -> Workers:
     import torch
 
-    from cluster.estimate import Workers, assumed_workers
+    from cluster.plan.estimate import Workers, assumed_workers
 
     if workers is not None:
         return Workers(workers, workers, "--workers")
@@ -136,8 +136,8 @@ def _plan_cost(
     sweep: Sweep, device: torch.device, rate: float | None, workers: Workers, notes: list[str]
 ) -> tuple[Cost, dict[str, Any] | None]:
     """The sweep's counts, and the certification rate where one was measured to size its units."""
-    from cluster.estimate import chosen_shard_size, known_shard_size, sweep_cost
-    from cluster.plan import calibration_architecture, model_keys, select_images
+    from cluster.plan import calibration_architecture, known_shard_size, measured_shard_size, model_keys, select_images
+    from cluster.plan.estimate import sweep_cost
 
     images = len(select_images(sweep))
     architecture = calibration_architecture(sweep)
@@ -145,7 +145,7 @@ def _plan_cost(
     shard = known_shard_size(sweep)
     if shard is None:  # a run sizes its units from a measured rate: so does the plan
         certify = certify or _measure_certify(sweep, architecture, device)
-        size = chosen_shard_size(sweep, images, certify["per_second"], workers.certify)
+        size = measured_shard_size(sweep, images, certify["per_second"], workers.certify)
         shard = (size, "auto: chosen from the certification rate and workers")
     train_images = None
     if any(not key.checkpoint(sweep).is_file() for key in model_keys(sweep)):
@@ -162,12 +162,12 @@ def dry_run(
     train_rate: float | None = None,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """The plan of ``spec`` as data: its counts (``cluster.estimate.cost_dict``), the rates
+    """The plan of ``spec`` as data: its counts (``cluster.plan.estimate.cost_dict``), the rates
     measured on ``device`` (auto: CUDA where present, else the CPU) or given (``rate``: forward
     samples/s of one certification worker; ``train_rate``: images/s of one standard training
     run), the workers assumed and the time estimate. Starts nothing, writes nothing."""
-    from cluster.estimate import Rates, cost_dict, estimate, estimate_dict
     from cluster.job.worker import device_name
+    from cluster.plan.estimate import Rates, cost_dict, estimate, estimate_dict
 
     sweep = _validated(spec)
     dev = _device(device)

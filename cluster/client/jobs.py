@@ -15,11 +15,10 @@ import os
 import time
 from collections.abc import Callable
 
-from cluster.record import progress_file
+from cluster.record import PROGRESS_PREFIX, progress_file
 
 LOCAL_DASHBOARD = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-PROGRESS_PREFIX = "[certify-progress] "
 TAIL_LINES = 2000  # log lines read from the end when the progress file is not readable here
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # seconds between attempts to reach the dashboard: doubling up to this
 GIVE_UP_SECONDS = 900.0  # a dashboard unreachable this long is reported as such

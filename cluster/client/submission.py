@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cluster.client import jobs, local_ray
+from cluster.record import SPEC_VARIABLE
 
 if TYPE_CHECKING:
     from cluster.spec import Sweep
@@ -165,7 +166,6 @@ def submit(
     returned as it is (``already``); after a cancel, a failure or a crash the spec is submitted
     again as attempt ``-r2``, ``-r3``, ... whose driver skips the units already on disk.
     ``echo`` says what was submitted; ``notice`` (default ``echo``) that a local Ray starts."""
-    from cluster.job.driver import SPEC_VARIABLE
 
     sweep, url = validate(spec, address)
     spec_json = sweep.to_json()

@@ -13,9 +13,8 @@ import sys
 
 from cluster.job.executor import run_sweep
 from cluster.plan import SweepConflict
+from cluster.record import SPEC_VARIABLE
 from cluster.spec import SpecError, Sweep
-
-SPEC_VARIABLE = "CERTIFY_SPEC_B64"  # the job's validated sweep, base64 JSON, in its environment
 
 
 def print_table(sweep: Sweep, log=print) -> None:

@@ -19,23 +19,22 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from certlib.atomic import atomic_write
-from cluster.client.jobs import PROGRESS_PREFIX
 from cluster.job.pool import Pool, PoolError, Slot, Task
 from cluster.plan import (
     ModelKey,
     Plan,
     SweepConflict,
     calibration_architecture,
-    choose_shard_size,
+    known_shard_size,
+    measured_shard_size,
     model_keys,
     passes_per_image,
     plan_sweep,
-    recorded_shard_size,
     select_images,
     with_shard_size,
 )
-from cluster.progress import Metrics, Progress, describe_progress, write_progress
-from cluster.record import failures_dir, sweep_file
+from cluster.progress import Metrics, Progress, TrainingState, describe_progress, write_progress
+from cluster.record import PROGRESS_PREFIX, failures_dir, sweep_file
 from cluster.spec import Sweep
 
 PROGRESS_EVERY = 5.0  # seconds between progress lines in the log
@@ -46,8 +45,7 @@ PROGRESS_JSON_EVERY = 30.0  # seconds between machine-readable progress records 
 
 
 def _failure_name(task: Task) -> str:
-    k = task.key
-    return task.unit.unit_id if task.unit else f"train-{k.method}-{k.training}-s{k.model_sigma}-seed{k.seed}"
+    return task.unit.unit_id if task.unit else f"train-{task.key.slug}"
 
 
 def _record_failure(sweep: Sweep, task: Task, error: str) -> None:
@@ -72,24 +70,23 @@ def _error_line(err: BaseException) -> str:
 
 
 def resolve_shard_size(sweep: Sweep, num_images: int, pool: Pool, log=print) -> Sweep:
-    """``sweep`` with an integer shard size: the spec's, the one an earlier run of the same
-    output chose, or one chosen from a worker's measured rate (``choose_shard_size``)."""
-    if sweep.resources.shard_size != "auto":
-        return sweep
-    size = recorded_shard_size(sweep.output)
+    """``sweep`` with an integer shard size (``cluster.plan.sizing``): the spec's or an earlier
+    run's, else one from the rate a worker measures here."""
+    known = known_shard_size(sweep)
+    if known is not None:
+        return with_shard_size(sweep, known[0])
     keys = model_keys(sweep)
-    if size is None:
-        architecture = calibration_architecture(sweep)
-        slot = pool.assign(Task("certify", keys[0]), {"certify"})
-        if slot is None:
-            raise SweepConflict("resources: no certification worker fits in the cluster's resources")
-        rate = float(ray.get(slot.actor.calibrate.options(name="calibrate").remote(architecture)))
-        passes = sum(passes_per_image(sweep, k) for k in keys) / len(keys)
-        size = choose_shard_size(num_images, len(keys), passes, rate, pool.capacity("certify"))
-        log(
-            f"shard size {size} images (a worker evaluates {rate:,.0f} samples/s of {architecture}; "
-            f"{passes:,.0f} samples per image)"
-        )
+    architecture = calibration_architecture(sweep)
+    slot = pool.assign(Task("certify", keys[0]), {"certify"})
+    if slot is None:
+        raise SweepConflict("resources: no certification worker fits in the cluster's resources")
+    rate = float(ray.get(slot.actor.calibrate.options(name="calibrate").remote(architecture)))
+    size = measured_shard_size(sweep, num_images, rate, pool.capacity("certify"))
+    passes = sum(passes_per_image(sweep, k) for k in keys) / len(keys)
+    log(
+        f"shard size {size} images (a worker evaluates {rate:,.0f} samples/s of {architecture}; "
+        f"{passes:,.0f} samples per image)"
+    )
     return with_shard_size(sweep, size)
 
 
@@ -189,7 +186,7 @@ class _Run:
         _record_failure(self.sweep, task, error)
         self.log(f"FAILED {task.name}: {error}" + (f" (after {task.attempts + 1} attempts)" if task.attempts else ""))
         if task.kind == "train":
-            progress.training[task.key.label]["state"] = "failed"
+            progress.training[task.key.label]["state"] = TrainingState.FAILED
             for orphan in self.waiting.pop(task.key, []):
                 self.fail(orphan, f"its model could not be trained ({error})")
         else:
@@ -208,7 +205,7 @@ class _Run:
                 self.queue.append(task)
                 continue
             if task.kind == "train":
-                self.progress.training[task.key.label]["state"] = "training"
+                self.progress.training[task.key.label]["state"] = TrainingState.TRAINING
             self.in_flight[self.pool.submit(slot, task)] = (slot, task)
 
     def requeue(self, tasks: list[Task]) -> None:
@@ -216,7 +213,7 @@ class _Run:
         self.drop_calls(tasks)
         for task in tasks:
             if task.kind == "train":
-                self.progress.training[task.key.label]["state"] = "queued"
+                self.progress.training[task.key.label]["state"] = TrainingState.QUEUED
         self.queue.extendleft(reversed(tasks))
 
     def drop_calls(self, tasks: list[Task]) -> None:
@@ -261,7 +258,7 @@ class _Run:
         """A model is trained: its units join the queue."""
         self.progress.models_trained += 1
         info = self.progress.training[task.key.label]
-        info["state"] = "done"
+        info["state"] = TrainingState.DONE
         if "epochs" in info:  # the last poll may have seen an earlier epoch
             info["epoch"] = info["epochs"]
         self.log(
@@ -295,5 +292,5 @@ def _poll_training(pool: Pool, progress: Progress) -> None:
         except RayError:
             continue
         info = progress.training[asked[ref]]
-        if latest is not None and info["state"] == "training":
+        if latest is not None and info["state"] == TrainingState.TRAINING:
             info.update(latest)

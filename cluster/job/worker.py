@@ -1,4 +1,5 @@
-"""Running one unit: train a missing model, or certify a shard of images and write its rows.
+"""Running one unit: certify a shard of images and write its rows (or train a missing model,
+``cluster.job.training``).
 
 ``UnitRunner`` holds what a worker process keeps between units (the selected images, the last
 model); the driver runs it as a Ray actor, one model replica per GPU (or CPU). All the math is
@@ -8,7 +9,6 @@ certlib's.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import platform
 import socket
 import time
@@ -20,17 +20,15 @@ import pyarrow as pa
 import torch
 
 import certlib
-from certlib.atomic import exclusive_lock
-from certlib.checkpoints.checkpoint import ModelCard, load_checkpoint, read_card
-from certlib.data import DATASETS, QuantizedDataset, load_dataset
+from certlib.checkpoints.checkpoint import ModelCard, load_checkpoint
+from certlib.data import QuantizedDataset
 from certlib.determinism import enable_deterministic_kernels
 from certlib.engine.cascade import Cascade
 from certlib.engine.throughput import forward_throughput
 from certlib.engine.voting import make_cascade
 from certlib.rows import certification_rows, write_shard
 from certlib.smooth import Smooth
-from certlib.training.config import TrainConfig
-from certlib.training.train import train_model
+from cluster.job.training import ModelTrainer
 from cluster.plan import ModelKey, Unit, select_images, unit_parameters
 from cluster.spec import Sweep
 
@@ -53,67 +51,13 @@ class UnitRunner:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._images: QuantizedDataset | None = None
         self._model: tuple[str, Cascade, ModelCard] | None = None
-        self._epoch: dict | None = None  # the latest epoch metrics of the model in training
+        self.trainer = ModelTrainer(self.sweep, self.device)
 
     @property
     def images(self) -> QuantizedDataset:
         if self._images is None:
             self._images = select_images(self.sweep)
         return self._images
-
-    def train(self, key: ModelKey) -> dict:
-        """Train the model of ``key`` with the sweep's models.train settings; writes its checkpoint.
-
-        Jobs that share a checkpoint path (the paper specs share the DSSN models) train it
-        once: the first holds a lock on it, the others wait and then use its checkpoint."""
-        sweep = self.sweep
-        path = key.checkpoint(sweep)
-
-        def log(line: str) -> None:
-            print(f"[train {key.label}] {line}", flush=True)
-
-        started = time.perf_counter()
-        with exclusive_lock(path, on_wait=lambda: log(f"waiting: another process is training {path}")):
-            if path.exists():
-                card = read_card(path)
-                log(f"{path} was trained meanwhile by another process; using it")
-            else:
-                if sweep.models.train is None:
-                    raise ValueError(f"no checkpoint {path} and no models.train section to train it")
-                settings = dataclasses.asdict(sweep.models.train)
-                config = TrainConfig(
-                    dataset=sweep.dataset.name,
-                    method=key.training_noise(sweep),
-                    sigma=key.model_sigma,
-                    seed=key.seed,
-                    training=key.training,
-                    **settings,
-                )
-                heldout_split = DATASETS[sweep.dataset.name].heldout
-                train_set = load_dataset(sweep.dataset.name, "train", sweep.dataset.root)
-                heldout = load_dataset(sweep.dataset.name, heldout_split, sweep.dataset.root)
-                self._epoch = None
-                card = train_model(
-                    config,
-                    path,
-                    train_set,
-                    heldout,
-                    device=self.device,
-                    log=log,
-                    on_epoch=lambda metrics: setattr(self, "_epoch", {**metrics, "reported": time.time()}),
-                )
-        return {
-            "model": key.label,
-            "seconds": time.perf_counter() - started,
-            "clean_accuracy": card.clean_accuracy,
-            "noisy_accuracy": card.noisy_accuracy,
-        }
-
-    def training_progress(self) -> dict | None:
-        """The latest epoch's metrics (epoch, epochs, images, images_per_second, ...) and when
-        they were reported, of the model this worker is training; answered from a second thread
-        while ``train`` runs."""
-        return self._epoch
 
     def _cascade(self, model: torch.nn.Module, num_classes: int, input_shape, **override: Any) -> Cascade:
         """``model`` behind the precision cascade the sweep's engine options describe."""
@@ -128,15 +72,7 @@ class UnitRunner:
         if self._model is None or self._model[0] != path:
             self._model = None  # free the previous replica before loading the next
             model, card = load_checkpoint(
-                path,
-                device=self.device,
-                override=self.sweep.models.override_card,
-                method=key.training_noise(self.sweep),
-                sigma=key.model_sigma,
-                seed=key.seed,
-                q=self.sweep.q,
-                dataset=self.sweep.dataset.name,
-                training=key.training,
+                path, device=self.device, override=self.sweep.models.override_card, **key.expected_card(self.sweep)
             )
             self._model = (path, self._cascade(model, card.num_classes, card.input_shape), card)
         return self._model[1], self._model[2]
@@ -231,10 +167,10 @@ class Worker:
         return summary
 
     async def train(self, key: ModelKey) -> dict:
-        return await self._on(self.device, self.runner.train, key)
+        return await self._on(self.device, self.runner.trainer.train, key)
 
     async def calibrate(self, architecture: str) -> float:
         return await self._on(self.device, self.runner.calibrate, architecture)
 
     async def training_progress(self) -> dict | None:
-        return self.runner.training_progress()
+        return self.runner.trainer.progress()

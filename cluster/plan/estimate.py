@@ -18,16 +18,9 @@ from typing import Any
 
 from certlib.families import family
 from certlib.training.config import TrainConfig, TrainSettings, step_flops
-from cluster.plan import (
-    ModelKey,
-    Plan,
-    choose_shard_size,
-    model_keys,
-    passes_per_image,
-    plan_sweep,
-    recorded_shard_size,
-    with_shard_size,
-)
+from cluster.plan.sizing import passes_per_image, with_shard_size
+from cluster.plan.state import Plan, plan_sweep
+from cluster.plan.units import ModelKey
 from cluster.spec import Sweep
 
 # --------------------------------------------------------------------------- counts
@@ -143,24 +136,6 @@ def relative_training_cost(config: TrainConfig) -> float:
     """A training image's cost under ``config`` relative to the same step in standard training
     (stability training runs the network on two noisy copies: 2)."""
     return step_flops(config) / step_flops(dataclasses.replace(config, training="standard"))
-
-
-def known_shard_size(sweep: Sweep) -> tuple[int, str] | None:
-    """The shard size a run would take without measuring: the spec's, else the one an earlier
-    run of the same output directory chose; None when a run would choose it from a rate."""
-    given = sweep.resources.shard_size
-    if isinstance(given, int):
-        return given, "spec"
-    recorded = recorded_shard_size(sweep.output)
-    return None if recorded is None else (recorded, "earlier run")
-
-
-def chosen_shard_size(sweep: Sweep, num_images: int, samples_per_second: float, workers: int) -> int:
-    """The shard size a run chooses for ``shard_size: auto`` when a worker measures
-    ``samples_per_second`` and ``workers`` certification workers fit (``choose_shard_size``)."""
-    keys = model_keys(sweep)
-    passes = sum(passes_per_image(sweep, k) for k in keys) / len(keys)
-    return choose_shard_size(num_images, len(keys), passes, samples_per_second, workers)
 
 
 def _groups(plan: Plan, per_image: dict[ModelKey, int]) -> tuple[Group, ...]:

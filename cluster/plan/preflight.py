@@ -1,0 +1,65 @@
+"""What the command line checks before it submits a spec: the dataset, the models' cards and the
+output directory against the files here; and the spec's paths made absolute for a job's driver."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from certlib.checkpoints.checkpoint import check_card, read_card
+from certlib.rows import legacy_layout
+from cluster.plan.sizing import known_shard_size, with_shard_size
+from cluster.plan.state import plan_sweep
+from cluster.plan.units import model_keys, select_images
+from cluster.spec import SpecError, Sweep, parse_spec
+
+
+def preflight(sweep: Sweep) -> None:
+    """Checks that need the files: the dataset, the models' cards, the output directory."""
+    try:
+        images = select_images(sweep)
+    except (FileNotFoundError, ValueError) as err:
+        raise SpecError(f"dataset: {err}") from None
+    if len(images) == 0:
+        raise SpecError("dataset: the selection (every/start/limit) holds no image")
+    for key in model_keys(sweep):
+        path = key.checkpoint(sweep)
+        if path.is_file():
+            try:
+                card = read_card(path)
+            except ValueError as err:
+                raise SpecError(f"models.path: {err}") from None
+            problems = check_card(card, **key.expected_card(sweep))
+            if problems and not sweep.models.override_card:
+                raise SpecError(
+                    f"models.path: {path}: the card does not match: {problems[0]} "
+                    "(models.override_card: true to use it)"
+                )
+    refused = legacy_layout(sweep.output)
+    if refused:
+        raise SpecError(f"output: {refused}")
+    known = known_shard_size(sweep)
+    if known is not None:  # else the driver sizes the units: no shard can be there yet
+        plan_sweep(with_shard_size(sweep, known[0]), len(images), log=lambda line: None)
+
+
+def relative_paths(sweep: Sweep) -> list[str]:
+    """The spec fields holding relative paths (a remote cluster cannot know what they mean)."""
+    candidates = {"output": sweep.output, "models.path": sweep.models.path, "dataset.root": sweep.dataset.root}
+    return [
+        key for key, value in candidates.items() if value is not None and not Path(value).expanduser().is_absolute()
+    ]
+
+
+def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
+    """The sweep with its relative file paths (output, models.path, dataset.root) made
+    absolute against ``base``: a job's driver runs in another working directory."""
+
+    def absolute(p: str | None) -> str | None:
+        return None if p is None else str(base / Path(p).expanduser())  # an absolute p stays as it is
+
+    data = json.loads(sweep.to_json())
+    data["output"] = absolute(data["output"])
+    data["models"]["path"] = absolute(data["models"]["path"])
+    data["dataset"]["root"] = absolute(data["dataset"]["root"])
+    return parse_spec(data)
