@@ -39,8 +39,7 @@ from cluster.cli import main
 from cluster.job.worker import UnitRunner
 from cluster.plan import expand, model_keys
 from cluster.spec import parse_spec
-from tests.conftest import random_checkpoint
-from tests.test_paper_results import RADII, TABLE_1
+from tests.helpers import RADII, TABLE_1, random_checkpoint
 
 PAPER_METHODS = {"dssn": "dssn", "uniform_additive": "uniform", "ssn_independent": "ssn"}
 

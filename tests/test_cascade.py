@@ -18,7 +18,7 @@ from certlib.engine.cascade import LEVELS, Cascade, cascade_levels, fold_batchno
 from certlib.engine.voting import dssn_votes, monte_carlo_counts
 from certlib.families import DSSNNoise, UniformNoise
 from certlib.models import build_model
-from tests.test_voting import random_cnn
+from tests.helpers import random_cnn
 
 
 def test_cascade_levels_run_from_fast_to_exact():

@@ -18,7 +18,7 @@ from certlib.data import load_digits
 from cluster.cli import main, submission_id
 from cluster.client import submission
 from cluster.record import progress_file
-from tests.conftest import random_checkpoint
+from tests.helpers import random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from certlib.data import load_digits
 from cluster.cli import main
 from cluster.client import jobs, local_ray
 from cluster.record import PROGRESS_PREFIX, progress_file
-from tests.conftest import random_checkpoint
+from tests.helpers import random_checkpoint
 
 
 class FlakyClient:

@@ -31,7 +31,7 @@ def scenario(workdir: str) -> None:
     from cluster.job.executor import run_sweep
     from cluster.plan import model_keys
     from cluster.spec import parse_spec
-    from tests.conftest import random_checkpoint, simulated_cluster
+    from tests.helpers import random_checkpoint, simulated_cluster
 
     work = Path(workdir)
     health = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}

@@ -12,7 +12,7 @@ import yaml
 from certlib.data import load_digits
 from cluster.client import submission
 from cluster.notebook import ClusterError, JobFailed, SpecError, attach, submit
-from tests.conftest import random_checkpoint
+from tests.helpers import random_checkpoint
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml"
 

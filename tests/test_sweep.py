@@ -25,7 +25,7 @@ from cluster.job.executor import run_sweep
 from cluster.plan import SweepConflict, model_keys
 from cluster.record import PROGRESS_PREFIX, failures_dir, sweep_file
 from cluster.spec import parse_spec
-from tests.conftest import random_checkpoint
+from tests.helpers import random_checkpoint
 
 
 def cifar_sweep(

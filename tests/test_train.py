@@ -22,7 +22,7 @@ from certlib.smooth import Smooth
 from certlib.training.config import TrainConfig
 from certlib.training.step import augment, stability_loss
 from certlib.training.train import train_model
-from tests.conftest import random_checkpoint
+from tests.helpers import random_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from cluster.cli import main
 from cluster.job.worker import UnitRunner
 from cluster.plan import expand, model_keys
 from cluster.spec import SpecError, parse_spec
-from tests.conftest import random_checkpoint
+from tests.helpers import random_checkpoint
 
 D = 10
 
