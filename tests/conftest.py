@@ -1,18 +1,106 @@
-"""Shared fixtures: the real data in ../shared/data (tests skip where it is absent) and the
-session's Ray instance. What tests share that is not a fixture is in ``tests/helpers.py``."""
+"""Fixtures, and the markers they give the tests that use them.
+
+A test is marked by what it uses, never by hand: ``ray`` if it uses a Ray instance, ``training``
+if it trains models, ``data`` if it reads ../shared/data, ``gpu`` if it needs CUDA (MARKED_BY).
+The fast lane, ``pytest -m "not ray and not training and not data"``, relies on the marks, so
+they are enforced: a test without ``ray`` that starts or connects to Ray, or one without
+``training`` that runs the training loop, fails naming the fixture it lacks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
+import pandas as pd
 import pytest
+import torch
 
+from certlib.checkpoints.checkpoint import ModelCard
 from certlib.determinism import CUBLAS_WORKSPACE
-from tests.helpers import CIFAR10_DIR, DSSN_PAPER_FILE
+from tests.helpers import CIFAR10_DIR, DSSN_PAPER_FILE, TrainedModel, quiet, simulated_cluster
 
 # Before any CUDA work: cuBLAS reads it once, and the deterministic-training tests need it.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+
+MARKED_BY = {
+    "ray_session": "ray",
+    "own_ray": "ray",
+    "ray_cluster": "ray",
+    "train_model": "training",
+    "trained_digits_dssn": "training",
+    "trains_in_ray_job": "training",
+    "cifar10_dir": "data",
+    "dssn_paper": "data",
+    "cuda": "gpu",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # fixturenames is the closure: a fixture built on cifar10_dir marks its users `data` too.
+    for item in items:
+        for marker in sorted({MARKED_BY[name] for name in getattr(item, "fixturenames", ()) if name in MARKED_BY}):
+            item.add_marker(marker)
+
+
+def _refuse(request: pytest.FixtureRequest, what: str, marker: str) -> Callable[..., None]:
+    fixtures = ", ".join(name for name, marks in MARKED_BY.items() if marks == marker)
+    message = f"{request.node.nodeid} {what} but is not marked {marker!r}: request one of its fixtures ({fixtures})"
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail(message, pytrace=False)  # an OutcomeException: no `except Exception` swallows it
+
+    return refuse
+
+
+def _answers(url: str | None) -> bool:
+    """Whether something listens at the dashboard ``url`` (None: Ray would look for one)."""
+    if url is None:
+        return True
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 8265), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _enforce_markers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``ray``: starting Ray (``ray.init``, ``ray start`` through ``local_ray.start``, a
+    simulated cluster) fails, and so does a Job Submission client for a dashboard that answers;
+    one where nothing listens is left to fail as it would (the tests of unreachable clusters).
+    Without ``training``: an epoch of the training loop fails (validation before it may run).
+    Only this process is guarded: a test's subprocesses start from its own code."""
+    if request.node.get_closest_marker("ray") is None:
+        import ray
+        import ray.cluster_utils
+        import ray.job_submission
+
+        from cluster.client import local_ray
+
+        refuse = _refuse(request, "starts or connects to Ray", "ray")
+        monkeypatch.setattr(ray, "init", refuse)
+        monkeypatch.setattr(ray.cluster_utils, "Cluster", refuse)
+        monkeypatch.setattr(local_ray, "start", refuse)
+        client = ray.job_submission.JobSubmissionClient
+
+        def unreachable_only(address: str | None = None, *args: object, **kwargs: object) -> object:
+            if _answers(address):
+                refuse()
+            return client(address, *args, **kwargs)
+
+        monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", unreachable_only)
+    if request.node.get_closest_marker("training") is None:
+        import certlib.training.train
+
+        monkeypatch.setattr(certlib.training.train, "_epoch", _refuse(request, "runs the training loop", "training"))
+
+
+# --------------------------------------------------------------------------- data
 
 
 @pytest.fixture(scope="session")
@@ -23,16 +111,58 @@ def cifar10_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def dssn_paper() -> pandas.DataFrame:  # noqa: F821
+def dssn_paper() -> pd.DataFrame:
     if not DSSN_PAPER_FILE.is_file():
         pytest.skip(f"the DSSN paper's per-image results are not at {DSSN_PAPER_FILE}")
-    import pandas as pd
-
     return pd.read_parquet(DSSN_PAPER_FILE)
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def cuda() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch.device("cuda")
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="session")
+def train_model() -> Callable[..., ModelCard]:
+    """The training loop (``certlib.training.train.train_model``), for tests that train in
+    this process."""
+    from certlib.training.train import train_model
+
+    return train_model
+
+
+@pytest.fixture(scope="session")
+def trained_digits_dssn(
+    train_model: Callable[..., ModelCard], tmp_path_factory: pytest.TempPathFactory
+) -> TrainedModel:
+    """A small CNN trained on digits under DSSN noise at sigma 0.5, seed 0, with the paper
+    defaults (30 epochs, seconds on a CPU): trained once for the session and shared by the tests
+    that need a trained model but not a training run of their own. Copy it to change it."""
+    from certlib.data import load_digits
+    from certlib.training.config import TrainConfig
+
+    path = tmp_path_factory.mktemp("trained") / "dssn-standard-0.5-0.pt"
+    config = TrainConfig("digits", "dssn", 0.5, seed=0)
+    card = train_model(config, path, load_digits("train"), load_digits("test"), log=quiet)
+    return TrainedModel(path, card)
+
+
+@pytest.fixture(scope="session")
+def trains_in_ray_job() -> None:
+    """For a test whose Ray job trains models in its workers, where this process's guard cannot
+    see them: the test is marked ``training`` all the same."""
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[object]:
     """One private local Ray instance for the whole test session (2 CPUs, dashboard on
     127.0.0.1 for the Job Submission API), on ports and in a directory of its own: a Ray the
     user already runs (the quickstart leaves one up) is neither attached to nor disturbed.
@@ -47,3 +177,42 @@ def ray_session():
     finally:
         ray.shutdown()
         local_ray.stop(instance)
+
+
+@pytest.fixture
+def own_ray() -> Iterator[Callable[..., object]]:
+    """Starts private local Ray instances that the test owns (``local_ray.start(private=True,
+    ...)``), for a test that kills parts of one or stops it: the session's instance stays
+    whole. Whatever the test left running is stopped afterwards."""
+    from cluster.client import local_ray
+
+    started: list[local_ray.LocalRay] = []
+
+    def start(**options: object) -> local_ray.LocalRay:
+        started.append(local_ray.start(private=True, **options))  # type: ignore[arg-type]
+        return started[-1]
+
+    yield start
+    for instance in started:
+        local_ray.stop(instance)
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[Callable[..., tuple[object, list[object]]]]:
+    """Starts a simulated multi-node cluster (``helpers.simulated_cluster``) and connects this
+    process to it; its connection to the session's Ray, if any, is set aside meanwhile and
+    restored afterwards, so the tests after it find the session's Ray as they expect."""
+    import ray
+
+    previous = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    with contextlib.ExitStack() as stack:
+
+        def start(nodes: int, **head_args: object) -> tuple[object, list[object]]:
+            ray.shutdown()
+            cluster, workers = stack.enter_context(simulated_cluster(nodes, "certify-mn-", **head_args))
+            ray.init(address=cluster.address, log_to_driver=False)
+            return cluster, workers
+
+        yield start
+    if previous is not None:
+        ray.init(address=previous, log_to_driver=False)

@@ -10,10 +10,13 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from certlib.checkpoints.checkpoint import ModelCard
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR10_DIR = SHARED_DATA / "cifar-10-batches-bin"
@@ -64,6 +67,13 @@ TABLE_1 = {
         (36.46, 54.96, 3.5),
     ],
 }
+
+
+class TrainedModel(NamedTuple):
+    """A checkpoint a fixture trained, and the card training returned for it."""
+
+    path: Path
+    card: ModelCard
 
 
 def quiet(_line: str) -> None:
@@ -158,26 +168,33 @@ def simulated_cluster(nodes: int, prefix: str, **head_args: Any) -> Iterator[tup
 
     from cluster.client.local_ray import free_port
 
+    write_ray_address = ray._private.utils.write_ray_address
     ray._private.utils.write_ray_address = lambda *args, **kwargs: None  # leave /tmp/ray's pointer alone
     temp_dir = tempfile.mkdtemp(prefix=prefix)  # short: Ray's socket paths must fit 107 bytes
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "gcs_server_port": free_port(),
-            "include_dashboard": False,
-            "ray_client_server_port": free_port(),
-            "dashboard_agent_listen_port": free_port(),
-            "temp_dir": temp_dir,
-            **head_args,
-        },
-    )
     try:
-        yield (
-            cluster,
-            [cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_port=free_port()) for _ in range(nodes)],
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "gcs_server_port": free_port(),
+                "include_dashboard": False,
+                "ray_client_server_port": free_port(),
+                "dashboard_agent_listen_port": free_port(),
+                "temp_dir": temp_dir,
+                **head_args,
+            },
         )
+        try:
+            yield (
+                cluster,
+                [
+                    cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_port=free_port())
+                    for _ in range(nodes)
+                ],
+            )
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
     finally:
-        ray.shutdown()
-        cluster.shutdown()
+        ray._private.utils.write_ray_address = write_ray_address
         shutil.rmtree(temp_dir, ignore_errors=True)

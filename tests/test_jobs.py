@@ -92,51 +92,46 @@ def _spec(tmp_path: Path, name: str, limit: int, n: int) -> Path:
 
 
 @pytest.mark.parametrize("agent", ["DashboardAgent", "RuntimeEnvAgent"])
-def test_wait_reports_the_true_end_when_an_agent_dies_mid_job(tmp_path, agent):
+def test_wait_reports_the_true_end_when_an_agent_dies_mid_job(own_ray, tmp_path, agent):
     """Ray's agents fate-share with their raylet: the job's driver dies with the node, while the
     job stays RUNNING in Ray's records. `--wait` must say the job ended, not fail on a 500."""
-    instance = local_ray.start(num_cpus=2, private=True, object_store_bytes=300 << 20)
-    try:
-        spec = _spec(tmp_path, "agent-death", limit=80, n=20_000)
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        waiting = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cluster.cli",
-                "submit-job",
-                str(spec),
-                "--address",
-                instance.dashboard_url,
-                "--wait",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-        )
-        progress = progress_file(tmp_path / "out")
-        deadline = time.time() + 180
-        while time.time() < deadline and not (
-            progress.is_file() and json.loads(progress.read_text())["units_done"] >= 1
-        ):
-            time.sleep(0.2)
-        assert progress.is_file(), "the job never reported progress"
-        victims = [p for p in instance.processes() if agent in " ".join(p.cmdline())]
-        assert victims, f"no {agent} process"
-        for proc in victims:
-            proc.kill()
-        output, _ = waiting.communicate(timeout=180)
-    finally:
-        local_ray.stop(instance)
+    instance = own_ray(num_cpus=2, object_store_bytes=300 << 20)
+    spec = _spec(tmp_path, "agent-death", limit=80, n=20_000)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    waiting = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "submit-job",
+            str(spec),
+            "--address",
+            instance.dashboard_url,
+            "--wait",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    progress = progress_file(tmp_path / "out")
+    deadline = time.time() + 180
+    while time.time() < deadline and not (progress.is_file() and json.loads(progress.read_text())["units_done"] >= 1):
+        time.sleep(0.2)
+    assert progress.is_file(), "the job never reported progress"
+    victims = [p for p in instance.processes() if agent in " ".join(p.cmdline())]
+    assert victims, f"no {agent} process"
+    for proc in victims:
+        proc.kill()
+    output, _ = waiting.communicate(timeout=180)
     assert waiting.returncode == 1, output
     last = output.strip().splitlines()[-1]
     assert "FAILED (its driver's node died" in last, output
     assert "node of its driver died" in output and "status code 500" not in last
 
 
-def test_stop_shuts_down_only_the_instance_certify_started(ray_session, tmp_path, monkeypatch):
+def test_stop_shuts_down_only_the_instance_certify_started(ray_session, own_ray, tmp_path, monkeypatch):
     import ray
 
     monkeypatch.setattr(local_ray, "RECORD", tmp_path / "local-ray.json")
@@ -147,7 +142,7 @@ def test_stop_shuts_down_only_the_instance_certify_started(ray_session, tmp_path
     refused = CliRunner().invoke(main, ["stop"])
     assert refused.exit_code == 2 and "was not started by certify; stop it with `ray stop`" in refused.output
 
-    embedded = local_ray.start(num_cpus=1, private=True, object_store_bytes=200 << 20)
+    embedded = own_ray(num_cpus=1, object_store_bytes=200 << 20)
     local_ray.save_record(embedded)
     stopped = CliRunner().invoke(main, ["stop"])
     assert stopped.exit_code == 0 and stopped.output.startswith("stopped the local Ray instance"), stopped.output

@@ -256,7 +256,7 @@ def _as_yaml(sweep):
     return json.loads(sweep.to_json())
 
 
-def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
+def test_jobs_sharing_a_checkpoint_train_it_once(train_model, tmp_path, monkeypatch, capsys):
     import torch
 
     import cluster.job.training as training
@@ -280,9 +280,8 @@ def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
     def slow_train_model(*args, **kwargs):
         trained.append(args[1])
         time.sleep(1.0)  # long enough for the other job to find the checkpoint locked
-        return real_train_model(*args, **kwargs)
+        return train_model(*args, **kwargs)
 
-    real_train_model = training.train_model
     monkeypatch.setattr(training, "train_model", slow_train_model)
     trainers = [training.ModelTrainer(sweep, torch.device("cpu")) for _ in range(2)]
     results = [None, None]
@@ -302,7 +301,9 @@ def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
     assert "waiting: another process is training" in out and "was trained meanwhile by another process" in out
 
 
-def test_training_progress_and_eta_are_reported_while_models_train(ray_session, tmp_path, monkeypatch):
+def test_training_progress_and_eta_are_reported_while_models_train(
+    ray_session, trains_in_ray_job, tmp_path, monkeypatch
+):
     import cluster.job.executor as executor
 
     monkeypatch.setattr(executor, "PROGRESS_EVERY", 0.5)
