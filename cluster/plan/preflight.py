@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from certlib.atomic import lock_holder
 from certlib.checkpoints.checkpoint import check_card, read_card
 from certlib.rows import legacy_layout
 from cluster.plan.sizing import known_shard_size, with_shard_size
 from cluster.plan.state import plan_sweep
 from cluster.plan.units import model_keys, select_images
+from cluster.record import writer_lock
 from cluster.spec import SpecError, Sweep, parse_spec
 
 
@@ -38,6 +40,9 @@ def preflight(sweep: Sweep) -> None:
     refused = legacy_layout(sweep.output)
     if refused:
         raise SpecError(f"output: {refused}")
+    holder = lock_holder(writer_lock(sweep.output))
+    if holder is not None:
+        raise SpecError(f"output: {sweep.output} is being written by {holder}; wait for it to end")
     known = known_shard_size(sweep)
     if known is not None:  # else the driver sizes the units: no shard can be there yet
         plan_sweep(with_shard_size(sweep, known[0]), len(images), log=lambda line: None)
