@@ -5,13 +5,16 @@ directory, results certified with different settings in one directory."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from certlib.atomic import owned_lock
+from certlib.engine.voting import AUDIT_EVERY, monte_carlo_counts
 from certlib.families import CertifySettings, Votes, make_noise
 from certlib.rows import (
     DamagedShard,
@@ -128,3 +131,43 @@ def test_temporary_files_of_interrupted_writes_are_found(tmp_path):
     stale.write_bytes(b"half a shard")
     assert leftover_files(tmp_path / "out") == [stale]
     assert len(load_results(tmp_path / "out")) == 40  # and readers skip it meanwhile
+
+
+class CancellingNetwork(torch.nn.Module):
+    """Two logits, the second computed as (M + s) - M with s the image's mean: exact in float64,
+    but in float32 M = 1e8 swallows s (its ulp is 8) wherever the first pixel is above 1/2, and
+    M = 0 elsewhere. Its float32 error depends on the input: zero on dark first pixels, 0.5 on
+    bright ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        mean = flat.mean(dim=1)
+        big = torch.where(flat[:, 0] > 0.5, 1e8, 0.0).to(x.dtype)
+        return torch.stack([torch.full_like(mean, 0.5), (big + mean) - big], dim=1)
+
+
+def test_the_run_time_audit_catches_input_dependent_rounding():
+    """The spot check sees the first image (a dark first pixel: no error) and passes fp32; the
+    second image's float32 votes are all wrong, by a margin far outside the band (counts
+    [2000, 0] where float64 gives [0, 2000], silently, before the audit). The audit stops the
+    count with one line naming the precision to use; in float64 the counts are right."""
+    images = torch.full((2, 1, 4, 4), 0.3)
+    images[1] = 0.8
+    noise = make_noise("uniform", 0.01)
+    with pytest.raises(RuntimeError, match="certify it with precision: fp64") as err:
+        monte_carlo_counts(CancellingNetwork(), images, [0, 1], noise, 2, n0=32, n=2000, seed=0, batch_size=64)
+    assert "\n" not in str(err.value) and str(err.value).startswith("fp32 votes differed")
+    stats: dict[str, int] = {}
+    _, counts = monte_carlo_counts(
+        CancellingNetwork(), images, [0, 1], noise, 2, n0=32, n=2000, seed=0, precision="fp64", stats=stats
+    )
+    assert counts.tolist() == [[2000, 0], [0, 2000]]
+
+
+def test_the_audit_evaluates_a_fixed_share_of_the_samples_in_float64():
+    images = torch.full((3, 1, 4, 4), 0.3)
+    stats: dict[str, int] = {}
+    monte_carlo_counts(
+        CancellingNetwork(), images, [0, 1, 2], make_noise("uniform", 0.01), 2, n0=64, n=4096, seed=0, stats=stats
+    )
+    assert stats["audited"] == math.ceil(3 * (64 + 4096) / AUDIT_EVERY["cpu"])
