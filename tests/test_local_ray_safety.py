@@ -2,7 +2,8 @@
 the same user that name the instance's GCS address, its temporary directory or Redis's default
 address, and a process whose pid an edited record names, survive a failed start, a start that
 runs out of time, `certify stop` and `certify stop --force`; a record not to be trusted is
-refused with one line before anything is signalled or removed."""
+refused with one line before anything is signalled or removed; Ray's token is left readable by
+its owner alone."""
 
 from __future__ import annotations
 
@@ -85,6 +86,20 @@ def alive(decoys: list[Decoy]) -> bool:
     return all(decoy.alive() for decoy in decoys)
 
 
+def private_home(tmp_path: Path, monkeypatch, token_mode: int | None = 0o644, folder_mode: int = 0o755) -> Path:
+    """A HOME of the test's own, with a Ray token as Ray writes it (0644 in a 0755 directory)."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    if token_mode is not None:
+        (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex * 2)
+        (home / ".ray" / "auth_token").chmod(token_mode)
+    (home / ".ray").chmod(folder_mode)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    return home
+
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -116,10 +131,11 @@ def _decoys_around_start(monkeypatch, decoys) -> tuple[list[Decoy], list[str]]:
     return spawned, temp_dirs
 
 
-def test_a_failed_start_stops_what_it_started_and_nothing_else(monkeypatch, decoys):
+def test_a_failed_start_stops_what_it_started_and_nothing_else(tmp_path, monkeypatch, decoys, capsys):
     """`ray start` fails after it started its GCS and dashboard (an object store below Ray's
     minimum): what it started is stopped, its own error is the one line, no address is
-    assumed, and the decoys survive."""
+    assumed, and the decoys survive. Ray's token, as Ray writes it, is made 0600 with a warning."""
+    home = private_home(tmp_path, monkeypatch, folder_mode=0o777)
     spawned, temp_dirs = _decoys_around_start(monkeypatch, decoys)
     with pytest.raises(RuntimeError) as failed:
         local_ray.start(num_cpus=1, private=True, object_store_bytes=1)
@@ -128,6 +144,10 @@ def test_a_failed_start_stops_what_it_started_and_nothing_else(monkeypatch, deco
     assert len(spawned) == 3 and alive(spawned)
     assert naming(temp_dirs[0], spawned) == []  # nothing it started is left
     assert not Path(temp_dirs[0]).exists()
+    token = home / ".ray" / "auth_token"
+    assert mode(token) == 0o600 and mode(token.parent) == 0o755
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "auth_token" in line]
+    assert len(warnings) == 1 and "was readable by others (mode 0644)" in warnings[0]
 
 
 def test_a_start_that_runs_out_of_time_leaves_nothing(monkeypatch, decoys):
@@ -374,3 +394,26 @@ def test_a_record_that_is_a_link_or_anothers_is_refused(tmp_path, monkeypatch):
     _record(local_ray.RECORD, {})
     with pytest.raises(local_ray.RecordError, match="in a directory that others may write"):
         local_ray.load_record()
+
+
+# --------------------------------------------------------------------------- Ray's token
+
+
+def test_rays_token_is_left_readable_by_its_owner_alone(tmp_path, monkeypatch):
+    notices: list[str] = []
+    home = private_home(tmp_path, monkeypatch, token_mode=0o600, folder_mode=0o700)
+    local_ray.secure_token(dict(os.environ), notices.append)
+    assert notices == [] and mode(home / ".ray" / "auth_token") == 0o600  # nothing to say or do
+
+    (home / ".ray" / "auth_token").unlink()  # none yet: Ray generates one, born 0600
+    (home / ".ray").chmod(0o777)
+    local_ray.secure_token(dict(os.environ), notices.append)
+    assert notices == [] and mode(home / ".ray" / "auth_token") == 0o600 and mode(home / ".ray") == 0o755
+    assert len((home / ".ray" / "auth_token").read_text()) == 64
+
+    custom = tmp_path / "elsewhere" / "token"  # RAY_AUTH_TOKEN_PATH: the file it names
+    custom.parent.mkdir()
+    custom.write_text("c" * 64)
+    custom.chmod(0o640)
+    local_ray.secure_token({**os.environ, "RAY_AUTH_TOKEN_PATH": str(custom)}, notices.append)
+    assert mode(custom) == 0o600 and len(notices) == 1 and f"{custom} was readable by others" in notices[0]

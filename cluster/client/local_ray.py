@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,9 +84,34 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ensure_token(env: dict) -> None:
-    if not (Path.home() / ".ray" / "auth_token").is_file() and not env.get("RAY_AUTH_TOKEN"):
-        subprocess.run(ray_cli() + ["get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def secure_token(env: dict, notice: Callable[[str], None] = _stderr) -> None:
+    """Ray's token file (RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token), generated when missing,
+    readable by its owner alone (Ray writes it 0644: anyone who reads it can submit jobs), in a
+    directory no one else may write; one line of warning when it was readable by others."""
+    if env.get("RAY_AUTH_TOKEN"):
+        return
+    default = Path.home() / ".ray" / "auth_token"
+    path = Path(env["RAY_AUTH_TOKEN_PATH"]) if env.get("RAY_AUTH_TOKEN_PATH") else default
+    if not path.exists():
+        if path == default:  # where `ray get-auth-token --generate` writes it
+            generate = ray_cli() + ["get-auth-token", "--generate"]
+            subprocess.run(generate, env=env, check=True, capture_output=True, umask=0o077)
+        else:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+                file.write(secrets.token_hex(32))
+    mode, owner = path.stat().st_mode, path.stat().st_uid
+    if mode & 0o044:
+        notice(f"warning: Ray's token {path} was readable by others (mode {mode & 0o777:04o}): they could submit jobs")
+    if owner == os.getuid() and mode & 0o077:
+        path.chmod(0o600)
+    folder = path.parent.stat()
+    if path == default and folder.st_uid == os.getuid() and folder.st_mode & 0o022:
+        path.parent.chmod(folder.st_mode & 0o755)
 
 
 def _private_args(temp_dir: str) -> list[str]:
@@ -120,16 +146,17 @@ def start(
     private: bool = False,
     dashboard_port: int = 8265,
     object_store_bytes: int | None = None,
+    notice: Callable[[str], None] = _stderr,
 ) -> LocalRay:
     """Start a head node (dashboard on 127.0.0.1, Ray's token authentication on).
 
     ``private``: every port chosen free, workers on random ports and a temporary directory of
     its own, so that it can run beside any other instance. Raises RuntimeError (one line) when
     Ray does not start or its dashboard does not answer within START_SECONDS, after stopping
-    what it started."""
+    what it started. ``notice``: where a warning about Ray's token goes (stderr)."""
     env = dict(os.environ, RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
-    _ensure_token(env)
+    secure_token(env, notice)
     gcs_port = free_port() if private else 6379
     dashboard_port = free_port() if private else dashboard_port
     args = [
