@@ -225,6 +225,27 @@ def _pids(folder: Path) -> dict[str, int]:
     return {role: int(pid) for role, pid in (line.split() for line in lines if line.strip())}
 
 
+SELF_CHECK = """
+import json, os, sys
+from cluster.client import processes
+me = processes.stat(os.getpid())
+launch = processes.Launch(session=me.sid, started=0, roots=((os.getpid(), me.start),))
+with open(sys.argv[1], "w") as file:
+    json.dump(sorted(launch.members()), file)
+"""
+
+
+def test_a_record_never_names_the_process_reading_it_or_its_session(tmp_path):
+    """A process in a session without a live leader (as Ray's daemons are) reads a record that
+    names itself and its session: nothing is counted, so nothing would be signalled."""
+    found = tmp_path / "members.json"
+    script = f"{shlex.quote(sys.executable)} -c {shlex.quote(SELF_CHECK)} {shlex.quote(str(found))}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run(["bash", "-c", f"{script} </dev/null >/dev/null 2>&1 &"], start_new_session=True, env=env)
+    _wait_for(lambda: found.exists() and found.read_text(), 60)
+    assert json.loads(found.read_text()) == []
+
+
 # --------------------------------------------------------------------------- certify stop
 
 

@@ -21,9 +21,14 @@ and it started no earlier than ``ray start``. Never this process, its ancestors 
 its own session. The scan runs again while the instance shuts down, so that processes started
 meanwhile are stopped too, and a process once recognised stays known by (pid, start).
 
-A signal is sent through a pidfd opened before the start time is checked: if the pid has meanwhile
-been reused, the pidfd names the process that ended and the signal goes nowhere. Where pidfds
-do not exist the check and ``kill`` are microseconds apart.
+A signal is sent through a pidfd opened before the start time is checked: if the pid has
+meanwhile been reused, the pidfd names the process that ended and the signal goes nowhere.
+Where pidfds do not exist the check and ``kill`` are microseconds apart.
+
+What is not recognised: a process whose parent and session creator have both ended before the
+first scan (an orphan of a job driver that had already exited); Ray stops its own workers when
+their raylet ends. A record that names a stranger's process exactly (pid, start time, and a
+session without a live leader) is trusted: only the record's owner can write it (local_ray).
 """
 
 from __future__ import annotations
@@ -96,12 +101,10 @@ class Launch:
         """The live processes of the instance now (the rules in the module docstring): pid ->
         start. ``known``: processes recognised earlier, kept while they run with the same start."""
         now = table()
-
-        def same(pid: int, start: float) -> bool:
-            return pid in now and now[pid].start == start
-
-        ours = {pid: start for pid, start in (known or {}).items() if same(pid, start)}
+        keep = protected(now)  # never counted, so that nothing is counted through them either
+        ours = {pid: start for pid, start in (known or {}).items() if pid in now and now[pid].start == start}
         ours.update(self._roots(now))
+        ours = {pid: start for pid, start in ours.items() if pid not in keep}
         leader = now.get(self.session)
         leaderless = leader is None or leader.zombie
         changed = True
@@ -111,14 +114,12 @@ class Launch:
                 sessions.add(self.session)
             changed = False
             for pid, st in now.items():
-                if pid in ours or st.start < self.started:
+                if pid in ours or pid in keep or st.start < self.started:
                     continue
                 parent = ours.get(st.ppid)
                 if st.sid in sessions or (parent is not None and st.start >= parent):
                     ours[pid] = st.start
                     changed = True
-        for pid in protected(now):
-            ours.pop(pid, None)
         return {pid: start for pid, start in ours.items() if not now[pid].zombie}
 
     def _roots(self, now: Mapping[int, Stat]) -> dict[int, float]:
