@@ -186,7 +186,10 @@ def cancel(job: str, address: str | None) -> None:
 @user_errors
 def stop(force: bool) -> None:
     """Shut down the local Ray instance that `certify submit-job` started (never another one)."""
-    instance = local_ray.load_record()
+    try:
+        instance = local_ray.load_record()
+    except local_ray.RecordError as err:
+        raise UserError(str(err)) from None
     if instance is None:
         local_ray.forget_record()
         try:

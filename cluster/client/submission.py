@@ -64,7 +64,7 @@ def connect(address: str | None, *, start: bool = False, notice: Echo = _silent)
         f"starting a local Ray instance (dashboard on {jobs.LOCAL_DASHBOARD}, token authentication on; "
         "`certify stop` shuts it down)..."
     )
-    instance = local_ray.start(num_cpus=os.cpu_count() or 1)
+    instance = local_ray.start(num_cpus=os.cpu_count() or 1, notice=notice)
     local_ray.save_record(instance)
     return jobs.connect(instance.dashboard_url)
 
