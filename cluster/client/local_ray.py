@@ -74,8 +74,11 @@ class LocalRay(Launch):
 
 
 def ray_cli() -> list[str]:
-    ray = shutil.which("ray")
-    return [ray] if ray else [sys.executable, "-m", "ray.scripts.scripts"]
+    """``ray`` of this very Python: the instance's workers then import the environment that
+    started it. The first ``ray`` on PATH may belong to another interpreter (a pyenv shim, the
+    system Python), whose workers would import another install of this product (seen: a job
+    from a virtual environment whose workers ran another checkout's code)."""
+    return [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def free_port() -> int:
