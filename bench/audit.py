@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--cifar", type=Path, default=DEFAULT_CIFAR)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", type=int, default=360)
-    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--cell-seconds", type=float, default=10.0, help="work per timed cell")
     parser.add_argument("--checkpoint", type=Path, help="a CIFAR-10 checkpoint (default: a random WRN-40-2)")
