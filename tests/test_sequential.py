@@ -5,6 +5,7 @@ on the batch or on the other images of a unit, and what cannot run sequentially 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -13,10 +14,15 @@ import torch
 from scipy import stats
 
 from certlib import certificates
+from certlib.analysis import format_tables, load_results, recertify
 from certlib.certificates.sequences import PRIOR, confidence_sequence, reachable_radii, settled
 from certlib.engine.voting import MC_BLOCK
 from certlib.families import make_noise
 from certlib.smooth import Smooth
+from cluster.job.training import ModelTrainer
+from cluster.job.worker import UnitRunner
+from cluster.plan import expand, model_keys, plan_sweep, select_images
+from cluster.spec import SpecError, parse_spec
 
 
 def uniform_radius(lam: float):
@@ -153,3 +159,73 @@ def test_a_cap_is_reachable_exactly_where_the_bound_at_the_cap_reaches():
         [0.25, 0.5, float(best) * 0.999, float(best) * 1.001, 2.0], 10_000, 0.001, False, 10, radius
     )
     assert table.tolist() == [0.25, 0.5, float(best) * 0.999]
+
+
+def sequential_sweep(tmp_path, **certify):
+    return parse_spec(
+        {
+            "name": "sequential",
+            "output": str(tmp_path / "out"),
+            "dataset": {"name": "digits", "split": "test", "every": 6},
+            "models": {"path": str(tmp_path / "{method}-{training}-{sigma}-{seed}.pt"), "train": {"epochs": 3}},
+            "methods": ["gaussian", "uniform"],
+            "sigmas": [0.25],
+            "certify": {"n0": 64, "n": 20_000, "sampling": "sequential", **certify},
+            "radii": [0.0, 0.25, 0.5],
+            "resources": {"shard_size": 30},
+        }
+    )
+
+
+def test_a_sequential_sweep_writes_rows_resumes_and_recertifies(tmp_path):
+    """The digits quickstart's models (trained here), certified sequentially: rows record the
+    samples each image used (fewer than the cap for most), the table prints, a resume finds
+    every shard done, and re-certification at another alpha uses the sequence again: never
+    above the stopping time's own bound, and identical to it at the same alpha."""
+    sweep = sequential_sweep(tmp_path)
+    trainer = ModelTrainer(sweep, torch.device("cpu"))
+    for key in model_keys(sweep):
+        trainer.train(key)
+    units = expand(sweep, len(select_images(sweep)))
+    runner = UnitRunner(sweep.to_json(), "sequential-job")
+    for unit in units:
+        runner.certify(unit)
+    df = load_results(sweep.output)
+    assert set(df["sampling"]) == {"sequential"} and (df["n"] <= 20_000).all()
+    assert df["n"].mean() < 10_000 and df["n"].min() < 2_000, df["n"].describe()
+    assert "| gaussian / standard |" in format_tables(df, sweep.radii)
+    plan = plan_sweep(sweep, len(select_images(sweep)), log=lambda line: None)
+    assert plan.skipped == len(units) and not plan.pending
+    again = recertify(df)
+    np.testing.assert_array_equal(again["p_a_lower"].to_numpy(), df["p_a_lower"].to_numpy())
+    looser = recertify(df, alpha=0.01)
+    assert (looser["p_a_lower"].to_numpy() >= df["p_a_lower"].to_numpy()).all()
+    counts = np.stack(df["votes"].to_numpy())
+    top = counts[np.arange(len(df)), df["selected"].to_numpy()]
+    expected = confidence_sequence(top, df["n"].to_numpy(), 0.01)[0]
+    np.testing.assert_allclose(looser["p_a_lower"].to_numpy(), expected)
+    assert (
+        looser["p_a_lower"].to_numpy() <= certificates.clopper_pearson_lower(top, df["n"].to_numpy(), 0.01) + 1e-12
+    ).all()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"methods": ["dssn", "gaussian"]}, "certify.sampling: dssn counts exact votes"),
+        ({"radii": []}, "radii: must be a non-empty list"),
+        ({"certify": {"n": 100}, "radii": [1.0, 2.0]}, r"certify\.n: sequential sampling: no radius of \[1\.0, 2\.0\]"),
+        ({"certify": {"epsilon": 0}}, "certify.epsilon: must be > 0"),
+        (
+            {"certify": {"sampling": "fixed", "epsilon": 0.1}},
+            "certify.epsilon: a precision target for sampling: sequential only",
+        ),
+        ({"certify": {"sampling": "adaptive"}}, "certify.sampling: must be one of"),
+    ],
+)
+def test_a_spec_that_cannot_run_sequentially_is_refused(tmp_path, change, message):
+    spec = json.loads(sequential_sweep(tmp_path).to_json())
+    for key, value in change.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(SpecError, match=message):
+        parse_spec(spec)

@@ -93,7 +93,7 @@ class UnitRunner:
         cascade, card = self._load(key)
         noise = key.noise(sweep)
         rows = np.arange(unit.start, unit.stop)
-        settings = sweep.certify.settings(key.seed)
+        settings = sweep.certify_settings(noise, key.seed)
         started = time.perf_counter()
         result = Smooth(cascade, noise, card.num_classes).certify_with(images, self.images.indices[rows], settings)
         seconds = time.perf_counter() - started

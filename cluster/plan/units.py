@@ -171,7 +171,8 @@ def unit_parameters(sweep: Sweep, unit: Unit, model_sha256: str) -> str:
     computed under other parameters or with another model."""
     # How the votes are computed does not change them (the precision cascade): batch size,
     # precision, kernels and compilation are recorded in the rows, not part of a shard's identity.
-    certify = unit.model.noise(sweep).depends_on(sweep.certify.settings(unit.model.seed))
+    noise = unit.model.noise(sweep)
+    certify = noise.depends_on(sweep.certify_settings(noise, unit.model.seed))
     return json.dumps(
         {
             "dataset": asdict(sweep.dataset) | {"root": None},
