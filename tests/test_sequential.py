@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from scipy import stats
 
 from certlib import certificates
@@ -19,6 +20,7 @@ from certlib.certificates.sequences import PRIOR, confidence_sequence, reachable
 from certlib.engine.voting import MC_BLOCK
 from certlib.families import make_noise
 from certlib.smooth import Smooth
+from cluster.cli import main
 from cluster.job.training import ModelTrainer
 from cluster.job.worker import UnitRunner
 from cluster.plan import expand, model_keys, plan_sweep, select_images
@@ -196,6 +198,11 @@ def test_a_sequential_sweep_writes_rows_resumes_and_recertifies(tmp_path):
     assert "| gaussian / standard |" in format_tables(df, sweep.radii)
     plan = plan_sweep(sweep, len(select_images(sweep)), log=lambda line: None)
     assert plan.skipped == len(units) and not plan.pending
+    spec = tmp_path / "sequential.yaml"
+    spec.write_text(json.dumps(json.loads(sweep.to_json())))  # JSON is YAML
+    printed = CliRunner().invoke(main, ["plan", str(spec), "--rate", "1000"])
+    mean = df.loc[df.method == "gaussian", "n"].mean()
+    assert printed.exit_code == 0 and f"n0 + at most n = 20,064 (earlier run: n0 + {mean:,.0f})" in printed.output
     again = recertify(df)
     np.testing.assert_array_equal(again["p_a_lower"].to_numpy(), df["p_a_lower"].to_numpy())
     looser = recertify(df, alpha=0.01)
