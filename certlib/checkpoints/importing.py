@@ -1,7 +1,8 @@
 """Import an external model: its weights into a checkpoint with a model card, so that it is
 certified like the models this product trains (``import_model``; ``certify import-model``).
 
-Weights are read without running pickled code (``certlib.checkpoints.weights.read_weights``) and loaded with
+Weights are read by the weights_only unpickler or as safetensors, within bounds
+(``certlib.checkpoints.weights.read_weights``: pickled code is refused, not run) and loaded with
 ``strict=True`` after the layout's key mapping: a missing or unexpected key, a shape or a class
 count that differs is refused with one line, never a half-loaded model. Every imported model
 takes pixel-scale [0, 1] images: the layout's input normalization becomes its ``Standardize``

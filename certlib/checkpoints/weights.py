@@ -1,5 +1,5 @@
-"""Weight files read without running their code, strict state-dict loading with one-line errors,
-and the architectures of imported models.
+"""Weight files read without running pickled code and within bounded memory, strict state-dict
+loading with one-line errors, and the architectures of imported models.
 
 Reading (``read_weights``): a ``.safetensors`` file through ``safetensors`` (a JSON header and raw
 tensors: nothing executable), its header checked first (a mapping of tensors whose dtype, shape
