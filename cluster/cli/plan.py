@@ -97,6 +97,7 @@ def _measure_certify(sweep: Sweep, architecture: str, device: torch.device) -> d
             device=device,
             engine=sweep.certify.engine(),
             seconds=CALIBRATION_SECONDS,
+            trust_code=sweep.models.trust_code,
         )
     return asdict(measured) | {"source": "measured", "architecture": architecture}
 

@@ -78,8 +78,10 @@ class ModelKey:
         return sweep.models.noise or self.method
 
     def expected_card(self, sweep: Sweep) -> dict[str, Any]:
-        """What the model's card must say (``certlib.checkpoints.checkpoint.check_card``): checked
-        when a spec is validated and again when a worker loads the model."""
+        """What the model's card must say (``certlib.checkpoints.checkpoint.check_card``), and
+        the images it must take (their shape and class count: never overridden): checked when a
+        spec is validated and again when a worker loads the model."""
+        info = DATASETS[sweep.dataset.name]
         return {
             "method": self.training_noise(sweep),
             "sigma": self.model_sigma,
@@ -87,6 +89,8 @@ class ModelKey:
             "q": sweep.q,
             "dataset": sweep.dataset.name,
             "training": self.training,
+            "input_shape": list(info.input_shape),
+            "num_classes": info.num_classes,
         }
 
     def checkpoint(self, sweep: Sweep) -> Path:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from certlib.analysis.tables import LINF_RADII
+from certlib.checkpoints.trust import module_problem
 from certlib.data import DATASETS
 from certlib.engine.cascade import PRECISIONS, EngineOptions
 from certlib.families import FAMILIES, SAMPLINGS, CertifySettings, SmoothingNoise, family, make_noise
@@ -62,6 +63,9 @@ class ModelsSpec:
     # The models' training sigmas where they differ from the certification's: every model is
     # certified at every sigma of the sweep (Zhang et al. search the smoothing's (k, sigma)).
     sigmas: tuple[float, ...] | None = None
+    # The modules a card's factory:<module>:<function> architecture may import and run, by name
+    # (certlib.checkpoints.trust): without it such a card is refused.
+    trust_code: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,15 @@ def _train(data, path="models.train") -> TrainSettings:
     )
 
 
+def _trusted_module(value: Any, where: str) -> str:
+    """A module the user trusts by name (``models.trust_code``): a dotted module name outside the
+    standard library; never a pattern."""
+    problem = module_problem(value)
+    if problem:
+        raise SpecError(f"{where}: {problem}")
+    return value
+
+
 def _models(data, path="models") -> ModelsSpec:
     data = check_keys(data, ModelsSpec, path)
     template = string(data.get("path"), f"{path}.path")
@@ -226,8 +239,9 @@ def _models(data, path="models") -> ModelsSpec:
         if data.get("sigmas") is None
         else unique_list(data["sigmas"], f"{path}.sigmas", lambda v, w: number(v, w, positive=True))
     )
+    trust_code = unique_list(data.get("trust_code", []), f"{path}.trust_code", _trusted_module, allow_empty=True)
     return ModelsSpec(
-        template, train, boolean(data.get("override_card", False), f"{path}.override_card"), noise, sigmas
+        template, train, boolean(data.get("override_card", False), f"{path}.override_card"), noise, sigmas, trust_code
     )
 
 
