@@ -59,20 +59,18 @@ def parameters(n: int = 400) -> str:
     return json.dumps({"model": {"method": "uniform"}, "certify": {"n": n, "n0": 64}, "dataset": {"every": 1}})
 
 
-def test_a_flipped_bit_never_reads_as_other_numbers(tmp_path):
-    """Single-bit flips across a whole shard (data pages, page headers, the footer): every
-    read either gives exactly the rows written or fails with one line naming the file, and a
-    resume never counts the damaged file as done. (Without page checksums and digests about
-    70% of flips in data pages read as silently different values.)"""
+def _flip_bits_and_read(tmp_path, choose_positions) -> dict[str, int]:
+    """Write one shard, flip one random bit at each chosen position in turn and read: every read
+    either gives exactly the rows written or fails with one line naming the file, and a resume
+    never counts the damaged file as done."""
     config = {"method": "uniform", "training": "standard", "sigma": 0.5, "seed": 0}
     path = shard_path(tmp_path / "out", config, "unit-a")
     write_shard(path, unit_rows(), parameters())
     original = load_results(tmp_path / "out")
     pristine = path.read_bytes()
     rng = random.Random(5)
-    positions = sorted(rng.sample(range(len(pristine)), 300))
     outcomes = {"same": 0, "refused": 0}
-    for position in positions:
+    for position in choose_positions(pristine, rng):
         damaged = bytearray(pristine)
         damaged[position] ^= 1 << rng.randrange(8)
         path.write_bytes(bytes(damaged))
@@ -86,7 +84,27 @@ def test_a_flipped_bit_never_reads_as_other_numbers(tmp_path):
         # A flip that changes no value: in the column statistics, which the reader does not use.
         pd.testing.assert_frame_equal(again, original)
         outcomes["same"] += 1
+    return outcomes
+
+
+def test_a_flipped_bit_never_reads_as_other_numbers(tmp_path):
+    """Single-bit flips across a whole shard (data pages, page headers, the footer). (Without
+    page checksums and digests about 70% of flips in data pages read as silently different
+    values.)"""
+    outcomes = _flip_bits_and_read(tmp_path, lambda shard, rng: sorted(rng.sample(range(len(shard)), 300)))
     assert outcomes["refused"] > 100, outcomes  # the flips do reach the data
+
+
+def test_a_flipped_bit_in_the_footer_is_refused_or_harmless(tmp_path):
+    """1,500 flips inside the footer (schema, column types, metadata, digests): a flip that
+    turns an integer column's type into bytes once escaped as a pyarrow traceback."""
+
+    def footer_positions(shard: bytes, rng: random.Random) -> list[int]:
+        footer_length = int.from_bytes(shard[-8:-4], "little")
+        return sorted(rng.sample(range(len(shard) - 8 - footer_length, len(shard) - 8), 1500))
+
+    outcomes = _flip_bits_and_read(tmp_path, footer_positions)
+    assert outcomes["refused"] > 500, outcomes
 
 
 def test_a_second_job_on_one_results_directory_is_refused_naming_the_first(tmp_path):
