@@ -1,5 +1,6 @@
 """Safe file updates on shared storage: atomic writes (readers see the old file or the
-complete new one, never a part) and exclusive locks between processes and jobs."""
+complete new one, never a part, and a crash after the write keeps it) and exclusive locks
+between processes and jobs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import BinaryIO
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write`` on a temporary file beside ``path`` (named ``.<name>.*.tmp``, which
-    Parquet readers skip), fsync it, then rename it over ``path``."""
+    Parquet readers skip), fsync it, rename it over ``path`` and fsync the directory (else a
+    crash could lose the rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -30,6 +32,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 @contextlib.contextmanager
@@ -50,3 +57,51 @@ def exclusive_lock(path: str | Path, on_wait: Callable[[], None] | None = None) 
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Locked(RuntimeError):
+    """A lock another process holds; the message is what it recorded about itself."""
+
+
+@contextlib.contextmanager
+def owned_lock(path: str | Path, owner: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` for the block without waiting, the file naming
+    ``owner`` meanwhile; ``Locked`` (with the holder's own description) where another process
+    holds it. The operating system releases it if the holder dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Locked(_holder(handle)) from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(owner.encode())
+            handle.flush()
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lock_holder(path: str | Path) -> str | None:
+    """Who holds ``owned_lock(path)`` now (its description), or None where nobody does;
+    writes and creates nothing."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below, after the lock is released
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(handle)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+
+def _holder(handle: BinaryIO) -> str:
+    handle.seek(0)
+    return handle.read(300).decode(errors="replace").strip() or "another process"

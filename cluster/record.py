@@ -5,7 +5,8 @@ only (Polars, DuckDB and Spark read it whole without a glob).
 
 ``<output>.job/sweep.json`` is the resolved spec (`certify table` takes its radii from it, a
 resume its shard size), ``progress.json`` the latest progress record (`certify status`),
-``failures/`` one JSON record per failed unit or training.
+``failures/`` one JSON record per failed unit or training, ``writer.lock`` the lock of the one
+job writing the results (it names that job).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 SPEC_VARIABLE = "CERTIFY_SPEC_B64"  # the job's validated sweep, base64 JSON, in its environment
 PROGRESS_PREFIX = "[certify-progress] "  # a machine-readable progress record in the job's log
 SWEEP_FILE = "sweep.json"
+WRITER_LOCK = "writer.lock"  # held by the one job writing the results directory
 PROGRESS_FILE = "progress.json"
 FAILURES_DIR = "failures"
 
@@ -35,3 +37,8 @@ def progress_file(output: str | Path) -> Path:
 
 def failures_dir(output: str | Path) -> Path:
     return record_dir(output) / FAILURES_DIR
+
+
+def writer_lock(output: str | Path) -> Path:
+    """The lock a job holds for as long as it writes ``output`` (``certlib.atomic.owned_lock``)."""
+    return record_dir(output) / WRITER_LOCK

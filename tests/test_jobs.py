@@ -1,6 +1,6 @@
 """The job queue as a user meets it beyond the happy path: a dashboard that answers 500 or
-drops the log stream, an agent that dies with its node mid-job, `certify stop`, and
-`RAY_ADDRESS=auto`."""
+drops the log stream, an agent that dies with its node mid-job, `certify stop` (its safety:
+test_local_ray_safety.py), and `RAY_ADDRESS=auto`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from certlib.data import load_digits
 from cluster.cli import main
 from cluster.client import jobs, local_ray
 from cluster.record import PROGRESS_PREFIX, progress_file
-from tests.helpers import random_checkpoint
+from tests.conftest import random_checkpoint
 
 
 class FlakyClient:
@@ -92,48 +92,53 @@ def _spec(tmp_path: Path, name: str, limit: int, n: int) -> Path:
 
 
 @pytest.mark.parametrize("agent", ["DashboardAgent", "RuntimeEnvAgent"])
-def test_wait_reports_the_true_end_when_an_agent_dies_mid_job(own_ray, tmp_path, agent):
+def test_wait_reports_the_true_end_when_an_agent_dies_mid_job(tmp_path, agent):
     """Ray's agents fate-share with their raylet: the job's driver dies with the node, while the
     job stays RUNNING in Ray's records. `--wait` must say the job ended, not fail on a 500."""
-    instance = own_ray(num_cpus=2, object_store_bytes=300 << 20)
-    spec = _spec(tmp_path, "agent-death", limit=80, n=20_000)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    waiting = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cluster.cli",
-            "submit-job",
-            str(spec),
-            "--address",
-            instance.dashboard_url,
-            "--wait",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
-    progress = progress_file(tmp_path / "out")
-    deadline = time.time() + 180
-    while time.time() < deadline and not (progress.is_file() and json.loads(progress.read_text())["units_done"] >= 1):
-        time.sleep(0.2)
-    assert progress.is_file(), "the job never reported progress"
-    victims = [p for p in instance.processes() if agent in " ".join(p.cmdline())]
-    assert victims, f"no {agent} process"
-    for proc in victims:
-        proc.kill()
-    output, _ = waiting.communicate(timeout=180)
+    instance = local_ray.start(num_cpus=2, private=True, object_store_bytes=300 << 20)
+    try:
+        spec = _spec(tmp_path, "agent-death", limit=80, n=20_000)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        waiting = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cluster.cli",
+                "submit-job",
+                str(spec),
+                "--address",
+                instance.dashboard_url,
+                "--wait",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        progress = progress_file(tmp_path / "out")
+        deadline = time.time() + 180
+        while time.time() < deadline and not (
+            progress.is_file() and json.loads(progress.read_text())["units_done"] >= 1
+        ):
+            time.sleep(0.2)
+        assert progress.is_file(), "the job never reported progress"
+        victims = [p for p in instance.processes() if agent in " ".join(p.cmdline())]
+        assert victims, f"no {agent} process"
+        for proc in victims:
+            proc.kill()
+        output, _ = waiting.communicate(timeout=180)
+    finally:
+        local_ray.stop(instance)
     assert waiting.returncode == 1, output
     last = output.strip().splitlines()[-1]
     assert "FAILED (its driver's node died" in last, output
     assert "node of its driver died" in output and "status code 500" not in last
 
 
-def test_stop_shuts_down_only_the_instance_certify_started(ray_session, own_ray, tmp_path, monkeypatch):
-    import ray
-
+def test_stop_shuts_down_only_the_instance_certify_started(ray_session, tmp_path, monkeypatch):
+    """Without a record; with a Ray that certify did not start. Stopping the one it started,
+    beside decoys and the test session's own instance: tests/test_local_ray_safety.py."""
     monkeypatch.setattr(local_ray, "RECORD", tmp_path / "local-ray.json")
     monkeypatch.setattr(jobs, "LOCAL_DASHBOARD", "http://127.0.0.1:9")  # nothing listens there
     assert CliRunner().invoke(main, ["stop"]).output.strip() == "no local Ray instance started by certify is running"
@@ -141,13 +146,7 @@ def test_stop_shuts_down_only_the_instance_certify_started(ray_session, own_ray,
     monkeypatch.setattr(jobs, "LOCAL_DASHBOARD", ray_session.dashboard_url)  # a Ray certify did not start
     refused = CliRunner().invoke(main, ["stop"])
     assert refused.exit_code == 2 and "was not started by certify; stop it with `ray stop`" in refused.output
-
-    embedded = own_ray(num_cpus=1, object_store_bytes=200 << 20)
-    local_ray.save_record(embedded)
-    stopped = CliRunner().invoke(main, ["stop"])
-    assert stopped.exit_code == 0 and stopped.output.startswith("stopped the local Ray instance"), stopped.output
-    assert not embedded.alive() and not embedded.processes() and not local_ray.RECORD.exists()
-    assert ray.cluster_resources()["CPU"] == 2  # the test session's instance is untouched
+    assert ray_session.alive()
 
 
 def test_ray_address_auto_means_the_running_local_cluster(ray_session, monkeypatch):

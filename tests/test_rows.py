@@ -17,7 +17,7 @@ import pytest
 
 from certlib.analysis import load_results
 from certlib.families import CertifySettings, make_noise
-from certlib.rows import CONFIG, ROW_SCHEMA, certification_rows, shard_config, shard_path, write_shard
+from certlib.rows import CONFIG, DIGESTS_KEY, ROW_SCHEMA, certification_rows, shard_config, shard_path, write_shard
 from cluster.plan import SweepConflict, plan_sweep, preflight
 from cluster.spec import SpecError, parse_spec
 
@@ -135,7 +135,8 @@ def test_shards_of_certify_0_2_read_with_their_certificate_split(results):
     old = table.drop_columns(["multiclass"]).set_column(
         table.schema.get_field_index("certificate"), "certificate", pa.array(["multiclass_box"] * len(table))
     )
-    pq.write_table(old, path)
+    metadata = {k: v for k, v in table.schema.metadata.items() if k != DIGESTS_KEY}  # certify 0.2 wrote none
+    pq.write_table(old.replace_schema_metadata(metadata), path)
     df = load_results(results)
     rows = df[(df.method == "uniform") & (df.sigma == 0.25)]
     assert set(rows["certificate"]) == {"box"} and rows["multiclass"].tolist() == [True] * 3

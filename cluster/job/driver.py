@@ -34,7 +34,7 @@ def print_table(sweep: Sweep, log=print) -> None:
         return
     if len(df):
         log("best certified accuracy over sigma (and k) (certified % (clean % @ sigma)):")
-        log(format_tables(df, sweep.radii))
+        log(format_tables(df, sweep.radii, radii_linf=sweep.radii_linf))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ completes.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -18,7 +20,8 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayError, RayTaskError
 
-from certlib.atomic import atomic_write
+from certlib.atomic import Locked, atomic_write, owned_lock
+from certlib.rows import leftover_files
 from cluster.job.pool import Pool, PoolError, Slot, Task
 from cluster.plan import (
     ModelKey,
@@ -34,7 +37,7 @@ from cluster.plan import (
     with_shard_size,
 )
 from cluster.progress import Metrics, Progress, TrainingState, describe_progress, write_progress
-from cluster.record import PROGRESS_PREFIX, failures_dir, sweep_file
+from cluster.record import PROGRESS_PREFIX, failures_dir, sweep_file, writer_lock
 from cluster.spec import Sweep
 
 PROGRESS_EVERY = 5.0  # seconds between progress lines in the log
@@ -92,10 +95,29 @@ def resolve_shard_size(sweep: Sweep, num_images: int, pool: Pool, log=print) -> 
 
 def run_sweep(sweep: Sweep, job_id: str, log=print) -> Progress:
     """Run every pending unit of ``sweep`` on a pool of Ray actors; returns the final progress.
-    Connects to the running Ray cluster (or the one this process already initialised)."""
+    Connects to the running Ray cluster (or the one this process already initialised). One job
+    at a time writes a results directory: it holds the directory's writer lock throughout (a
+    second job is refused with one line naming the first), and removes the temporary files a
+    killed worker may have left there."""
+    owner = (
+        f"job {job_id} (process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+    )
+    try:
+        with owned_lock(writer_lock(sweep.output), owner):
+            return _locked_run(sweep, job_id, log)
+    except Locked as held:
+        raise SweepConflict(f"output: {sweep.output} is being written by {held}; wait for it to end") from None
+
+
+def _locked_run(sweep: Sweep, job_id: str, log) -> Progress:
     if not ray.is_initialized():
-        ray.init(address="auto", log_to_driver=True)
+        # Workers' own lines stay in their log files (the dashboard shows them): forwarded, they
+        # reached the driver's log late, after the closing table. What they report comes back
+        # in their results and the training polls.
+        ray.init(address="auto", log_to_driver=False)
     Path(sweep.output).mkdir(parents=True, exist_ok=True)
+    for leftover in leftover_files(sweep.output):
+        leftover.unlink(missing_ok=True)
     try:
         pool = Pool(sweep, job_id)
     except PoolError as err:

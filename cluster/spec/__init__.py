@@ -17,9 +17,11 @@ from typing import Any
 
 import yaml
 
+from certlib.analysis.tables import LINF_RADII
+from certlib.checkpoints.trust import module_problem
 from certlib.data import DATASETS
 from certlib.engine.cascade import PRECISIONS, EngineOptions
-from certlib.families import FAMILIES, CertifySettings, family, make_noise
+from certlib.families import FAMILIES, SAMPLINGS, CertifySettings, SmoothingNoise, family, make_noise
 from certlib.training.config import DATA_PLACEMENTS, PAPER_DEFAULTS, TRAINING_MODES, TrainSettings
 from cluster.spec.fields import (
     SpecError,
@@ -33,6 +35,7 @@ from cluster.spec.fields import (
     string,
     unique_list,
 )
+from cluster.spec.sampling import check_sampling
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MODEL_FIELDS = ("method", "training", "sigma", "seed")
@@ -60,6 +63,9 @@ class ModelsSpec:
     # The models' training sigmas where they differ from the certification's: every model is
     # certified at every sigma of the sweep (Zhang et al. search the smoothing's (k, sigma)).
     sigmas: tuple[float, ...] | None = None
+    # The modules a card's factory:<module>:<function> architecture may import and run, by name
+    # (certlib.checkpoints.trust): without it such a card is refused.
+    trust_code: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,11 +78,23 @@ class CertifySpec:
     precision: str = "auto"
     deterministic: bool = False
     compile: bool | str = "auto"
+    sampling: str = "fixed"  # or sequential: n is then each image's cap
+    epsilon: float | None = None  # sequential: stop at a radius within epsilon of the estimate's
 
-    def settings(self, seed: int = 0) -> CertifySettings:
+    def settings(self, seed: int = 0, radii: tuple[float, ...] = ()) -> CertifySettings:
         """What a family's votes and certificate may depend on (the rest is how the engine runs),
-        for the model of ``seed`` (which seeds the Monte Carlo streams)."""
-        return CertifySettings(n0=self.n0, n=self.n, alpha=self.alpha, multiclass=self.multiclass, seed=seed)
+        for the model of ``seed`` (which seeds the Monte Carlo streams); ``radii``, in the
+        family's norm, is the table grid sequential sampling stops on."""
+        return CertifySettings(
+            n0=self.n0,
+            n=self.n,
+            alpha=self.alpha,
+            multiclass=self.multiclass,
+            seed=seed,
+            sampling=self.sampling,
+            radii=radii if self.sampling == "sequential" else (),
+            epsilon=self.epsilon,
+        )
 
     def engine(self) -> EngineOptions:
         """How the engine runs: speed only, never a vote (``certlib.engine.cascade.EngineOptions``)."""
@@ -106,11 +124,20 @@ class Sweep:
     training: tuple[str, ...] = ("standard",)
     certify: CertifySpec = CertifySpec()
     radii: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+    radii_linf: tuple[float, ...] = LINF_RADII  # in units of 1/255, for the L-infinity families
     resources: ResourcesSpec = ResourcesSpec()
 
     @property
     def q(self) -> int:
         return DATASETS[self.dataset.name].q
+
+    def table_radii(self, norm: str) -> tuple[float, ...]:
+        """The radii of a table in ``norm``, pixel scale: ``radii_linf`` / 255 for L-infinity."""
+        return tuple(r / 255 for r in self.radii_linf) if norm == "linf" else self.radii
+
+    def certify_settings(self, noise: SmoothingNoise, seed: int) -> CertifySettings:
+        """The settings the smoothing ``noise`` of a model of ``seed`` is certified with."""
+        return self.certify.settings(seed, self.table_radii(noise.norm))
 
     def to_json(self) -> str:
         data = asdict(self)  # tuples are written as JSON lists, as YAML gives them
@@ -118,6 +145,12 @@ class Sweep:
             del data["models"]["train"]
         if self.ks == Sweep.ks:  # the default: a spec without shaped families may not name ks
             del data["ks"]
+        # Defaults added after specs were in use stay out: an unchanged spec keeps its job id.
+        if self.radii_linf == Sweep.radii_linf:
+            del data["radii_linf"]
+        for key in ("sampling", "epsilon"):
+            if data["certify"][key] == getattr(CertifySpec, key):
+                del data["certify"][key]
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -181,6 +214,15 @@ def _train(data, path="models.train") -> TrainSettings:
     )
 
 
+def _trusted_module(value: Any, where: str) -> str:
+    """A module the user trusts by name (``models.trust_code``): a dotted module name outside the
+    standard library; never a pattern."""
+    problem = module_problem(value)
+    if problem:
+        raise SpecError(f"{where}: {problem}")
+    return value
+
+
 def _models(data, path="models") -> ModelsSpec:
     data = check_keys(data, ModelsSpec, path)
     template = string(data.get("path"), f"{path}.path")
@@ -197,8 +239,9 @@ def _models(data, path="models") -> ModelsSpec:
         if data.get("sigmas") is None
         else unique_list(data["sigmas"], f"{path}.sigmas", lambda v, w: number(v, w, positive=True))
     )
+    trust_code = unique_list(data.get("trust_code", []), f"{path}.trust_code", _trusted_module, allow_empty=True)
     return ModelsSpec(
-        template, train, boolean(data.get("override_card", False), f"{path}.override_card"), noise, sigmas
+        template, train, boolean(data.get("override_card", False), f"{path}.override_card"), noise, sigmas, trust_code
     )
 
 
@@ -231,6 +274,8 @@ def _certify(data, path="certify") -> CertifySpec:
         precision=string(data.get("precision", d.precision), f"{path}.precision", PRECISIONS),
         deterministic=boolean(data.get("deterministic", d.deterministic), f"{path}.deterministic"),
         compile=auto_or_boolean(data.get("compile", d.compile), f"{path}.compile"),
+        sampling=string(data.get("sampling", d.sampling), f"{path}.sampling", SAMPLINGS),
+        epsilon=None if data.get("epsilon") is None else number(data["epsilon"], f"{path}.epsilon", positive=True),
     )
 
 
@@ -300,6 +345,9 @@ def parse_spec(data: Any) -> Sweep:
             f"certify {binary_only[0]} in a sweep of its own"
         )
     radii = unique_list(data.get("radii", list(Sweep.radii)), "radii", lambda v, w: number(v, w, minimum=0))
+    radii_linf = unique_list(
+        data.get("radii_linf", list(Sweep.radii_linf)), "radii_linf", lambda v, w: number(v, w, minimum=0)
+    )
     sweep = Sweep(
         name=name,
         output=string(data["output"], "output"),
@@ -312,9 +360,11 @@ def parse_spec(data: Any) -> Sweep:
         training=training,
         certify=certify,
         radii=tuple(sorted(radii)),
+        radii_linf=tuple(sorted(radii_linf)),
         resources=_resources(data.get("resources")),
     )
     _check_template(sweep)
+    check_sampling(sweep)
     if (
         sweep.models.train is not None
         and sweep.models.train.architecture is None
