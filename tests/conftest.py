@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -25,6 +27,10 @@ from tests.helpers import CIFAR10_DIR, DSSN_PAPER_FILE, TrainedModel, quiet, sim
 
 # Before any CUDA work: cuBLAS reads it once, and the deterministic-training tests need it.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+
+# A test's Ray holds nothing worth a clean exit: its processes get this long after SIGTERM (where
+# `certify stop` waits 5 s, which a Ray whose node died mid-job used up every time).
+STOP_GRACE_SECONDS = 1.0
 
 MARKED_BY = {
     "ray_session": "ray",
@@ -210,7 +216,7 @@ def ray_session() -> Iterator[object]:
         yield instance
     finally:
         ray.shutdown()
-        local_ray.stop(instance)
+        local_ray.stop(instance, grace_seconds=STOP_GRACE_SECONDS)
 
 
 @pytest.fixture
@@ -228,7 +234,7 @@ def own_ray() -> Iterator[Callable[..., object]]:
 
     yield start
     for instance in started:
-        local_ray.stop(instance)
+        local_ray.stop(instance, grace_seconds=STOP_GRACE_SECONDS)
 
 
 @pytest.fixture

@@ -134,10 +134,12 @@ def test_submission_ids_are_deterministic():
     assert submission_id('{"a": 1}', "x") == submission_id('{"a": 1}', "x") != submission_id('{"a": 2}', "x")
 
 
-def test_submit_status_list_logs_cancel_and_resume(ray_session, trains_in_ray_job, tmp_path, monkeypatch):
+def test_submit_status_list_logs_cancel_and_resume(ray_session, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     address = ray_session.dashboard_url
     spec = write_spec(tmp_path, GOOD)
+    # The model is there: the jobs certify only (training in a job: the notebook's quickstart).
+    random_checkpoint(tmp_path / "models" / "dssn-standard-0.5-0.pt", load_digits("test"), "dssn", 0.5, 0)
     runner = CliRunner()
 
     result = runner.invoke(main, ["submit-job", str(spec), "--address", address, "--wait"])

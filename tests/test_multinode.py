@@ -1,5 +1,5 @@
 """Beyond one machine: a sweep on a Ray cluster of a head (no CPUs, as on a real cluster) and
-three worker nodes with their own CPUs and a fake GPU each (``ray.cluster_utils.Cluster``,
+two worker nodes with their own CPUs and a fake GPU each (``ray.cluster_utils.Cluster``,
 all on this machine), one of which dies mid-job. The job completes with every row exactly
 once, and the units finished before the node died are not recomputed.
 
@@ -22,7 +22,9 @@ from cluster.plan import model_keys
 from cluster.spec import parse_spec
 from tests.helpers import random_checkpoint
 
-NODES, LIMIT, SHARD = 3, 48, 4
+# Six units for two workers holding two calls each: whenever two shards are done, the node that
+# dies still has a unit in flight.
+NODES, LIMIT, SHARD = 2, 24, 4
 
 
 def test_a_worker_node_dies_mid_job_and_only_its_units_are_recomputed(ray_cluster, tmp_path):
@@ -57,7 +59,7 @@ def test_a_worker_node_dies_mid_job_and_only_its_units_are_recomputed(ray_cluste
     runner.join(timeout=600)
     after = {p: p.stat().st_mtime_ns for p in existing_shards(sweep.output)}
     assert not outcome["progress"].failures, outcome["progress"].failures
-    assert sum(1 for n in ray.nodes() if n["Alive"]) == NODES  # the head and the two worker nodes left
+    assert sum(1 for n in ray.nodes() if n["Alive"]) == NODES  # the head and the worker node left
     df = load_results(tmp_path / "out")
     assert len(df) == LIMIT and sorted(df["image_index"]) == sorted(set(df["image_index"]))  # every row, exactly once
     assert len(before) >= 2 and len(after) == LIMIT // SHARD
