@@ -18,7 +18,7 @@ from certlib.engine.cascade import LEVELS, Cascade, cascade_levels, fold_batchno
 from certlib.engine.voting import dssn_votes, monte_carlo_counts
 from certlib.families import DSSNNoise, UniformNoise
 from certlib.models import build_model
-from tests.test_voting import random_cnn
+from tests.helpers import random_cnn
 
 
 def test_cascade_levels_run_from_fast_to_exact():
@@ -288,10 +288,10 @@ def test_nan_logits_are_refused_whatever_the_precision():
         dssn_votes(LateNaN(), images, DSSNNoise(0.5, q=16), 3, batch_size=4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronizations are a CUDA matter; no GPU here")
-def test_the_gpu_engine_synchronizes_rarely():
-    images = load_digits("test").pixels(range(16)).cuda()
-    model = random_cnn(1, seed=8).cuda()
+def test_the_gpu_engine_synchronizes_rarely(cuda):
+    """Host synchronizations are a CUDA matter: without a GPU this test is skipped."""
+    images = load_digits("test").pixels(range(16)).to(cuda)
+    model = random_cnn(1, seed=8).to(cuda)
     noise = DSSNNoise(1.0, q=16)  # L = 55: 880 samples, 55 batches of 16
     cascade = Cascade(model, 10, 16, precision="auto", compile=False)
     dssn_votes(cascade, images[:1], noise, 10)  # the spot check (and cuDNN's set-up) synchronize once
