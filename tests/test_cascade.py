@@ -305,3 +305,19 @@ def test_the_gpu_engine_synchronizes_rarely(cuda):
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     assert syncs <= 55 / (voting.QUEUE_BATCHES - 1) + 10, f"{syncs} synchronizations for 55 batches"
+
+
+def test_fp32_means_ieee_even_after_code_asked_for_tf32_globally():
+    """Since torch 2.9 the legacy flags leave cuDNN convolutions at a global "tf32" precision set
+    by any code in the process: the cascade sets the per-backend precisions itself."""
+    if not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip("this torch has no per-backend fp32_precision settings")
+    before = torch.backends.fp32_precision
+    try:
+        torch.backends.fp32_precision = "tf32"
+        cascade_module.disable_tf32()
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.fp32_precision = before
+        cascade_module.disable_tf32()
