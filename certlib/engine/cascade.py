@@ -293,11 +293,11 @@ class Cascade:
         except Exception as err:
             if self._compile_asked:
                 raise
-            warnings.warn(
-                f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                "evaluating eagerly",
-                stacklevel=2,
-            )
+            # torch.compile's BackendCompilerFailed says only "backend='inductor' raised:" on its
+            # first line; the cause (no Triton, no C compiler) is its inner exception.
+            cause = getattr(err, "inner_exception", None) or err
+            reason = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
+            warnings.warn(f"torch.compile failed ({type(cause).__name__}: {reason}); evaluating eagerly", stacklevel=2)
             self.compiled = False
             return self.fast_network()(_layout(x[:size]))
 
