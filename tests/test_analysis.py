@@ -8,6 +8,8 @@ import io
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -430,6 +432,24 @@ def test_table_filter_json_and_plot_formats(own_results, tmp_path):
     )
     jpeg = runner.invoke(main, ["plot", sweep.output, "-o", str(tmp_path / "c.jpg"), "--norm", "l1"])
     assert jpeg.exit_code == 2 and ".png, .pdf, .svg" in jpeg.output
+
+
+@pytest.mark.parametrize("command", ["table", "plot"])
+def test_table_and_plot_import_neither_torch_nor_ray(own_results, tmp_path, command):
+    """A fast start: `certify table` and `plot` of stored results read rows and draw, so they
+    import neither torch (the families' implementations, re-certification) nor Ray, nor the
+    certificates' scipy and statsmodels; matplotlib only for a plot."""
+    sweep, _ = own_results
+    args = [command, sweep.output] + (["-o", str(tmp_path / "c.svg"), "--norm", "l1"] if command == "plot" else [])
+    script = (
+        f"import sys\nfrom cluster.cli import main\ntry:\n    main({args})\nexcept SystemExit as end:\n"
+        "    assert not end.code, end.code\n"
+        "print(sorted(m for m in ('torch', 'ray', 'scipy', 'statsmodels', 'matplotlib') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=300)
+    expected = "['matplotlib']" if command == "plot" else "[]"
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == expected, done.stdout + done.stderr
 
 
 def test_plot_names_each_rows_norm_after_recertification(own_results, tmp_path):

@@ -3,7 +3,7 @@ from stored votes (``recertify``), and the renderers (``render``: Markdown, LaTe
 ``plot``: curves, matplotlib imported on demand). Results load with ``load_results``."""
 
 from certlib.analysis.plot import curves_figure, plot_curves
-from certlib.analysis.recertify import CERTIFICATES, recertify
+from certlib.analysis.recertify import recertify
 from certlib.analysis.render import format_envelope, format_records, format_seed_table, format_tables, table_records
 from certlib.analysis.tables import (
     ANALYSIS_COLUMNS,
@@ -19,7 +19,6 @@ from certlib.rows import load_results
 
 __all__ = [
     "ANALYSIS_COLUMNS",
-    "CERTIFICATES",
     "best_certified_accuracy",
     "certified_accuracy",
     "curves_figure",

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from certlib.analysis.tables import PER, Over, _groups, certified_accuracy, grouping, norms, over_columns, radius
-from certlib.families import family
+from certlib.families import traits
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -20,7 +20,7 @@ def radius_norm(df: pd.DataFrame) -> str:
     """The one norm of the rows' radii, from their families: a plot never mixes norms."""
     found = norms(df)
     if len(found) != 1:
-        by_norm = {n: sorted(m for m in df["method"].unique() if family(m).norm == n) for n in found}
+        by_norm = {n: sorted(m for m in df["method"].unique() if traits(m).norm == n) for n in found}
         detail = "; ".join(f"{', '.join(methods)}: {n.upper()}" for n, methods in by_norm.items())
         raise ValueError(f"plot: the rows hold radii in several norms ({detail}); plot one norm at a time")
     return found[0]

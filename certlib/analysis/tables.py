@@ -18,8 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from certlib import certificates
-from certlib.families import family
+from certlib.families import traits
 from certlib.rows import CONFIG, RADIUS_COLUMNS
 
 # The columns the accuracy tables need: load only these for speed on millions of rows.
@@ -48,6 +47,7 @@ Over = str | Sequence[str]  # the column(s) an envelope chooses over: sigma, or 
 
 # Radii of these norms are shown in units of 1/PER[norm] (L-infinity in 1/255, as the papers do).
 PER = {"linf": 255}
+RADII = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)  # pixel scale: where a sweep names none
 LINF_RADII = (2, 4, 6, 8, 10, 12)  # in 1/255: Zhang et al.'s Table 3
 
 
@@ -82,9 +82,9 @@ def grouping(df: pd.DataFrame, by: Sequence[str], never: Sequence[str] = NEVER_P
 
 
 def family_attribute(methods: pd.Series, name: str) -> pd.Series:
-    """Each row's family's ``name`` (norm, exact, ...), looked up once per distinct method: the
-    tables run on millions of rows."""
-    return methods.map({m: getattr(family(m), name) for m in methods.unique()})
+    """Each row's family's ``name`` (norm or exact: ``traits``), looked up once per distinct
+    method: the tables run on millions of rows."""
+    return methods.map({m: getattr(traits(m), name) for m in methods.unique()})
 
 
 def envelope_over(rows: pd.DataFrame) -> Over:
@@ -128,7 +128,7 @@ def _groups(frame: pd.DataFrame, by: Sequence[str], sort: bool = True):
 
 def norms(df: pd.DataFrame) -> list[str]:
     """The norms of the rows' radii ("l1", "l2", "linf"), from their families."""
-    return sorted({family(m).norm for m in df["method"].unique()})
+    return sorted({traits(m).norm for m in df["method"].unique()})
 
 
 def radius(df: pd.DataFrame) -> np.ndarray:
@@ -246,6 +246,8 @@ def high_probability_accuracy(
     Long format: the ``by`` columns, ``radius``, ``images``, ``approximate``, ``lower_bound``,
     ``confidence``.
     """
+    from certlib import certificates  # scipy and statsmodels: only this table needs them
+
     by = grouping(df, by, CONFIGURATION_POOLED_NEVER)
     table = certified_accuracy(df, radii, by)
     grouped = df.groupby(by, sort=True, observed=True, dropna=False)
