@@ -178,6 +178,58 @@ def test_the_envelope_chooses_over_the_models_training_sigma_and_never_pools_it(
         format_tables(toy_rows(), [0.5], by=["method", "sigma"])
 
 
+def _cells(text: str) -> dict[str, list[str]]:
+    """A Markdown table's cells by row name."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_cells_name_only_what_tells_a_rows_candidates_apart():
+    """The quickstart's models are certified at the sigma they were trained at: a cell reads
+    "@ σ=0.5", never "training_sigma=0.5" beside it, and the exports carry no training_sigma
+    column. Where a sweep certifies a model at another sigma (models.sigmas) it is named."""
+    trained_at_sigma = toy_rows().assign(training_sigma=toy_rows()["sigma"])
+    assert envelope_over(trained_at_sigma) == "sigma"
+    cells = _cells(format_tables(trained_at_sigma, [0.5, 1.0]))
+    assert cells == {"dssn / standard": ["62.50% (75.00% @ σ=0.5)", "12.50% (75.00% @ σ=0.25)"]}
+    assert "training_sigma" not in json.loads(format_tables(trained_at_sigma, [0.5], fmt="json"))[0]
+    assert "training_sigma" not in format_tables(trained_at_sigma, [0.5], fmt="csv").splitlines()[0]
+    # one model of each seed, seed 1's (trained at 0.5) certified at 0.25 too: the training sigma
+    # tells (0.25, 0.25) from (0.25, 0.5) apart; (0.5, 0.5) pools both seeds' models, 5 of 8 at r = 0.5
+    elsewhere = toy_rows().assign(training_sigma=np.where(toy_rows().seed == 0, toy_rows()["sigma"], 0.5), seed=0)
+    cells = _cells(format_tables(elsewhere, [0.5]))
+    assert cells == {"dssn / standard": ["62.50% (75.00% @ σ=0.5, training_sigma=0.5)"]}
+
+
+def test_a_parameter_every_candidate_shares_is_said_once_with_the_rows_name():
+    """One sigma left (a filter): no cell repeats it; the row's name says it. Each row is judged
+    on its own candidates: the training sigma is named in the row whose models were certified at
+    other sigmas only."""
+    one_sigma = toy_rows().query("sigma == 0.5")
+    text = format_tables(one_sigma, [0.5, 1.0])
+    assert _cells(text) == {"dssn / standard (σ=0.5)": ["62.50% (75.00%)", "0.00% (75.00%)"]}
+    assert "@" not in text
+    mixed = pd.concat(
+        [
+            toy_rows().assign(training_sigma=toy_rows()["sigma"]),
+            toy_rows().assign(training="stability", training_sigma=0.25),
+        ]
+    )
+    cells = _cells(format_tables(mixed.query("seed == 0"), [0.5]))
+    assert cells == {
+        "dssn / stability (training_sigma=0.25)": ["50.00% (75.00% @ σ=0.25)"],
+        "dssn / standard": ["50.00% (75.00% @ σ=0.25)"],
+    }
+
+
+def test_zhang_cells_name_k_where_it_varies(coarse_zhang_curves):
+    counts = one_smoothing_counts(400, [390, 360, 300])
+    rows = pd.concat([synthetic_rows("zhang-l2", 0.5, q=255, seed=0, k=k, counts=counts) for k in (0.0, 40.0)])
+    cells = _cells(format_tables(rows, [0.1]))
+    assert list(cells) == ["zhang-l2 / standard (σ=0.5)"]
+    assert cells["zhang-l2 / standard (σ=0.5)"][0].endswith("@ k=0.0)")
+
+
 def test_csv_and_json_tables_hold_numbers():
     df = toy_rows()
     records = json.loads(format_tables(df, [0.5, 1.0], fmt="json"))

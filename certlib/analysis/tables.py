@@ -14,6 +14,7 @@ Conventions (as in the papers):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -89,13 +90,57 @@ def family_attribute(methods: pd.Series, name: str) -> pd.Series:
 
 def envelope_over(rows: pd.DataFrame) -> Over:
     """What an envelope of ``rows`` chooses over: sigma, with Zhang et al.'s k where rows have
-    one and the models' training sigma where it varies (models.sigmas): the best over classifiers."""
+    one and the models' training sigma where models were certified at other sigmas than they
+    were trained at (models.sigmas): the best over classifiers. A training sigma equal to the
+    sigma on every row tells no configuration apart that sigma does not."""
     chosen = ["sigma"]
     if "k" in rows and rows["k"].notna().any():
         chosen.append("k")
-    if "training_sigma" in rows and rows["training_sigma"].nunique() > 1:
+    if "training_sigma" in rows and rows["training_sigma"].nunique() > 1 and not trained_where_certified(rows):
         chosen.append("training_sigma")
     return chosen if len(chosen) > 1 else "sigma"
+
+
+def trained_where_certified(configurations: pd.DataFrame) -> bool:
+    """Whether every row's model was trained at the sigma it is certified at (``training_sigma``
+    equals ``sigma``; an unknown training sigma is not)."""
+    return bool((configurations["training_sigma"] == configurations["sigma"]).all())
+
+
+class Candidates(NamedTuple):
+    """What an envelope row chose among: the parameters that tell its candidate configurations
+    apart (each cell names the chosen one's), and those that take one value in every candidate
+    (said once, with the row's name)."""
+
+    varying: list[str]
+    constant: dict[str, float]
+
+
+def candidates(rows: pd.DataFrame, by: Sequence[str], over: Over) -> dict[tuple, Candidates]:
+    """``Candidates`` of each group of ``by`` in ``rows``, over the ``over`` columns. A parameter
+    a family does not have (its k is null) is in neither; a training sigma equal to the sigma in
+    every candidate is implied by it and is in neither."""
+    chosen = over_columns(over)
+    configurations = rows[list(by) + chosen].drop_duplicates()
+    out = {}
+    for keys, group in _groups(configurations, by):
+        varying, constant = [], {}
+        for column in chosen:
+            values = group[column].dropna().unique()
+            if len(values) == 0 or (column == "training_sigma" and trained_where_certified(group)):
+                continue
+            if group[column].nunique(dropna=False) > 1:
+                varying.append(column)
+            else:
+                constant[column] = float(values[0])
+        out[row_key(keys)] = Candidates(varying, constant)
+    return out
+
+
+def row_key(keys: tuple) -> tuple:
+    """A group's key as a dictionary key: NaN (a missing training noise, say) as None, since
+    one NaN is not equal to another."""
+    return tuple(None if not isinstance(k, str) and pd.isna(k) else k for k in keys)
 
 
 def split_by_norm(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame, Over]]:
