@@ -24,6 +24,7 @@ from certlib.analysis import (
     ANALYSIS_COLUMNS,
     best_certified_accuracy,
     certified_accuracy,
+    curves_figure,
     format_envelope,
     format_tables,
     high_probability_accuracy,
@@ -502,6 +503,76 @@ def test_table_and_plot_import_neither_torch_nor_ray(own_results, tmp_path, comm
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=300)
     expected = "['matplotlib']" if command == "plot" else "[]"
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == expected, done.stdout + done.stderr
+
+
+def quickstart_like(training: str = "standard") -> pd.DataFrame:
+    """The quickstart's shape: DSSN and uniform rows of digits at three sigmas and two seeds,
+    each model certified at the sigma it was trained at; radii drawn so that curves cross."""
+    rng = np.random.default_rng(0)
+    frames = []
+    for method in ("dssn", "uniform"):
+        for sigma in (0.25, 0.5, 1.0):
+            for seed in (0, 1):
+                n = 60
+                correct = rng.random(n) < 0.95 - 0.2 * sigma
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "method": method,
+                            "training": training,
+                            "sigma": sigma,
+                            "training_sigma": sigma,
+                            "seed": seed,
+                            "image_index": np.arange(n),
+                            "label": 1,
+                            "selected": np.where(correct, 1, 2),
+                            "prediction": np.where(correct, 1, 2),
+                            "radius_l1": rng.uniform(0, 2.5 * sigma, n),
+                            "alpha": 0.001 if method == "uniform" else np.nan,
+                            "dataset": "digits",
+                            "split": "test",
+                        }
+                    )
+                )
+    return pd.concat(frames, ignore_index=True)
+
+
+def _drawn(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def test_the_plots_legend_never_covers_a_curve_and_names_each_sigma():
+    fig = curves_figure(quickstart_like())
+    renderer = _drawn(fig)
+    (ax,) = fig.axes
+    legend = ax.get_legend().get_window_extent(renderer)
+    for line in ax.get_lines():
+        points = line.get_transform().transform(line.get_xydata())
+        inside = (legend.x0 <= points[:, 0]) & (points[:, 0] <= legend.x1)
+        inside &= (legend.y0 <= points[:, 1]) & (points[:, 1] <= legend.y1)
+        assert not inside.any(), line.get_label()
+    assert not legend.overlaps(ax.bbox) and fig.bbox.contains(legend.x0, legend.y0)
+    assert fig.bbox.contains(legend.x1, legend.y1)  # not cut off by the figure's edge
+    labels = [text.get_text().strip() for text in ax.get_legend().get_texts()]
+    assert labels == ["dssn / standard: best", "σ=0.25", "σ=0.5", "σ=1"] + ["uniform / standard: best"] + labels[5:]
+    assert labels[5:] == ["σ=0.25", "σ=0.5", "σ=1"]
+    assert ax.get_xlabel() == "L1 radius (pixel scale [0, 1])" and ax.get_ylabel() == "certified accuracy (%)"
+    assert ax.get_title() == "digits (test): certified accuracy against L1 radius"
+
+
+def test_plot_labels_zhangs_k_and_draws_user_text_as_it_is(coarse_zhang_curves):
+    counts = one_smoothing_counts(400, [390, 360, 300])
+    rows = pd.concat([synthetic_rows("zhang-l2", 0.5, q=255, seed=0, k=k, counts=counts) for k in (0.0, 40.0)])
+    fig = curves_figure(rows, over=["sigma", "k"])
+    _drawn(fig)
+    labels = [text.get_text().strip() for text in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["zhang-l2 / standard: best", "k=0", "k=40"]
+    # a "$" in a user's name would start matplotlib's math mode: drawn as it is, not parsed (and failing)
+    _drawn(curves_figure(quickstart_like(training="a$\\frac{$b")))
 
 
 def test_plot_names_each_rows_norm_after_recertification(own_results, tmp_path):
