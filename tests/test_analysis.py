@@ -42,7 +42,7 @@ from cluster.cli import main
 from cluster.job.worker import UnitRunner
 from cluster.plan import expand, model_keys
 from cluster.spec import parse_spec
-from tests.helpers import RADII, TABLE_1, random_checkpoint
+from tests.helpers import RADII, TABLE_1, quickstart_like, random_checkpoint
 
 PAPER_METHODS = {"dssn": "dssn", "uniform_additive": "uniform", "ssn_independent": "ssn"}
 
@@ -503,38 +503,6 @@ def test_table_and_plot_import_neither_torch_nor_ray(own_results, tmp_path, comm
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=300)
     expected = "['matplotlib']" if command == "plot" else "[]"
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == expected, done.stdout + done.stderr
-
-
-def quickstart_like(training: str = "standard") -> pd.DataFrame:
-    """The quickstart's shape: DSSN and uniform rows of digits at three sigmas and two seeds,
-    each model certified at the sigma it was trained at; radii drawn so that curves cross."""
-    rng = np.random.default_rng(0)
-    frames = []
-    for method in ("dssn", "uniform"):
-        for sigma in (0.25, 0.5, 1.0):
-            for seed in (0, 1):
-                n = 60
-                correct = rng.random(n) < 0.95 - 0.2 * sigma
-                frames.append(
-                    pd.DataFrame(
-                        {
-                            "method": method,
-                            "training": training,
-                            "sigma": sigma,
-                            "training_sigma": sigma,
-                            "seed": seed,
-                            "image_index": np.arange(n),
-                            "label": 1,
-                            "selected": np.where(correct, 1, 2),
-                            "prediction": np.where(correct, 1, 2),
-                            "radius_l1": rng.uniform(0, 2.5 * sigma, n),
-                            "alpha": 0.001 if method == "uniform" else np.nan,
-                            "dataset": "digits",
-                            "split": "test",
-                        }
-                    )
-                )
-    return pd.concat(frames, ignore_index=True)
 
 
 def _drawn(fig):

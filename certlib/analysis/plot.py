@@ -65,6 +65,20 @@ def _title(df: pd.DataFrame, norm: str) -> str:
     return _plain(f"{data}certified accuracy against {UNITS.get(norm, norm)} radius")
 
 
+def _draw_family(ax, x: np.ndarray, curves: np.ndarray, family: tuple, color: np.ndarray) -> None:
+    """One group's curves (``curves``: one row of % per configuration of ``family``, which is its
+    key, its configurations and the parameters that tell them apart): the envelope bold, each
+    configuration thin in a lighter shade and its own dash as its place grows."""
+    keys, configurations, told = family
+    ax.plot(x, curves.max(axis=0), color=color, linewidth=2.6, label=f"{_plain(' / '.join(map(str, keys)))}: best")
+    if len(curves) < 2:  # one configuration: its curve is the envelope
+        return
+    for j, (curve, (_, config)) in enumerate(zip(curves, configurations.iterrows())):
+        shade = color + (1 - color) * 0.55 * j / (len(curves) - 1)
+        label = _plain(_parameters({c: config[c] for c in told}))
+        ax.plot(x, curve, color=shade, linewidth=1, linestyle=DASHES[j % len(DASHES)], label=f"   {label}")
+
+
 def curves_figure(
     df: pd.DataFrame,
     by: Sequence[str] = ("method", "training"),
@@ -94,24 +108,9 @@ def curves_figure(
         ax = fig.subplots()
         colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, (keys, group) in enumerate(_groups(per_config, by)):
-            color = np.array(to_rgb(colors[i % len(colors)]))
             curves = group[[float(r) for r in grid]].to_numpy()
-            name = _plain(" / ".join(str(k) for k in keys))
-            ax.plot(grid * per, 100 * curves.max(axis=0), color=color, linewidth=2.6, label=f"{name}: best")
-            if len(curves) < 2:  # one configuration: its curve is the envelope
-                continue
-            told = among[row_key(keys)].varying
-            for j, (curve, (_, config)) in enumerate(zip(curves, group.iterrows())):
-                shade = color + (1 - color) * 0.55 * j / (len(curves) - 1)  # lighter with the place
-                label = _plain(_parameters({c: config[c] for c in told}))
-                ax.plot(
-                    grid * per,
-                    100 * curve,
-                    color=shade,
-                    linewidth=1,
-                    linestyle=DASHES[j % len(DASHES)],
-                    label=f"   {label}",
-                )
+            family = (keys, group, among[row_key(keys)].varying)
+            _draw_family(ax, grid * per, 100 * curves, family, np.array(to_rgb(colors[i % len(colors)])))
         unit = "pixel scale [0, 1]" if per == 1 else f"in units of 1/{per}"
         ax.set_xlabel(f"{UNITS.get(norm, norm)} radius ({unit})")
         ax.set_ylabel("certified accuracy (%)")

@@ -1,8 +1,9 @@
-"""Renderers of the accuracy tables: Markdown and LaTeX as the papers print them, CSV and JSON as
-numbers (one record per group and radius) for other programs."""
+"""Renderers of the accuracy tables: Markdown and LaTeX as the papers print them, HTML for the
+report, CSV and JSON as numbers (one record per group and radius) for other programs."""
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -39,7 +40,7 @@ class NormTable(NamedTuple):
     among: dict[tuple, Candidates]
 
 
-TEXT_FORMATS = ("markdown", "latex")
+TEXT_FORMATS = ("markdown", "latex", "html")
 DATA_FORMATS = ("csv", "json")
 
 SYMBOLS = {"sigma": "σ"}
@@ -96,10 +97,19 @@ def _render(header: list[str], lines: list[list[str]], fmt: str) -> str:
         return "\n".join(
             [r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", body[0], r"\hline", *body[1:], r"\end{tabular}"]
         )
+    if fmt == "html":
+        return html_table(header, lines)
     if fmt != "markdown":
         raise ValueError(f"unknown table format {fmt!r}; expected one of {', '.join(TEXT_FORMATS)}")
     rows = [header, ["---"] + ["---:"] * (len(header) - 1)] + lines
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def html_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """An HTML table of plain-text cells, every one escaped (result rows are hostile input)."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>" for line in lines)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def format_envelope(
@@ -111,7 +121,7 @@ def format_envelope(
     among: Mapping[tuple, Candidates] | None = None,
 ) -> str:
     """An envelope from ``best_certified_accuracy`` as the paper prints it: one row per group,
-    one column per radius, cells "72.25% (81.50% @ σ=0.75)"; ``fmt`` markdown or latex;
+    one column per radius, cells "72.25% (81.50% @ σ=0.75)"; ``fmt`` markdown, latex or html;
     ``per`` writes the radii as multiples of 1/per (255 for L-infinity, as the papers do).
     ``among``: the rows' ``candidates``, so that a cell names only the parameters that tell them
     apart and the row's name those they share (without: every chosen parameter, in each cell)."""
