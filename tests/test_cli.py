@@ -144,7 +144,7 @@ def test_submit_status_list_logs_cancel_and_resume(ray_session, tmp_path, monkey
 
     result = runner.invoke(main, ["submit-job", str(spec), "--address", address, "--wait"])
     assert result.exit_code == 0, result.output
-    assert "SUCCEEDED" in result.output and "| dssn / standard |" in result.output
+    assert "SUCCEEDED" in result.output and "| dssn / standard (σ=0.5) |" in result.output  # its one sigma, said once
     job_id = next(line.split()[1].rstrip(":") for line in result.output.splitlines() if line.startswith("submitted "))
     assert len(load_results(tmp_path / "out")) == 40
 
