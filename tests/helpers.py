@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 
 if TYPE_CHECKING:
@@ -78,6 +79,38 @@ class TrainedModel(NamedTuple):
 
 def quiet(_line: str) -> None:
     """A ``log`` that drops the line: the tests read what they assert on, not the chatter."""
+
+
+def quickstart_like(training: str = "standard") -> pd.DataFrame:
+    """The quickstart's shape: DSSN and uniform rows of digits at three sigmas and two seeds,
+    each model certified at the sigma it was trained at; radii drawn so that curves cross."""
+    rng = np.random.default_rng(0)
+    frames = []
+    for method in ("dssn", "uniform"):
+        for sigma in (0.25, 0.5, 1.0):
+            for seed in (0, 1):
+                n = 60
+                correct = rng.random(n) < 0.95 - 0.2 * sigma
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "method": method,
+                            "training": training,
+                            "sigma": sigma,
+                            "training_sigma": sigma,
+                            "seed": seed,
+                            "image_index": np.arange(n),
+                            "label": 1,
+                            "selected": np.where(correct, 1, 2),
+                            "prediction": np.where(correct, 1, 2),
+                            "radius_l1": rng.uniform(0, 2.5 * sigma, n),
+                            "alpha": 0.001 if method == "uniform" else np.nan,
+                            "dataset": "digits",
+                            "split": "test",
+                        }
+                    )
+                )
+    return pd.concat(frames, ignore_index=True)
 
 
 def random_checkpoint(

@@ -8,6 +8,8 @@ import io
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from certlib.analysis import (
     ANALYSIS_COLUMNS,
     best_certified_accuracy,
     certified_accuracy,
+    curves_figure,
     format_envelope,
     format_tables,
     high_probability_accuracy,
@@ -39,7 +42,7 @@ from cluster.cli import main
 from cluster.job.worker import UnitRunner
 from cluster.plan import expand, model_keys
 from cluster.spec import parse_spec
-from tests.helpers import RADII, TABLE_1, random_checkpoint
+from tests.helpers import RADII, TABLE_1, quickstart_like, random_checkpoint
 
 PAPER_METHODS = {"dssn": "dssn", "uniform_additive": "uniform", "ssn_independent": "ssn"}
 
@@ -174,6 +177,58 @@ def test_the_envelope_chooses_over_the_models_training_sigma_and_never_pools_it(
     assert [(r["training_sigma"], r["certified_accuracy"]) for r in per_model] == [(0.25, 0.5), (0.5, 0.75)]
     with pytest.raises(ValueError, match="by: sigma is what the table chooses over"):
         format_tables(toy_rows(), [0.5], by=["method", "sigma"])
+
+
+def _cells(text: str) -> dict[str, list[str]]:
+    """A Markdown table's cells by row name."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_cells_name_only_what_tells_a_rows_candidates_apart():
+    """The quickstart's models are certified at the sigma they were trained at: a cell reads
+    "@ σ=0.5", never "training_sigma=0.5" beside it, and the exports carry no training_sigma
+    column. Where a sweep certifies a model at another sigma (models.sigmas) it is named."""
+    trained_at_sigma = toy_rows().assign(training_sigma=toy_rows()["sigma"])
+    assert envelope_over(trained_at_sigma) == "sigma"
+    cells = _cells(format_tables(trained_at_sigma, [0.5, 1.0]))
+    assert cells == {"dssn / standard": ["62.50% (75.00% @ σ=0.5)", "12.50% (75.00% @ σ=0.25)"]}
+    assert "training_sigma" not in json.loads(format_tables(trained_at_sigma, [0.5], fmt="json"))[0]
+    assert "training_sigma" not in format_tables(trained_at_sigma, [0.5], fmt="csv").splitlines()[0]
+    # one model of each seed, seed 1's (trained at 0.5) certified at 0.25 too: the training sigma
+    # tells (0.25, 0.25) from (0.25, 0.5) apart; (0.5, 0.5) pools both seeds' models, 5 of 8 at r = 0.5
+    elsewhere = toy_rows().assign(training_sigma=np.where(toy_rows().seed == 0, toy_rows()["sigma"], 0.5), seed=0)
+    cells = _cells(format_tables(elsewhere, [0.5]))
+    assert cells == {"dssn / standard": ["62.50% (75.00% @ σ=0.5, training_sigma=0.5)"]}
+
+
+def test_a_parameter_every_candidate_shares_is_said_once_with_the_rows_name():
+    """One sigma left (a filter): no cell repeats it; the row's name says it. Each row is judged
+    on its own candidates: the training sigma is named in the row whose models were certified at
+    other sigmas only."""
+    one_sigma = toy_rows().query("sigma == 0.5")
+    text = format_tables(one_sigma, [0.5, 1.0])
+    assert _cells(text) == {"dssn / standard (σ=0.5)": ["62.50% (75.00%)", "0.00% (75.00%)"]}
+    assert "@" not in text
+    mixed = pd.concat(
+        [
+            toy_rows().assign(training_sigma=toy_rows()["sigma"]),
+            toy_rows().assign(training="stability", training_sigma=0.25),
+        ]
+    )
+    cells = _cells(format_tables(mixed.query("seed == 0"), [0.5]))
+    assert cells == {
+        "dssn / stability (training_sigma=0.25)": ["50.00% (75.00% @ σ=0.25)"],
+        "dssn / standard": ["50.00% (75.00% @ σ=0.25)"],
+    }
+
+
+def test_zhang_cells_name_k_where_it_varies(coarse_zhang_curves):
+    counts = one_smoothing_counts(400, [390, 360, 300])
+    rows = pd.concat([synthetic_rows("zhang-l2", 0.5, q=255, seed=0, k=k, counts=counts) for k in (0.0, 40.0)])
+    cells = _cells(format_tables(rows, [0.1]))
+    assert list(cells) == ["zhang-l2 / standard (σ=0.5)"]
+    assert cells["zhang-l2 / standard (σ=0.5)"][0].endswith("@ k=0.0)")
 
 
 def test_csv_and_json_tables_hold_numbers():
@@ -430,6 +485,62 @@ def test_table_filter_json_and_plot_formats(own_results, tmp_path):
     )
     jpeg = runner.invoke(main, ["plot", sweep.output, "-o", str(tmp_path / "c.jpg"), "--norm", "l1"])
     assert jpeg.exit_code == 2 and ".png, .pdf, .svg" in jpeg.output
+
+
+@pytest.mark.parametrize("command", ["table", "plot"])
+def test_table_and_plot_import_neither_torch_nor_ray(own_results, tmp_path, command):
+    """A fast start: `certify table` and `plot` of stored results read rows and draw, so they
+    import neither torch (the families' implementations, re-certification) nor Ray, nor the
+    certificates' scipy and statsmodels; matplotlib only for a plot."""
+    sweep, _ = own_results
+    args = [command, sweep.output] + (["-o", str(tmp_path / "c.svg"), "--norm", "l1"] if command == "plot" else [])
+    script = (
+        f"import sys\nfrom cluster.cli import main\ntry:\n    main({args})\nexcept SystemExit as end:\n"
+        "    assert not end.code, end.code\n"
+        "print(sorted(m for m in ('torch', 'ray', 'scipy', 'statsmodels', 'matplotlib') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=300)
+    expected = "['matplotlib']" if command == "plot" else "[]"
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == expected, done.stdout + done.stderr
+
+
+def _drawn(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def test_the_plots_legend_never_covers_a_curve_and_names_each_sigma():
+    fig = curves_figure(quickstart_like())
+    renderer = _drawn(fig)
+    (ax,) = fig.axes
+    legend = ax.get_legend().get_window_extent(renderer)
+    for line in ax.get_lines():
+        points = line.get_transform().transform(line.get_xydata())
+        inside = (legend.x0 <= points[:, 0]) & (points[:, 0] <= legend.x1)
+        inside &= (legend.y0 <= points[:, 1]) & (points[:, 1] <= legend.y1)
+        assert not inside.any(), line.get_label()
+    assert not legend.overlaps(ax.bbox) and fig.bbox.contains(legend.x0, legend.y0)
+    assert fig.bbox.contains(legend.x1, legend.y1)  # not cut off by the figure's edge
+    labels = [text.get_text().strip() for text in ax.get_legend().get_texts()]
+    assert labels == ["dssn / standard: best", "σ=0.25", "σ=0.5", "σ=1"] + ["uniform / standard: best"] + labels[5:]
+    assert labels[5:] == ["σ=0.25", "σ=0.5", "σ=1"]
+    assert ax.get_xlabel() == "L1 radius (pixel scale [0, 1])" and ax.get_ylabel() == "certified accuracy (%)"
+    assert ax.get_title() == "digits (test): certified accuracy against L1 radius"
+
+
+def test_plot_labels_zhangs_k_and_draws_user_text_as_it_is(coarse_zhang_curves):
+    counts = one_smoothing_counts(400, [390, 360, 300])
+    rows = pd.concat([synthetic_rows("zhang-l2", 0.5, q=255, seed=0, k=k, counts=counts) for k in (0.0, 40.0)])
+    fig = curves_figure(rows, over=["sigma", "k"])
+    _drawn(fig)
+    labels = [text.get_text().strip() for text in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["zhang-l2 / standard: best", "k=0", "k=40"]
+    # a "$" in a user's name would start matplotlib's math mode: drawn as it is, not parsed (and failing)
+    _drawn(curves_figure(quickstart_like(training="a$\\frac{$b")))
 
 
 def test_plot_names_each_rows_norm_after_recertification(own_results, tmp_path):

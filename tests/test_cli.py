@@ -144,7 +144,7 @@ def test_submit_status_list_logs_cancel_and_resume(ray_session, tmp_path, monkey
 
     result = runner.invoke(main, ["submit-job", str(spec), "--address", address, "--wait"])
     assert result.exit_code == 0, result.output
-    assert "SUCCEEDED" in result.output and "| dssn / standard |" in result.output
+    assert "SUCCEEDED" in result.output and "| dssn / standard (σ=0.5) |" in result.output  # its one sigma, said once
     job_id = next(line.split()[1].rstrip(":") for line in result.output.splitlines() if line.startswith("submitted "))
     assert len(load_results(tmp_path / "out")) == 40
 
@@ -259,13 +259,17 @@ def test_status_commands_never_start_a_cluster(monkeypatch):
     assert unreachable.exit_code == 2 and unreachable.output.startswith("error: cannot reach the Ray cluster")
 
 
-def test_status_imports_neither_torch_nor_the_job():
-    """The client/job boundary: ``certify status`` (here against an address nothing answers)
-    imports the client side only, not torch or the job's executor, pool and workers."""
+@pytest.mark.parametrize("command", [["status", "a-job"], ["list"]])
+def test_status_and_list_import_neither_torch_nor_ray_nor_the_job(command):
+    """The client/job boundary and a fast start: ``certify status`` and ``list`` against a
+    dashboard address on this machine where nothing answers import the client side only: not
+    torch, not the job's executor, pool and workers, and not Ray (its job client is imported
+    once a dashboard answers)."""
     script = (
-        "import sys\nfrom cluster.cli import main\ntry:\n    main(['status', 'a-job', '--address', 'http://127.0.0.1:9'])\n"
+        f"import sys\nfrom cluster.cli import main\ntry:\n    main({command + ['--address', 'http://127.0.0.1:9']})\n"
         "except SystemExit:\n    pass\n"
-        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('cluster.job')))"
+        "print(sorted(m for m in sys.modules if m in ('torch', 'ray') or m.startswith('cluster.job')))"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "cannot reach the Ray cluster" in done.stdout + done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr

@@ -39,6 +39,27 @@ def test_no_family_name_is_compared_outside_the_families():
     assert offenders == []
 
 
+def test_each_registry_line_tells_its_familys_class():
+    """The registry imports no family (``certify table`` starts without torch): each line's class,
+    module, norm and exactness are the class's own, and every family class has a line."""
+    from certlib.families import ENTRIES, SmoothingNoise
+
+    for method, entry in ENTRIES.items():
+        cls = FAMILIES[method]
+        assert (cls.name, cls.__name__, cls.__module__, cls.norm, cls.exact) == (
+            method,
+            entry.cls,
+            f"certlib.families.{entry.module}",
+            entry.norm,
+            entry.exact,
+        )
+
+    def concrete(cls: type) -> set[type]:
+        return {c for sub in cls.__subclasses__() for c in {sub} | concrete(sub) if "name" in vars(c)}
+
+    assert concrete(SmoothingNoise) == set(FAMILIES.values())
+
+
 def test_functions_and_modules_stay_small():
     too_long = []
     for path in SOURCES:

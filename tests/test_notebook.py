@@ -51,11 +51,11 @@ def test_the_quickstart_from_a_notebook(ray_session, trains_in_ray_job, tmp_path
     df = job.results()
     assert len(df) == 20 * 2 and set(df["method"]) == {"dssn", "uniform"}
     table = job.table()
-    assert "| dssn / standard |" in table and "| uniform / standard |" in table
+    assert "| dssn / standard (σ=0.5) |" in table and "| uniform / standard (σ=0.5) |" in table
     assert table.splitlines()[0].endswith("| r = 1 | r = 1.5 |")  # the sweep's radii, as `certify table` uses
     assert job.table(radii=[0.25]).splitlines()[0].endswith("| r = 0.25 |")
 
-    assert "| uniform / standard |" not in job.table(rows=df[df["method"] == "dssn"])
+    assert "uniform / standard" not in job.table(rows=df[df["method"] == "dssn"])
 
     before = set(tmp_path.rglob("*"))
     saved = job.plot(tmp_path / "curves.svg")  # beside the results

@@ -195,7 +195,7 @@ def test_a_sequential_sweep_writes_rows_resumes_and_recertifies(tmp_path, train_
     df = load_results(sweep.output)
     assert set(df["sampling"]) == {"sequential"} and (df["n"] <= 20_000).all()
     assert df["n"].mean() < 10_000 and df["n"].min() < 2_000, df["n"].describe()
-    assert "| gaussian / standard |" in format_tables(df, sweep.radii)
+    assert "| gaussian / standard (σ=0.25) |" in format_tables(df, sweep.radii)
     plan = plan_sweep(sweep, len(select_images(sweep)), log=lambda line: None)
     assert plan.skipped == len(units) and not plan.pending
     spec = tmp_path / "sequential.yaml"

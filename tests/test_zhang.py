@@ -113,7 +113,8 @@ def test_a_sweep_certifies_gaussian_trained_models_with_the_families(coarse_zhan
     table = CliRunner().invoke(main, ["table", sweep.output, "--radii", "0,0.1"])
     assert table.exit_code == 0, table.output
     assert "L2 radius:" in table.output and "LINF radius:" in table.output and "r = 2/255" in table.output
-    assert ", k=" in table.output
+    # one sigma: the row's name says it once; each cell names the k that tells its candidates apart
+    assert "| zhang-l2 / standard (σ=0.5) |" in table.output and "@ k=" in table.output
 
 
 def test_the_spec_names_ks_only_for_shaped_families(tmp_path):

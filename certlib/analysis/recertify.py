@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from certlib.analysis.tables import _groups
-from certlib.families import FAMILIES, SAMPLINGS, CertifySettings, with_certificate
 from certlib.rows import RADIUS_COLUMNS, smoothing_columns, stored_noise, stored_votes
 
-CERTIFICATES = tuple(dict.fromkeys(c for cls in FAMILIES.values() for c in cls.accepted_certificates))
+if TYPE_CHECKING:
+    from certlib.families import SmoothingNoise
 
 
 @functools.lru_cache(maxsize=4)
@@ -55,6 +56,30 @@ def _smoothings(rows: pd.DataFrame):
             yield group, {"method": method, **dict(zip(keys, values))}
 
 
+def _check_certificate(certificate: str) -> None:
+    from certlib.families import FAMILIES
+
+    accepted = tuple(dict.fromkeys(c for cls in FAMILIES.values() for c in cls.accepted_certificates))
+    if certificate not in accepted:
+        raise ValueError(f"recertify: certificate must be one of {accepted}, got {certificate!r}")
+
+
+def _noise(rows: pd.DataFrame, certificate: str) -> SmoothingNoise:
+    """The smoothing that certified ``rows`` (``stored_noise``), which must take ``certificate``."""
+    from certlib.families import with_certificate
+
+    try:
+        noise = stored_noise(rows)
+    except ValueError as err:
+        raise ValueError(f"recertify: {err}") from None
+    if certificate not in noise.accepted_certificates:
+        raise ValueError(
+            f"recertify: the {certificate!r} certificate does not apply to {noise.name} rows "
+            f"(it applies to {', '.join(with_certificate(certificate))} rows); select those rows first"
+        )
+    return noise
+
+
 def recertify(
     df: pd.DataFrame,
     certificate: str = "standard",
@@ -79,19 +104,13 @@ def recertify(
     certificate (and Zhang et al.'s curve failure probability delta) replaced; ``selected``
     (the n0 choice) is unchanged.
     """
-    if certificate not in CERTIFICATES:
-        raise ValueError(f"recertify: certificate must be one of {CERTIFICATES}, got {certificate!r}")
+    # The families (torch) are imported here, not with the analysis: tables never need them.
+    from certlib.families import SAMPLINGS, CertifySettings
+
+    _check_certificate(certificate)
     out = df.reset_index(drop=True)  # positions below must be unique labels
     for rows, params in _smoothings(out):
-        try:
-            noise = stored_noise(rows)
-        except ValueError as err:
-            raise ValueError(f"recertify: {err}") from None
-        if certificate not in noise.accepted_certificates:
-            raise ValueError(
-                f"recertify: the {certificate!r} certificate does not apply to {noise.name} rows "
-                f"(it applies to {', '.join(with_certificate(certificate))} rows); select those rows first"
-            )
+        noise = _noise(rows, certificate)
         stored_multiclass = params.get("multiclass")
         multi = bool(stored_multiclass is True) if multiclass is None else multiclass
         level = (np.nan if noise.exact else float(params["alpha"])) if alpha is None else float(alpha)

@@ -14,12 +14,12 @@ Conventions (as in the papers):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from certlib import certificates
-from certlib.families import family
+from certlib.families import traits
 from certlib.rows import CONFIG, RADIUS_COLUMNS
 
 # The columns the accuracy tables need: load only these for speed on millions of rows.
@@ -48,6 +48,7 @@ Over = str | Sequence[str]  # the column(s) an envelope chooses over: sigma, or 
 
 # Radii of these norms are shown in units of 1/PER[norm] (L-infinity in 1/255, as the papers do).
 PER = {"linf": 255}
+RADII = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)  # pixel scale: where a sweep names none
 LINF_RADII = (2, 4, 6, 8, 10, 12)  # in 1/255: Zhang et al.'s Table 3
 
 
@@ -82,20 +83,64 @@ def grouping(df: pd.DataFrame, by: Sequence[str], never: Sequence[str] = NEVER_P
 
 
 def family_attribute(methods: pd.Series, name: str) -> pd.Series:
-    """Each row's family's ``name`` (norm, exact, ...), looked up once per distinct method: the
-    tables run on millions of rows."""
-    return methods.map({m: getattr(family(m), name) for m in methods.unique()})
+    """Each row's family's ``name`` (norm or exact: ``traits``), looked up once per distinct
+    method: the tables run on millions of rows."""
+    return methods.map({m: getattr(traits(m), name) for m in methods.unique()})
 
 
 def envelope_over(rows: pd.DataFrame) -> Over:
     """What an envelope of ``rows`` chooses over: sigma, with Zhang et al.'s k where rows have
-    one and the models' training sigma where it varies (models.sigmas): the best over classifiers."""
+    one and the models' training sigma where models were certified at other sigmas than they
+    were trained at (models.sigmas): the best over classifiers. A training sigma equal to the
+    sigma on every row tells no configuration apart that sigma does not."""
     chosen = ["sigma"]
     if "k" in rows and rows["k"].notna().any():
         chosen.append("k")
-    if "training_sigma" in rows and rows["training_sigma"].nunique() > 1:
+    if "training_sigma" in rows and rows["training_sigma"].nunique() > 1 and not trained_where_certified(rows):
         chosen.append("training_sigma")
     return chosen if len(chosen) > 1 else "sigma"
+
+
+def trained_where_certified(configurations: pd.DataFrame) -> bool:
+    """Whether every row's model was trained at the sigma it is certified at (``training_sigma``
+    equals ``sigma``; an unknown training sigma is not)."""
+    return bool((configurations["training_sigma"] == configurations["sigma"]).all())
+
+
+class Candidates(NamedTuple):
+    """What an envelope row chose among: the parameters that tell its candidate configurations
+    apart (each cell names the chosen one's), and those that take one value in every candidate
+    (said once, with the row's name)."""
+
+    varying: list[str]
+    constant: dict[str, float]
+
+
+def candidates(rows: pd.DataFrame, by: Sequence[str], over: Over) -> dict[tuple, Candidates]:
+    """``Candidates`` of each group of ``by`` in ``rows``, over the ``over`` columns. A parameter
+    a family does not have (its k is null) is in neither; a training sigma equal to the sigma in
+    every candidate is implied by it and is in neither."""
+    chosen = over_columns(over)
+    configurations = rows[list(by) + chosen].drop_duplicates()
+    out = {}
+    for keys, group in _groups(configurations, by):
+        varying, constant = [], {}
+        for column in chosen:
+            values = group[column].dropna().unique()
+            if len(values) == 0 or (column == "training_sigma" and trained_where_certified(group)):
+                continue
+            if group[column].nunique(dropna=False) > 1:
+                varying.append(column)
+            else:
+                constant[column] = float(values[0])
+        out[row_key(keys)] = Candidates(varying, constant)
+    return out
+
+
+def row_key(keys: tuple) -> tuple:
+    """A group's key as a dictionary key: NaN (a missing training noise, say) as None, since
+    one NaN is not equal to another."""
+    return tuple(None if not isinstance(k, str) and pd.isna(k) else k for k in keys)
 
 
 def split_by_norm(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame, Over]]:
@@ -128,7 +173,7 @@ def _groups(frame: pd.DataFrame, by: Sequence[str], sort: bool = True):
 
 def norms(df: pd.DataFrame) -> list[str]:
     """The norms of the rows' radii ("l1", "l2", "linf"), from their families."""
-    return sorted({family(m).norm for m in df["method"].unique()})
+    return sorted({traits(m).norm for m in df["method"].unique()})
 
 
 def radius(df: pd.DataFrame) -> np.ndarray:
@@ -246,6 +291,8 @@ def high_probability_accuracy(
     Long format: the ``by`` columns, ``radius``, ``images``, ``approximate``, ``lower_bound``,
     ``confidence``.
     """
+    from certlib import certificates  # scipy and statsmodels: only this table needs them
+
     by = grouping(df, by, CONFIGURATION_POOLED_NEVER)
     table = certified_accuracy(df, radii, by)
     grouped = df.groupby(by, sort=True, observed=True, dropna=False)

@@ -1,6 +1,11 @@
 """The smoothing families behind one registry. Each family is one module (its noise, the engine
 that counts its votes, its certificates and their norm, its parameters); adding one is a new
-module and a line in ``FAMILIES``.
+module and a line in ``ENTRIES``.
+
+The registry itself imports no family: what reading results needs of one (its radius's norm,
+whether it is exact: ``traits``) is written in its line, and a family's module (torch, the
+engines) is imported when its class is first asked for, so that ``certify table`` and ``plot``
+start without torch. tests/test_code_shape.py checks each line against its class.
 
 | family | module | paper |
 |---|---|---|
@@ -14,36 +19,81 @@ module and a line in ``FAMILIES``.
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from certlib.families.base import SAMPLINGS, CertifySettings, MonteCarloNoise, SmoothingNoise, Votes
-from certlib.families.dssn import DSSNNoise
-from certlib.families.gaussian import GaussianNoise
-from certlib.families.laplace import LaplaceNoise
-from certlib.families.ssn import SplitIndependentNoise, split_center
-from certlib.families.uniform import UniformNoise
-from certlib.families.zhang import ZhangL1Noise, ZhangL2Noise, ZhangLinfNoise
+if TYPE_CHECKING:  # the names below, imported on first use (``__getattr__``)
+    from certlib.families.base import SAMPLINGS, CertifySettings, MonteCarloNoise, SmoothingNoise, Votes
+    from certlib.families.dssn import DSSNNoise
+    from certlib.families.gaussian import GaussianNoise
+    from certlib.families.laplace import LaplaceNoise
+    from certlib.families.ssn import SplitIndependentNoise, split_center
+    from certlib.families.uniform import UniformNoise
+    from certlib.families.zhang import ZhangL1Noise, ZhangL2Noise, ZhangLinfNoise
 
-FAMILIES: dict[str, type[SmoothingNoise]] = {
-    cls.name: cls
-    for cls in (
-        GaussianNoise,
-        UniformNoise,
-        LaplaceNoise,
-        SplitIndependentNoise,
-        DSSNNoise,
-        ZhangL1Noise,
-        ZhangL2Noise,
-        ZhangLinfNoise,
-    )
+
+class Entry(NamedTuple):
+    """A family's line in the registry: where its class is, and its ``traits``."""
+
+    module: str
+    cls: str
+    norm: str  # "l1", "l2" or "linf": the norm of its radii (the class's ``norm``)
+    exact: bool  # votes enumerated exactly (the class's ``exact``)
+
+
+ENTRIES: dict[str, Entry] = {
+    "gaussian": Entry("gaussian", "GaussianNoise", "l2", False),
+    "uniform": Entry("uniform", "UniformNoise", "l1", False),
+    "laplace": Entry("laplace", "LaplaceNoise", "l1", False),
+    "ssn": Entry("ssn", "SplitIndependentNoise", "l1", False),
+    "dssn": Entry("dssn", "DSSNNoise", "l1", True),
+    "zhang-l1": Entry("zhang", "ZhangL1Noise", "l1", False),
+    "zhang-l2": Entry("zhang", "ZhangL2Noise", "l2", False),
+    "zhang-linf": Entry("zhang", "ZhangLinfNoise", "linf", False),
 }
+
+# Names served by another module of this package than a family's own: the shared base and helpers.
+_ELSEWHERE = {
+    "SAMPLINGS": "base",
+    "CertifySettings": "base",
+    "MonteCarloNoise": "base",
+    "SmoothingNoise": "base",
+    "Votes": "base",
+    "split_center": "ssn",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """``FAMILIES`` and the classes, imported on first use and kept (PEP 562)."""
+    if name == "FAMILIES":
+        value: Any = {method: getattr(_module(e.module), e.cls) for method, e in ENTRIES.items()}
+    elif name in _ELSEWHERE:
+        value = getattr(_module(_ELSEWHERE[name]), name)
+    elif (entry := next((e for e in ENTRIES.values() if e.cls == name), None)) is not None:
+        value = getattr(_module(entry.module), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def _module(name: str) -> Any:
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def traits(method: str) -> Entry:
+    """The registry's line of ``method`` (its norm and exactness), without importing the family:
+    what tables and plots need. ValueError naming the known ones otherwise."""
+    if method not in ENTRIES:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(ENTRIES)}")
+    return ENTRIES[method]
 
 
 def family(method: str) -> type[SmoothingNoise]:
     """The family called ``method``; ValueError naming the known ones otherwise."""
-    if method not in FAMILIES:
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(FAMILIES)}")
-    return FAMILIES[method]
+    entry = traits(method)
+    cls: type[SmoothingNoise] = getattr(_module(entry.module), entry.cls)
+    return cls
 
 
 def make_noise(method: str, sigma: float, **available: Any) -> SmoothingNoise:
@@ -60,10 +110,11 @@ def make_noise(method: str, sigma: float, **available: Any) -> SmoothingNoise:
 
 def with_certificate(certificate: str) -> list[str]:
     """The families that accept ``certificate``."""
-    return [name for name, cls in FAMILIES.items() if certificate in cls.accepted_certificates]
+    return [name for name in ENTRIES if certificate in family(name).accepted_certificates]
 
 
 __all__ = [
+    "ENTRIES",
     "FAMILIES",
     "SAMPLINGS",
     "CertifySettings",
@@ -81,5 +132,6 @@ __all__ = [
     "family",
     "make_noise",
     "split_center",
+    "traits",
     "with_certificate",
 ]

@@ -4,12 +4,13 @@ from a certification."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
-from certlib.families import CertifySettings, SmoothingNoise
+if TYPE_CHECKING:  # reading results needs no family (torch)
+    from certlib.families import CertifySettings, SmoothingNoise
 
 CONFIG = ("method", "training", "sigma", "seed")
 

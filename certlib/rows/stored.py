@@ -4,13 +4,15 @@ re-certification needs besides the rows' own columns."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from certlib.data import DATASETS
-from certlib.families import SmoothingNoise, Votes, family, make_noise
+from certlib.families import family
+
+if TYPE_CHECKING:
+    from certlib.families import SmoothingNoise, Votes
 
 
 def _constant(rows: pd.DataFrame, column: str) -> Any:
@@ -39,6 +41,11 @@ def stored_noise(rows: pd.DataFrame) -> SmoothingNoise:
     its family's parameters (``smoothing_columns``: sigma, DSSN's q and seed, Zhang et al.'s k
     and the dataset's input dimension), which must be the same in every row, and checked
     against what the rows store (DSSN's L)."""
+    # The smoothings and datasets (torch) are imported by re-certification only, not by every
+    # reader of results (``certify table``).
+    from certlib.data import DATASETS
+    from certlib.families import make_noise
+
     method = _constant(rows, "method")
     values = {column: _constant(rows, column) for column in smoothing_columns(method)}
     if "dataset" in values and values["dataset"] not in DATASETS:
@@ -63,6 +70,8 @@ def stored_noise(rows: pd.DataFrame) -> SmoothingNoise:
 def stored_votes(rows: pd.DataFrame, exact: bool) -> Votes:
     """The vote counts ``rows`` store: all copies' (exact), or Monte Carlo's estimation and
     selection counts."""
+    from certlib.families import Votes
+
     if rows["votes"].isna().any() or (not exact and rows["selection_votes"].isna().any()):
         raise ValueError(f"{rows['method'].iloc[0]} rows without stored counts cannot be re-certified")
     counts = np.stack(list(rows["votes"])).astype(np.int64)

@@ -18,6 +18,7 @@ import certlib
 from cluster.cli.errors import UserError, user_errors
 from cluster.cli.importing import import_model_command
 from cluster.cli.plan import plan, print_plan
+from cluster.cli.report import report
 from cluster.cli.tables import plot, table
 from cluster.client import jobs, local_ray, submission
 from cluster.client.submission import submission_id as submission_id  # where tests and scripts found it
@@ -235,6 +236,7 @@ main.add_command(plan)
 main.add_command(import_model_command)
 main.add_command(table)
 main.add_command(plot)
+main.add_command(report)
 
 
 if __name__ == "__main__":

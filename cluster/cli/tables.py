@@ -3,6 +3,7 @@ re-certified from their stored votes, as the papers' tables and figures."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -19,15 +20,19 @@ def _floats(text: str | None) -> list[float] | None:
         raise UserError(f"--radii: give numbers separated by commas, got {text!r}") from None
 
 
-def _default_radii(results: Path) -> list[float]:
-    """The radii of the sweep that wrote ``results`` (its job record), else 0, 0.5, ..., 4."""
+def _sweep_radii(results: Path) -> tuple[list[float], list[float]]:
+    """The radii of the sweep that wrote ``results`` (its job record's ``radii`` and
+    ``radii_linf``, as the job's own closing table uses them), else the defaults. Read as plain
+    JSON, not through the spec (which imports every family and torch): written by the job,
+    validated when it was."""
+    from certlib.analysis.tables import LINF_RADII, RADII
     from cluster.record import sweep_file
-    from cluster.spec import Sweep
 
     try:
-        return list(Sweep.from_json(sweep_file(results).read_text()).radii)
-    except (OSError, ValueError):
-        return list(Sweep.radii)
+        sweep = json.loads(sweep_file(results).read_text())
+        return [float(r) for r in sweep.get("radii", RADII)], [float(r) for r in sweep.get("radii_linf", LINF_RADII)]
+    except (OSError, ValueError, TypeError, AttributeError):  # no record, or not a sweep's
+        return list(RADII), list(LINF_RADII)
 
 
 def recertify_options(command):
@@ -104,7 +109,10 @@ def filter_option(command):
 @click.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--radii", help="Radii, comma-separated (default: the sweep's radii, else 0, 0.5, ..., 4).")
-@click.option("--radii-linf", help="L-infinity radii in units of 1/255, comma-separated (default 2, 4, ..., 12).")
+@click.option(
+    "--radii-linf",
+    help="L-infinity radii in units of 1/255, comma-separated (default: the sweep's, else 2, 4, ..., 12).",
+)
 @click.option("--by", default="method,training", show_default=True, help="Columns that name a table row.")
 @click.option(
     "--format",
@@ -133,13 +141,13 @@ def table(
     table per norm, L-infinity radii in units of 1/255; training modes, training noises and
     datasets are never pooled into one row."""
     from certlib.analysis import format_tables
-    from certlib.analysis.tables import LINF_RADII
 
     df, columns = _read_results(results, certificate, dataset_root, by, where)
     if {"sigma", "k"} & set(columns) or (seeds and "seed" in columns):
         raise UserError("--by: sigma and k (and with --seeds, seed) are what the table chooses over, not row names")
-    radii_list = _floats(radii) or _default_radii(results)
-    click.echo(format_tables(df, radii_list, columns, fmt, seeds, _floats(radii_linf) or LINF_RADII))
+    default, default_linf = _sweep_radii(results)
+    radii_list, linf_list = _floats(radii) or default, _floats(radii_linf) or default_linf
+    click.echo(format_tables(df, radii_list, columns, fmt, seeds, linf_list))
 
 
 @click.command()

@@ -74,11 +74,28 @@ def is_remote(url: str | None) -> bool:
 
 
 def connect(url: str):
+    """Ray's JobSubmissionClient for the dashboard at ``url``; ClusterError where none answers.
+    A dashboard on this machine is first knocked at with a bare TCP connection, so that
+    `certify list` and `status` without a running Ray say so before importing Ray (a second)."""
+    if not is_remote(url):
+        _knock(url)
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(url)
     except Exception as err:  # noqa: BLE001 - connection failures come in many types
+        raise ClusterError(f"cannot reach the Ray cluster at {url}: {first_line(err)}") from None
+
+
+def _knock(url: str) -> None:
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 8265), timeout=5):
+            pass
+    except OSError as err:
         raise ClusterError(f"cannot reach the Ray cluster at {url}: {first_line(err)}") from None
 
 

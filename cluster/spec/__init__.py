@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from certlib.analysis.tables import LINF_RADII
+from certlib.analysis.tables import LINF_RADII, RADII
 from certlib.checkpoints.trust import module_problem
 from certlib.data import DATASETS
 from certlib.engine.cascade import PRECISIONS, EngineOptions
@@ -123,7 +123,7 @@ class Sweep:
     seeds: tuple[int, ...] = (0,)
     training: tuple[str, ...] = ("standard",)
     certify: CertifySpec = CertifySpec()
-    radii: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+    radii: tuple[float, ...] = RADII
     radii_linf: tuple[float, ...] = LINF_RADII  # in units of 1/255, for the L-infinity families
     resources: ResourcesSpec = ResourcesSpec()
 
