@@ -14,13 +14,14 @@ only ~30 s between calls; 64 MiB travel per call, so Ray's wheel comes in two ha
   2. carry [".gpu/b"]:  source .gpu/b/unpack.sh
      Ray's wheel, second half, and the dependencies of ray[default] the machine lacks,
      installed into /tmp/gpu-site; writes /tmp/gpu-stage/env.sh (PYTHONPATH, CIFAR).
-  3. carry [".gpu/c"], timeout_s 600:
-     source /tmp/gpu-stage/env.sh && bash .gpu/c/unpack.sh && python3 bench/gpu_check.py --out $OUT
+  3. carry [".gpu/c"], timeout_s 600:  source /tmp/gpu-stage/env.sh && bash .gpu/c/unpack.sh &&
+     python3 bench/gpu_check.py --out $OUT --work /tmp/gpu-check
      The first 1,200 images of each training batch (6,000), then this check (<= 8 minutes).
 
 $OUT brings back gpu_check.md, gpu_check.json and gpu_check.log (each step's output). While the
-machine is still warm, ``source /tmp/gpu-stage/env.sh && python3 bench/gpu_check.py --out $OUT
---work /tmp/gpu-check --steps tests`` reruns steps (``--work`` keeps the trained model).
+machine is still up (a call within ~30 s), ``source /tmp/gpu-stage/env.sh && python3
+bench/gpu_check.py --out $OUT --work /tmp/gpu-check --steps engine,tests`` reruns steps on the
+model the first run trained. bench/NOTES.md ("The GPU acceptance run") has the device budget.
 
 Steps (``STEP_ORDER``), each in a process of its own under its own time limit (``Sizes.limits``,
 cut to what is left of ``--budget``), so that a hung CUDA call stops only its step; a step that
@@ -99,7 +100,9 @@ def tests_step(ctx: Context) -> list[Row]:
     selection's plumbing at no cost), in parallel with pytest-xdist where it is installed."""
     import importlib.util
 
-    report = ctx.work / "tests.xml"
+    report, log = ctx.work / "tests.xml", ctx.work / "pytest.log"
+    for stale in (report, log):  # of an earlier run in the same --work
+        stale.unlink(missing_ok=True)
     command = [
         sys.executable,
         "-m",
@@ -118,8 +121,8 @@ def tests_step(ctx: Context) -> list[Row]:
     if not ctx.synthetic:  # the CIFAR-10 tests read the staged images there (tests/helpers.py)
         env["CERTIFY_TEST_CIFAR10"] = str(ctx.cifar)
     ctx.progress(" ".join(command[3:5]) + " ...")
-    status, seconds = run_bounded(command, ctx.limit - 30, ctx.work / "pytest.log", env=env, cwd=ROOT)
-    print((ctx.work / "pytest.log").read_text()[-LOG_TAIL_BYTES:])
+    status, seconds = run_bounded(command, ctx.limit - 30, log, env=env, cwd=ROOT)
+    print(log.read_text()[-LOG_TAIL_BYTES:])
     if not report.is_file():
         return [Row("pytest, the GPU selection", f"stopped after {seconds:.0f} s", "all pass", False, exact=True)]
     cases = ElementTree.parse(report).getroot().iter("testcase")
@@ -188,11 +191,11 @@ def run_bounded(
 # --------------------------------------------------------------------------- data
 
 
-def usable_cifar(folder: Path) -> bool:
-    """Whether ``folder`` holds CIFAR-10's binary test and training files (the staged subset
-    counts)."""
+def missing_cifar(folder: Path) -> list[str]:
+    """Which of CIFAR-10's binary test and training files ``folder`` lacks (the staged subset
+    counts as CIFAR-10)."""
     names = ["test_batch.bin"] + [f"data_batch_{i}.bin" for i in range(1, 6)]
-    return all((folder / name).is_file() for name in names)
+    return [name for name in names if not (folder / name).is_file()]
 
 
 def synthetic_cifar(folder: Path, test_images: int, train_images: int) -> Path:
@@ -252,7 +255,8 @@ def run_steps(args: argparse.Namespace, names: list[str], sizes, budget: float) 
             print(f"{name}: skipped (no time left in --budget)", flush=True)
             continue
         log, out = args.work / f"{name}.log", args.work / f"{name}.json"
-        out.unlink(missing_ok=True)
+        for stale in (log, out):  # of an earlier run in the same --work
+            stale.unlink(missing_ok=True)
         command = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--device", args.device]
         command += ["--cifar", str(args.cifar), "--work", str(args.work), "--limit", f"{limit:.0f}"]
         command += ["--quick"] * args.quick + ["--synthetic"] * args.synthetic
@@ -323,9 +327,13 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
     args.work = args.work or Path(tempfile.mkdtemp(prefix="certify-gpu-check-"))
     args.work.mkdir(parents=True, exist_ok=True)
-    args.synthetic = not usable_cifar(args.cifar)
-    if args.synthetic:
-        print(f"CIFAR-10 not found at {args.cifar}: random CIFAR-shaped images instead (figures not meaningful)")
+    missing = missing_cifar(args.cifar)
+    args.synthetic = bool(missing)
+    if missing:
+        print(
+            f"CIFAR-10 incomplete at {args.cifar} (no {', '.join(missing)}): every step runs on random "
+            "CIFAR-shaped images instead (figures not meaningful)"
+        )
         train_images = max(sizes.model_images, sizes.determinism_images)
         args.cifar = synthetic_cifar(args.work / "cifar-synthetic", 5_000 + max(sizes.heldout, 64), train_images)
     meaningful = args.device.startswith("cuda") and not args.quick and not args.synthetic

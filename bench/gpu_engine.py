@@ -31,7 +31,7 @@ def engine_step(ctx: Context) -> list[Row]:
     test = ctx.test()
     batch = default_batch_size(ctx.device, 3 * 32 * 32)
     ctx.progress("the precision: auto cascade (compiled where auto compiles) and its spot check")
-    auto = checked_cascade(model, test, ctx.device, batch)
+    auto, setup = timed(lambda: checked_cascade(model, test, ctx.device, batch), ctx.device)
     fast = "fp16" if ctx.gpu else "bf16"
     cells = {f"{level} eager": autocast_forward(auto.fast_network(), level, ctx.device) for level in ("fp32", fast)}
     if auto.compiled:
@@ -40,7 +40,8 @@ def engine_step(ctx: Context) -> list[Row]:
     ctx.progress("forward ceilings")
     ceilings = {name: forward_rate(fn, x, ctx.device, s.ceiling_seconds) for name, fn in cells.items()}
     best = max(ceilings.values())
-    rows = [Row(f"forward ceiling, {name}, batch {batch} (samples/s)", f"{r:,.0f}") for name, r in ceilings.items()]
+    rows = [Row(f"engine set-up: folding, compilation ({auto.compiled}), float64 copy, spot check (s)", f"{setup:.1f}")]
+    rows += [Row(f"forward ceiling, {name}, batch {batch} (samples/s)", f"{r:,.0f}") for name, r in ceilings.items()]
     ctx.progress("DSSN cells")
     dssn = [dssn_cell("auto", auto, test, sigma, ctx.device, s.cell_seconds, s.truth_images) for sigma in DSSN_SIGMAS]
     ctx.progress("the float64 ground truth")
