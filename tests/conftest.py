@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from certlib.checkpoints.checkpoint import ModelCard
-from certlib.determinism import CUBLAS_WORKSPACE
+from certlib import CUBLAS_WORKSPACE
 from tests.helpers import CIFAR10_DIR, DSSN_PAPER_FILE, TrainedModel, quiet, simulated_cluster
 
 # Before any CUDA work: cuBLAS reads it once, and the deterministic-training tests need it.

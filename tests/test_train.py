@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -347,3 +350,39 @@ def test_an_epoch_never_waits_for_the_gpu(cuda, train_model, digits, tmp_path, m
     monkeypatch.setattr(train_module, "_run_epoch", strict)
     config = TrainConfig("digits", "dssn", 0.5, epochs=1, cuda_graph=cuda_graph, heldout_limit=8)
     train_model(config, tmp_path / "m.pt", *digits, device=cuda, log=quiet)
+
+
+@pytest.mark.parametrize("method", ["dssn", "uniform", "gaussian", "zhang-l1", "zhang-l2", "zhang-linf"])
+def test_a_cuda_graph_replays_only_noise_drawn_on_the_device(method):
+    """Zhang et al.'s families draw their radii on the host, which a graph would replay as one draw
+    every step: ``auto`` trains them eagerly and ``true`` is refused before training starts."""
+    noise = make_noise(method, 0.5, q=16) if method == "dssn" else make_noise(method, 0.5)
+    on_device = method not in ("zhang-l1", "zhang-l2", "zhang-linf")
+    assert train_module.runs_as_graph("auto", "cuda", True, noise) is on_device
+    assert train_module.runs_as_graph(False, "cuda", True, noise) is False
+    assert train_module.runs_as_graph("auto", "cpu", True, noise) is False
+    assert train_module.runs_as_graph("auto", "cuda", False, noise) is False
+    if on_device:
+        assert train_module.runs_as_graph(True, "cuda", True, noise) is True
+    else:
+        with pytest.raises(ValueError, match=f"cannot train with {method} noise, drawn on the host"):
+            train_module.runs_as_graph(True, "cuda", True, noise)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        train_module.runs_as_graph(True, "cpu", True, noise)
+
+
+def test_importing_certlib_fixes_the_cublas_workspace_before_any_cuda_work(tmp_path):
+    """torch reads CUBLAS_WORKSPACE_CONFIG at a process's first cuBLAS call, so deterministic
+    training after a model was timed (as `certify plan` does) needs it set at import; a value
+    torch's deterministic cuBLAS does not accept is refused in one line."""
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    check = "import os, certlib; print(os.environ['CUBLAS_WORKSPACE_CONFIG'])"
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ":4096:8"
+    refuse = (
+        "from certlib.determinism import enable_deterministic_kernels\n"
+        "try:\n    enable_deterministic_kernels()\nexcept ValueError as err:\n    print(err)"
+    )
+    env["CUBLAS_WORKSPACE_CONFIG"] = ":1:1"
+    done = subprocess.run([sys.executable, "-c", refuse], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip().startswith("deterministic kernels need CUBLAS_WORKSPACE_CONFIG=:4096:8")
