@@ -76,6 +76,18 @@ def model_checkpoint(args, test, path: Path) -> Path:
     return path
 
 
+def job_spec(cifar: Path, images: int, models: Path, sigma: float) -> dict:
+    """The job's spec without name, output and resources: DSSN at ``sigma`` on the first
+    ``images`` CIFAR-10 test images, precision auto, the model found under ``models``."""
+    return {
+        "dataset": {"name": "cifar10", "split": "test", "root": str(cifar), "limit": images},
+        "models": {"path": str(models / "{method}-{training}-{sigma}-{seed}.pt")},
+        "methods": ["dssn"],
+        "sigmas": [sigma],
+        "certify": {"precision": "auto"},
+    }
+
+
 def bare_engine(
     checkpoint: Path, card_sigma: float, test, images: int, shard: int, device: torch.device, threads: int
 ) -> tuple[float, float, np.ndarray]:
@@ -187,13 +199,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     work = Path(tempfile.mkdtemp(prefix="certify-bench-"))
     sigma = load_checkpoint(args.checkpoint)[1].sigma if args.checkpoint else args.sigma
-    spec = {
-        "dataset": {"name": "cifar10", "split": "test", "root": str(args.cifar), "limit": args.images},
-        "models": {"path": str(work / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
-        "methods": ["dssn"],
-        "sigmas": [sigma],
-        "certify": {"precision": "auto"},
-    }
+    spec = job_spec(args.cifar, args.images, work / "models", sigma)
     sweep = parse_spec({**spec, "name": "probe", "output": str(work / "probe")})
     checkpoint = model_checkpoint(args, test, model_keys(sweep)[0].checkpoint(sweep))
 

@@ -114,17 +114,43 @@ def cycled(test, count: int, device) -> torch.Tensor:
 # --------------------------------------------------------------------------- 0. the network
 
 
-def acceptance_model(cifar: Path, device: torch.device, epochs: int, out: Path):
+def acceptance_model(
+    cifar: Path,
+    device: torch.device,
+    epochs: int,
+    out: Path,
+    images: int = 6_000,
+    heldout: int = 1_000,
+    architecture: str = "wrn40_2",
+):
+    """``architecture`` trained with DSSN noise (sigma 1.0) on the first ``images`` training
+    images, checked on ``heldout`` test images from 5,000 on; returns (model, card)."""
     from certlib.training.config import TrainConfig
     from certlib.training.train import train_model
 
-    train = load_dataset("cifar10", "train", cifar, limit=6_000)
-    heldout = load_dataset("cifar10", "test", cifar, start=5_000, limit=1_000)  # the cells use images 0..
+    train = load_dataset("cifar10", "train", cifar, limit=images)
+    held = load_dataset("cifar10", "test", cifar, start=5_000, limit=heldout)  # the cells use images 0..
     config = TrainConfig(
-        dataset="cifar10", method="dssn", sigma=1.0, epochs=epochs, channels_last=True, heldout_limit=None
+        dataset="cifar10",
+        method="dssn",
+        sigma=1.0,
+        architecture=architecture,
+        epochs=epochs,
+        channels_last=True,
+        heldout_limit=None,
     )
-    card = train_model(config, out, train, heldout, device=device, log=lambda line: None)
+    card = train_model(config, out, train, held, device=device, log=lambda line: None)
     return load_checkpoint(out, device=device, dataset="cifar10")[0], card
+
+
+def checked_cascade(model, test, device: torch.device, batch: int) -> Cascade:
+    """The ``precision: auto`` cascade (compiled where ``auto`` compiles) after its spot check on
+    64 DSSN copies of test image 0, so that a level the check leaves out is out of every cell."""
+    auto = Cascade(model, 10, batch, device=device, precision="auto", compile="auto")
+    first = DSSNNoise(1.0)
+    x_int = quantize(test.pixels([0]).to(device), first.q).flatten(1)
+    auto.check(first.copies(x_int.expand(64, -1), torch.arange(64, device=device)).view(-1, 3, 32, 32))
+    return auto
 
 
 # --------------------------------------------------------------------------- 1. forward ceiling
@@ -402,10 +428,21 @@ def monte_carlo_section(
 
 
 @torch.inference_mode()
-def ground_truth(model, engine: Cascade, test, device, count: int, batch: int, mc_n: int) -> tuple[dict, dict, str]:
+def ground_truth(
+    model,
+    engine: Cascade,
+    test,
+    device,
+    count: int,
+    batch: int,
+    mc_n: int,
+    sigmas: tuple[float, ...] = SIGMAS,
+    mc_noises: tuple = (UniformNoise(0.5), GaussianNoise(0.5)),
+) -> tuple[dict, dict, str]:
     """Float64 votes of every DSSN copy of the first ``count`` images per sigma and Monte Carlo
-    counts of the first image (this file's own loops: the unfolded network in float64, a
-    margin under EXACT_TIE to the lower class), and each level's worst logit error against it."""
+    counts of the first image under each of ``mc_noises`` (this file's own loops: the unfolded
+    network in float64, a margin under EXACT_TIE to the lower class), and each level's worst
+    logit error against it."""
     model64 = copy.deepcopy(model).to(memory_format=torch.contiguous_format).double()
 
     def exact_votes(x):
@@ -414,10 +451,10 @@ def ground_truth(model, engine: Cascade, test, device, count: int, batch: int, m
         return (logits >= top - EXACT_TIE * (1 + top.abs())).to(torch.uint8).argmax(dim=1), logits
 
     levels = [level for level in ("fp16", "bf16", "tf32", "fp32") if device.type == "cuda" or level in ("bf16", "fp32")]
-    worst = {(level, sigma): 0.0 for level in levels for sigma in SIGMAS}
+    worst = {(level, sigma): 0.0 for level in levels for sigma in sigmas}
     truth = {}
     images = cycled(test, count, device)
-    for sigma in SIGMAS:
+    for sigma in sigmas:
         noise = DSSNNoise(sigma)
         x_int = quantize(images, noise.q).flatten(1)
         votes = torch.zeros(count, 10, dtype=torch.int64, device=device)
@@ -432,7 +469,7 @@ def ground_truth(model, engine: Cascade, test, device, count: int, batch: int, m
                 worst[(level, sigma)] = max(worst[(level, sigma)], float(error))
         truth[sigma] = votes.cpu().numpy()
     mc_truth = {}
-    for noise in (UniformNoise(0.5), GaussianNoise(0.5)):
+    for noise in mc_noises:
         counts = np.zeros((2, 10), dtype=np.int64)
         for stage, total in ((0, 64), (1, mc_n)):
             for block, start in enumerate(range(0, total, MC_BLOCK)):
@@ -443,16 +480,16 @@ def ground_truth(model, engine: Cascade, test, device, count: int, batch: int, m
     rows = [
         [
             level,
-            *(f"{worst[(level, s)]:.2e}" for s in SIGMAS),
+            *(f"{worst[(level, s)]:.2e}" for s in sigmas),
             f"{LEVELS[level].band:.0e}",
-            f"{LEVELS[level].band / (2 * max(worst[(level, s)] for s in SIGMAS)):,.1f}",
+            f"{LEVELS[level].band / (2 * max(worst[(level, s)] for s in sigmas)):,.1f}",
         ]
         for level in levels
     ]
     return (
         truth,
         mc_truth,
-        table(["level (engine's network)", *(f"worst error, sigma {s}" for s in SIGMAS), "band", "headroom"], rows),
+        table(["level (engine's network)", *(f"worst error, sigma {s}" for s in sigmas), "band", "headroom"], rows),
     )
 
 
@@ -668,10 +705,7 @@ def main() -> None:
             f"# certify benchmark suite: {name}, torch {torch.__version__}, {described}, CIFAR-10 test images, "
             f"engine batch {batch} {clock}\n"
         )
-        auto = Cascade(model, 10, batch, device=device, precision="auto", compile="auto")
-        first = DSSNNoise(1.0)
-        x_int = quantize(test.pixels([0]).to(device), first.q).flatten(1)
-        auto.check(first.copies(x_int.expand(64, -1), torch.arange(64, device=device)).view(-1, 3, 32, 32))
+        auto = checked_cascade(model, test, device, batch)
         engines = {"auto": auto}
         if auto.levels[0] != "fp32":
             engines["fp32"] = Cascade(model, 10, batch, device=device, precision="fp32", compile=False)

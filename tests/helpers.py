@@ -6,6 +6,7 @@ imports from here, never from another test module."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
     from certlib.checkpoints.checkpoint import ModelCard
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CIFAR10_DIR = SHARED_DATA / "cifar-10-batches-bin"
+# bench/gpu_check.py points it at the CIFAR-10 subset staged on the GPU machine (no ../shared there).
+CIFAR10_DIR = Path(os.environ.get("CERTIFY_TEST_CIFAR10") or SHARED_DATA / "cifar-10-batches-bin")
 DSSN_PAPER_FILE = SHARED_DATA / "dssn-paper-cifar10" / "certificates.parquet"
 
 RADII = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
