@@ -11,11 +11,10 @@ import itertools
 import json
 import math
 import re
+import string as formatting
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
-
-import yaml
 
 from certlib.data import DATASETS
 from certlib.engine.cascade import PRECISIONS, EngineOptions
@@ -30,12 +29,45 @@ from cluster.spec.fields import (
     number,
     optional_integer,
     seed_value,
+    shown,
     string,
     unique_list,
 )
+from cluster.spec.loading import MAX_SPEC_BYTES, load_yaml, read_spec_text
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # whole names only (re.fullmatch): "rev\n" is not one
 MODEL_FIELDS = ("method", "training", "sigma", "seed")
+TEMPLATE_FIELDS = (*MODEL_FIELDS, "dataset")
+
+# Upper bounds of the numeric keys: beyond them a run cannot finish, or a value overflows the
+# column or the arithmetic that holds it. (Every integer is also at most 2**53: fields.py.)
+# n0 and n are forward passes per image: 10**12 is more than a day per image at 10**7 samples/s
+# (a fast GPU on CIFAR-10's smallest network), far inside the Int64 vote columns.
+MAX_SAMPLES = 10**12
+# A batch holds batch_size x input values (certification and training): many CUDA kernels index
+# with 32-bit integers, and 2**31 values are 8 GiB of float32 before the first activation.
+MAX_BATCH_VALUES = 2**31
+# Images are in [0, 1]. The noisy input is computed in the cascade's first precision, and fp16
+# (its first level on GPUs) holds at most 65,504: noise of sigma 1,000 reaches that in its far
+# tails (Laplace: about 15 scales at float32's smallest uniform draws). The published grids stop
+# at 4; DSSN's L = 2 sqrt(3) sigma q forward passes per image stay below 10**6.
+MAX_SIGMA = 1000.0
+MAX_IMAGES = 10**9  # every, start, limit, shard_size, heldout_limit: no dataset here has 10**7 images
+MAX_EPOCHS = 100_000  # the papers train 90 to 120; 10**5 epochs of digits (1,437 images) take days
+# A worker runs on one node: no node has 4,096 CPUs (the largest two-socket servers have 768
+# hardware threads) or more than 16 GPUs, and `certify plan` hands cpus_per_worker to torch's
+# set_num_threads, a C int.
+MAX_CPUS = 4096
+MAX_GPUS = 16
+MAX_WORKERS = 100_000  # a cap per kind; Ray clusters hold a few thousand nodes
+MAX_RETRIES = 100  # each attempt reruns its unit: a failure repeated 100 times is not chance
+FLOAT32_MAX = 3.4028234663852886e38  # lr, weight_decay, stability_weight: the training step is float32
+# Every configuration (method x sigma x k x seed x training x models.sigmas) is a model to read or
+# train and certify: the published grids have at most a few hundred, and validating reads each
+# model's card.
+MAX_CONFIGURATIONS = 10_000
+# The validated spec as JSON: what the job ships to its driver and writes to <output>.job/.
+MAX_SPEC_JSON = 4 * MAX_SPEC_BYTES
 
 
 # --------------------------------------------------------------------------- schema
@@ -128,6 +160,10 @@ class Sweep:
 # --------------------------------------------------------------------------- parsing
 
 
+def _image_count(value: Any, where: str, minimum: int) -> int:
+    return integer(value, where, minimum, MAX_IMAGES)
+
+
 def _dataset(data, path="dataset") -> DatasetSpec:
     data = check_keys(data, DatasetSpec, path)
     if "name" not in data:
@@ -144,15 +180,22 @@ def _dataset(data, path="dataset") -> DatasetSpec:
         name,
         split,
         root,
-        integer(data.get("every", 1), f"{path}.every", 1),
-        integer(data.get("start", 0), f"{path}.start", 0),
-        optional_integer(data.get("limit"), f"{path}.limit", 1),
+        _image_count(data.get("every", 1), f"{path}.every", 1),
+        _image_count(data.get("start", 0), f"{path}.start", 0),
+        optional_integer(data.get("limit"), f"{path}.limit", 1, MAX_IMAGES),
     )
 
 
-def _train(data, path="models.train") -> TrainSettings:
+def _batch_size(value: Any, where: str, dataset: str) -> int:
+    """A batch of images of ``dataset``: at most MAX_BATCH_VALUES input values."""
+    values = math.prod(DATASETS[dataset].input_shape)
+    return integer(value, where, 1, MAX_BATCH_VALUES // values)
+
+
+def _train(data, dataset: str, path="models.train") -> TrainSettings:
     data = check_keys({} if data is None else data, TrainSettings, path)
     d = TrainSettings()
+    side = max(DATASETS[dataset].input_shape[1:])  # padding beyond it: a random crop may hold no image
     arch = data.get("architecture")
     if arch is not None:
         from certlib.models import ARCHITECTURES
@@ -160,43 +203,66 @@ def _train(data, path="models.train") -> TrainSettings:
         arch = string(arch, f"{path}.architecture", sorted(ARCHITECTURES))
     return TrainSettings(
         architecture=arch,
-        epochs=optional_integer(data.get("epochs"), f"{path}.epochs", 1),
-        batch_size=integer(data.get("batch_size", d.batch_size), f"{path}.batch_size", 1),
-        lr=number(data.get("lr", d.lr), f"{path}.lr", positive=True),
+        epochs=optional_integer(data.get("epochs"), f"{path}.epochs", 1, MAX_EPOCHS),
+        batch_size=_batch_size(data.get("batch_size", d.batch_size), f"{path}.batch_size", dataset),
+        lr=number(data.get("lr", d.lr), f"{path}.lr", positive=True, maximum=FLOAT32_MAX),
         momentum=number(data.get("momentum", d.momentum), f"{path}.momentum", minimum=0, below=1),
         nesterov=boolean(data.get("nesterov", d.nesterov), f"{path}.nesterov"),
-        weight_decay=number(data.get("weight_decay", d.weight_decay), f"{path}.weight_decay", minimum=0),
-        stability_weight=number(
-            data.get("stability_weight", d.stability_weight), f"{path}.stability_weight", minimum=0
+        weight_decay=number(
+            data.get("weight_decay", d.weight_decay), f"{path}.weight_decay", minimum=0, maximum=FLOAT32_MAX
         ),
-        crop_padding=optional_integer(data.get("crop_padding"), f"{path}.crop_padding", 0),
+        stability_weight=number(
+            data.get("stability_weight", d.stability_weight),
+            f"{path}.stability_weight",
+            minimum=0,
+            maximum=FLOAT32_MAX,
+        ),
+        crop_padding=optional_integer(data.get("crop_padding"), f"{path}.crop_padding", 0, side),
         flip=None if data.get("flip") is None else boolean(data["flip"], f"{path}.flip"),
         amp=boolean(data.get("amp", d.amp), f"{path}.amp"),
         channels_last=boolean(data.get("channels_last", d.channels_last), f"{path}.channels_last"),
-        heldout_limit=optional_integer(data.get("heldout_limit", d.heldout_limit), f"{path}.heldout_limit", 1),
+        heldout_limit=optional_integer(
+            data.get("heldout_limit", d.heldout_limit), f"{path}.heldout_limit", 1, MAX_IMAGES
+        ),
         deterministic=boolean(data.get("deterministic", d.deterministic), f"{path}.deterministic"),
         cuda_graph=auto_or_boolean(data.get("cuda_graph", d.cuda_graph), f"{path}.cuda_graph"),
         data=string(data.get("data", d.data), f"{path}.data", DATA_PLACEMENTS),
-        loader_workers=optional_integer(data.get("loader_workers", d.loader_workers), f"{path}.loader_workers", 0),
+        loader_workers=optional_integer(
+            data.get("loader_workers", d.loader_workers), f"{path}.loader_workers", 0, MAX_CPUS
+        ),
     )
 
 
-def _models(data, path="models") -> ModelsSpec:
+def _check_template_text(template: str, where: str) -> None:
+    """A checkpoint template names the five fields, plainly or with a short format (``{sigma}``,
+    ``{seed:03d}``): no other field, attribute or index, no nested field, and no width or
+    precision beyond 255 (a file name's length: a width of 10**9 would build a gigabyte)."""
+    fields = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
+    try:
+        parts = list(formatting.Formatter().parse(template))
+    except ValueError as err:
+        raise SpecError(f"{where}: bad template ({err}); use the fields {fields}") from None
+    for _, field, spec, _conversion in parts:
+        if field is None:
+            continue
+        if field not in TEMPLATE_FIELDS:
+            raise SpecError(f"{where}: bad template field {{{shown(field)[1:-1]}}}; use the fields {fields}")
+        if "{" in (spec or "") or any(len(n) > 3 or int(n) > 255 for n in re.findall(r"\d+", spec or "")):
+            raise SpecError(f"{where}: the format of {{{field}}} may not nest fields or exceed a width of 255")
+
+
+def _models(data, dataset: str, path="models") -> ModelsSpec:
     data = check_keys(data, ModelsSpec, path)
     template = string(data.get("path"), f"{path}.path")
+    _check_template_text(template, f"{path}.path")
     try:
         template.format(method="m", training="t", sigma=1.0, seed=0, dataset="d")
     except Exception as err:  # noqa: BLE001 - any formatting failure is a bad template
-        raise SpecError(
-            f"{path}.path: bad template ({err}); use the fields {{method}} {{training}} {{sigma}} {{seed}} {{dataset}}"
-        ) from None
-    train = _train(data["train"]) if "train" in data else None
+        fields = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
+        raise SpecError(f"{path}.path: bad template ({shown(str(err))}); use the fields {fields}") from None
+    train = _train(data["train"], dataset) if "train" in data else None
     noise = None if data.get("noise") is None else string(data["noise"], f"{path}.noise", sorted(FAMILIES))
-    sigmas = (
-        None
-        if data.get("sigmas") is None
-        else unique_list(data["sigmas"], f"{path}.sigmas", lambda v, w: number(v, w, positive=True))
-    )
+    sigmas = None if data.get("sigmas") is None else unique_list(data["sigmas"], f"{path}.sigmas", _sigma)
     return ModelsSpec(
         template, train, boolean(data.get("override_card", False), f"{path}.override_card"), noise, sigmas
     )
@@ -219,15 +285,16 @@ def _check_template(sweep: Sweep) -> None:
             )
 
 
-def _certify(data, path="certify") -> CertifySpec:
+def _certify(data, dataset: str, path="certify") -> CertifySpec:
     data = check_keys({} if data is None else data, CertifySpec, path)
     d = CertifySpec()
+    batch = data.get("batch_size")
     return CertifySpec(
-        n0=integer(data.get("n0", d.n0), f"{path}.n0", 1),
-        n=integer(data.get("n", d.n), f"{path}.n", 1),
+        n0=integer(data.get("n0", d.n0), f"{path}.n0", 1, MAX_SAMPLES),
+        n=integer(data.get("n", d.n), f"{path}.n", 1, MAX_SAMPLES),
         alpha=number(data.get("alpha", d.alpha), f"{path}.alpha", positive=True, below=0.5),
         multiclass=boolean(data.get("multiclass", d.multiclass), f"{path}.multiclass"),
-        batch_size=optional_integer(data.get("batch_size"), f"{path}.batch_size", 1),
+        batch_size=None if batch is None else _batch_size(batch, f"{path}.batch_size", dataset),
         precision=string(data.get("precision", d.precision), f"{path}.precision", PRECISIONS),
         deterministic=boolean(data.get("deterministic", d.deterministic), f"{path}.deterministic"),
         compile=auto_or_boolean(data.get("compile", d.compile), f"{path}.compile"),
@@ -239,25 +306,31 @@ def _resources(data, path="resources") -> ResourcesSpec:
     d = ResourcesSpec()
     workers = data.get("workers", d.workers)
     if workers != "auto":
-        workers = integer(workers, f"{path}.workers", 1)
+        workers = integer(workers, f"{path}.workers", 1, MAX_WORKERS)
     gpus = data.get("gpus_per_worker", d.gpus_per_worker)
     if gpus != "auto":
-        gpus = number(gpus, f"{path}.gpus_per_worker", minimum=0)
+        gpus = number(gpus, f"{path}.gpus_per_worker", minimum=0, maximum=MAX_GPUS)
     train_gpus = data.get("gpus_per_train_worker", d.gpus_per_train_worker)
     if train_gpus != "auto":  # a training run uses one device: a GPU or a share of one
-        train_gpus = number(train_gpus, f"{path}.gpus_per_train_worker", minimum=0)
+        train_gpus = number(train_gpus, f"{path}.gpus_per_train_worker", minimum=0, maximum=MAX_GPUS)
         if train_gpus > 1:
             raise SpecError(f"{path}.gpus_per_train_worker: a training run uses one GPU at most, got {train_gpus}")
     return ResourcesSpec(
         workers,
         gpus,
         train_gpus,
-        number(data.get("cpus_per_worker", d.cpus_per_worker), f"{path}.cpus_per_worker", positive=True),
-        integer(shard_size, f"{path}.shard_size", 1)
+        number(
+            data.get("cpus_per_worker", d.cpus_per_worker), f"{path}.cpus_per_worker", positive=True, maximum=MAX_CPUS
+        ),
+        _image_count(shard_size, f"{path}.shard_size", 1)
         if (shard_size := data.get("shard_size", d.shard_size)) != "auto"
         else "auto",
-        integer(data.get("max_retries", d.max_retries), f"{path}.max_retries", 0),
+        integer(data.get("max_retries", d.max_retries), f"{path}.max_retries", 0, MAX_RETRIES),
     )
+
+
+def _sigma(value: Any, where: str) -> float:
+    return number(value, where, positive=True, maximum=MAX_SIGMA)
 
 
 def _ks(data: dict, methods: tuple[str, ...]) -> tuple[float, ...]:
@@ -267,6 +340,26 @@ def _ks(data: dict, methods: tuple[str, ...]) -> tuple[float, ...]:
     return unique_list(data.get("ks", [0.0]), "ks", lambda v, w: number(v, w, minimum=0))
 
 
+def _output(value: Any) -> str:
+    """The results directory: a path whose last part is a name of its own, so never a
+    filesystem root, ``.``, ``..`` or a path ending in them (its job record ``<output>.job``
+    sits beside it). Where it lands against the files here: ``cluster.plan.resolve_paths``."""
+    output = string(value, "output")
+    if PurePosixPath(output).name in ("", ".."):
+        raise SpecError(
+            f"output: {shown(output)} is a filesystem root, the current directory or one above it; "
+            "give the results a directory of their own"
+        )
+    return output
+
+
+def _configurations(methods, sigmas, ks, seeds, training, models: ModelsSpec) -> int:
+    """Models x sigmas the sweep certifies: methods (shaped ones once per k) x sigmas x seeds x
+    training (x models.sigmas)."""
+    shaped = sum(len(ks) if "k" in family(m).parameters else 1 for m in methods)
+    return shaped * len(sigmas) * len(seeds) * len(training) * len(models.sigmas or (None,))
+
+
 def parse_spec(data: Any) -> Sweep:
     """Validate a spec given as plain data (parsed YAML) and return the Sweep."""
     data = check_keys(data, Sweep, "")
@@ -274,12 +367,21 @@ def parse_spec(data: Any) -> Sweep:
         if key not in data:
             raise SpecError(f"{key}: missing")
     name = string(data["name"], "name")
-    if not NAME.match(name):
-        raise SpecError(f"name: use lower-case letters, digits, '-' and '_' (at most 63), got {name!r}")
+    if not NAME.fullmatch(name):
+        raise SpecError(f"name: use lower-case letters, digits, '-' and '_' (at most 63), got {shown(name)}")
     dataset = _dataset(data["dataset"])
     methods = unique_list(data["methods"], "methods", lambda v, w: string(v, w, sorted(FAMILIES)))
-    sigmas = unique_list(data["sigmas"], "sigmas", lambda v, w: number(v, w, positive=True))
+    sigmas = unique_list(data["sigmas"], "sigmas", _sigma)
     ks = _ks(data, methods)
+    training = unique_list(data.get("training", ["standard"]), "training", lambda v, w: string(v, w, TRAINING_MODES))
+    seeds = unique_list(data.get("seeds", [0]), "seeds", seed_value)
+    models = _models(data["models"], dataset.name)
+    configurations = _configurations(methods, sigmas, ks, seeds, training, models)
+    if configurations > MAX_CONFIGURATIONS:
+        raise SpecError(
+            f"sigmas: the grid holds {configurations:,} configurations (methods x sigmas x ks x seeds x training"
+            f"{' x models.sigmas' if models.sigmas else ''}), more than the {MAX_CONFIGURATIONS:,} a sweep may have"
+        )
     info = DATASETS[dataset.name]
     for method, (i, sigma) in itertools.product(methods, enumerate(sigmas)):  # each family checks its own
         try:
@@ -291,8 +393,7 @@ def parse_spec(data: Any) -> Sweep:
             make_noise(method, sigmas[0], q=info.q, k=k, dim=math.prod(info.input_shape))
         except ValueError as err:
             raise SpecError(f"ks[{j}]: {err}") from None
-    training = unique_list(data.get("training", ["standard"]), "training", lambda v, w: string(v, w, TRAINING_MODES))
-    certify = _certify(data.get("certify"))
+    certify = _certify(data.get("certify"), dataset.name)
     binary_only = [m for m in methods if family(m).multiclass_refusal]
     if certify.multiclass and binary_only:
         raise SpecError(
@@ -302,13 +403,13 @@ def parse_spec(data: Any) -> Sweep:
     radii = unique_list(data.get("radii", list(Sweep.radii)), "radii", lambda v, w: number(v, w, minimum=0))
     sweep = Sweep(
         name=name,
-        output=string(data["output"], "output"),
+        output=_output(data["output"]),
         dataset=dataset,
-        models=_models(data["models"]),
+        models=models,
         methods=methods,
         sigmas=sigmas,
         ks=ks,
-        seeds=unique_list(data.get("seeds", [0]), "seeds", seed_value),
+        seeds=seeds,
         training=training,
         certify=certify,
         radii=tuple(sorted(radii)),
@@ -321,22 +422,18 @@ def parse_spec(data: Any) -> Sweep:
         and dataset.name not in PAPER_DEFAULTS
     ):
         raise SpecError("models.train.architecture: missing")
+    size = len(sweep.to_json())
+    if size > MAX_SPEC_JSON:
+        raise SpecError(f"spec: {size:,} bytes as JSON, more than the {MAX_SPEC_JSON:,} a spec may have")
     return sweep
 
 
 def load_spec(path: str | Path) -> Sweep:
-    """Read and validate a YAML spec; every error is a one-line SpecError naming the field."""
+    """Read and validate a YAML spec; every error is a one-line SpecError naming the field. The
+    file is read within the limits of ``cluster.spec.loading`` (size, values, nesting, aliases,
+    duplicate keys)."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpecError(f"{path}: cannot read the spec ({err.__class__.__name__})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}: not valid YAML{where}") from None
+    data = load_yaml(read_spec_text(path), str(path))
     try:
         return parse_spec(data)
     except SpecError as err:
