@@ -4,6 +4,7 @@ how the votes are counted and certified; this class only ties the model to it.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Unpack
 
 import numpy as np
@@ -45,20 +46,37 @@ class Smooth:
         seed: int = 0,
         multiclass: bool = False,
         certificate: str = "standard",
+        sampling: str = "fixed",
+        radii: Sequence[float] = (),
+        epsilon: float | None = None,
     ) -> dict[str, Any]:
         """Predictions and certified radii (in ``noise.norm``, pixel scale) for a batch of images.
 
         DSSN (exact): votes over all L offsets; prediction = argmax (ties to the lower index),
         radius from ``certificates.dssn_radius`` (inclusive). Monte Carlo: CERTIFY with n0
         selection and n estimation samples at one-sided level alpha; prediction -1 and radius
-        NaN where it abstains. ``indices`` (dataset indices, default 0..N-1) seed the random
-        streams. Returns arrays keyed selected, prediction, radius, p_a_lower, p_b_upper,
-        votes (exact: over all L copies; Monte Carlo: the n estimation samples),
-        selection_votes (Monte Carlo: the n0 samples; None for exact families), and the
-        ``certificate`` and ``multiclass`` the rows store.
+        NaN where it abstains. ``sampling="sequential"``: at most n estimation samples, each image
+        stopped once its certificate at the table ``radii`` (pixel scale) is settled (or, with
+        ``epsilon``, its radius within epsilon of the point estimate's), with anytime-valid
+        bounds at level alpha (``certificates.sequences``): the radius is then the one of the
+        bound at the stopping time. ``indices`` (dataset indices, default 0..N-1) seed the random
+        streams. Returns arrays keyed selected, prediction, radius, p_a_lower, p_b_upper, n
+        (Monte Carlo: the estimation samples used), votes (exact: over all L copies; Monte
+        Carlo: the estimation samples), selection_votes (Monte Carlo: the n0 samples; None for
+        exact families), and the ``certificate``, ``multiclass`` and ``sampling`` the rows store.
         """
         indices = np.arange(len(images)) if indices is None else np.asarray(indices)
-        settings = CertifySettings(n0=n0, n=n, alpha=alpha, multiclass=multiclass, certificate=certificate, seed=seed)
+        settings = CertifySettings(
+            n0=n0,
+            n=n,
+            alpha=alpha,
+            multiclass=multiclass,
+            certificate=certificate,
+            seed=seed,
+            sampling=sampling,
+            radii=tuple(float(r) for r in radii),
+            epsilon=epsilon,
+        )
         return self.certify_with(images, indices, settings)
 
     def certify_with(self, images: torch.Tensor, indices, settings: CertifySettings) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def _attached_sweep(job_id: str, metadata: dict[str, str]) -> Sweep:
     (``cluster.record.METADATA_SPEC_BYTES``) from the job record its driver wrote,
     ``<output>.job/sweep.json``, where this machine reads it."""
     from cluster.record import sweep_file
-    from cluster.spec import MAX_SPEC_JSON
+    from cluster.spec.bounds import MAX_SPEC_JSON
 
     if metadata.get("spec"):
         return Sweep.from_json(metadata["spec"])
@@ -197,7 +197,7 @@ class _ProgressBar:
     def __init__(self, job: Job):
         from tqdm.auto import tqdm
 
-        self.job, self.last = job, float("-inf")
+        self.job, self.last, self.started = job, float("-inf"), False
         self.bar = tqdm(total=None, desc=job.job_id, unit="img", dynamic_ncols=True)
 
     def update(self, force: bool = False) -> None:
@@ -208,8 +208,13 @@ class _ProgressBar:
         if snap is None:
             return
         # .get: a record of another version of the driver must not stop the wait
+        done = snap.get("images_done", 0)
+        if not self.started:  # a resumed job's images done before: the bar starts there, its rate from here
+            self.bar.reset(total=snap.get("images_total"))
+            self.bar.initial = done
+            self.started = True
         self.bar.total = snap.get("images_total")
-        self.bar.n = snap.get("images_done", 0)
+        self.bar.n = done
         postfix = {"units": f"{snap.get('units_done', '?')}/{snap.get('units_total', '?')}"}
         postfix["failed"] = snap.get("units_failed", 0)
         trained, to_train = snap.get("models_trained", 0), snap.get("models_to_train", 0)

@@ -70,6 +70,29 @@ def smooth_random_table(d: int, q: int, num_classes: int, rng: np.random.Generat
     return torch.from_numpy(table)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_token_of_the_tests():
+    """Ray's token for every Ray the tests start or reach: a file of the session's own
+    (RAY_AUTH_TOKEN_PATH), so that ``local_ray.start``, which makes the token file 0600, never
+    touches the user's ~/.ray."""
+    import secrets
+
+    folder = Path(tempfile.mkdtemp(prefix="certify-test-token-"))
+    token = folder / "auth_token"
+    with os.fdopen(os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        file.write(secrets.token_hex(32))
+    previous = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    try:
+        yield token
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        else:
+            os.environ["RAY_AUTH_TOKEN_PATH"] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One private local Ray instance for the whole test session (2 CPUs, dashboard on

@@ -5,13 +5,16 @@ directory, results certified with different settings in one directory."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from certlib.atomic import owned_lock
+from certlib.engine.voting import AUDIT_EVERY, monte_carlo_counts
 from certlib.families import CertifySettings, Votes, make_noise
 from certlib.rows import (
     DamagedShard,
@@ -56,20 +59,18 @@ def parameters(n: int = 400) -> str:
     return json.dumps({"model": {"method": "uniform"}, "certify": {"n": n, "n0": 64}, "dataset": {"every": 1}})
 
 
-def test_a_flipped_bit_never_reads_as_other_numbers(tmp_path):
-    """Single-bit flips across a whole shard (data pages, page headers, the footer): every
-    read either gives exactly the rows written or fails with one line naming the file, and a
-    resume never counts the damaged file as done. (Without page checksums and digests about
-    70% of flips in data pages read as silently different values.)"""
+def _flip_bits_and_read(tmp_path, choose_positions) -> dict[str, int]:
+    """Write one shard, flip one random bit at each chosen position in turn and read: every read
+    either gives exactly the rows written or fails with one line naming the file, and a resume
+    never counts the damaged file as done."""
     config = {"method": "uniform", "training": "standard", "sigma": 0.5, "seed": 0}
     path = shard_path(tmp_path / "out", config, "unit-a")
     write_shard(path, unit_rows(), parameters())
     original = load_results(tmp_path / "out")
     pristine = path.read_bytes()
     rng = random.Random(5)
-    positions = sorted(rng.sample(range(len(pristine)), 300))
     outcomes = {"same": 0, "refused": 0}
-    for position in positions:
+    for position in choose_positions(pristine, rng):
         damaged = bytearray(pristine)
         damaged[position] ^= 1 << rng.randrange(8)
         path.write_bytes(bytes(damaged))
@@ -83,7 +84,27 @@ def test_a_flipped_bit_never_reads_as_other_numbers(tmp_path):
         # A flip that changes no value: in the column statistics, which the reader does not use.
         pd.testing.assert_frame_equal(again, original)
         outcomes["same"] += 1
+    return outcomes
+
+
+def test_a_flipped_bit_never_reads_as_other_numbers(tmp_path):
+    """Single-bit flips across a whole shard (data pages, page headers, the footer). (Without
+    page checksums and digests about 70% of flips in data pages read as silently different
+    values.)"""
+    outcomes = _flip_bits_and_read(tmp_path, lambda shard, rng: sorted(rng.sample(range(len(shard)), 300)))
     assert outcomes["refused"] > 100, outcomes  # the flips do reach the data
+
+
+def test_a_flipped_bit_in_the_footer_is_refused_or_harmless(tmp_path):
+    """1,500 flips inside the footer (schema, column types, metadata, digests): a flip that
+    turns an integer column's type into bytes once escaped as a pyarrow traceback."""
+
+    def footer_positions(shard: bytes, rng: random.Random) -> list[int]:
+        footer_length = int.from_bytes(shard[-8:-4], "little")
+        return sorted(rng.sample(range(len(shard) - 8 - footer_length, len(shard) - 8), 1500))
+
+    outcomes = _flip_bits_and_read(tmp_path, footer_positions)
+    assert outcomes["refused"] > 500, outcomes
 
 
 def test_a_second_job_on_one_results_directory_is_refused_naming_the_first(tmp_path):
@@ -128,3 +149,43 @@ def test_temporary_files_of_interrupted_writes_are_found(tmp_path):
     stale.write_bytes(b"half a shard")
     assert leftover_files(tmp_path / "out") == [stale]
     assert len(load_results(tmp_path / "out")) == 40  # and readers skip it meanwhile
+
+
+class CancellingNetwork(torch.nn.Module):
+    """Two logits, the second computed as (M + s) - M with s the image's mean: exact in float64,
+    but in float32 M = 1e8 swallows s (its ulp is 8) wherever the first pixel is above 1/2, and
+    M = 0 elsewhere. Its float32 error depends on the input: zero on dark first pixels, 0.5 on
+    bright ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        mean = flat.mean(dim=1)
+        big = torch.where(flat[:, 0] > 0.5, 1e8, 0.0).to(x.dtype)
+        return torch.stack([torch.full_like(mean, 0.5), (big + mean) - big], dim=1)
+
+
+def test_the_run_time_audit_catches_input_dependent_rounding():
+    """The spot check sees the first image (a dark first pixel: no error) and passes fp32; the
+    second image's float32 votes are all wrong, by a margin far outside the band (counts
+    [2000, 0] where float64 gives [0, 2000], silently, before the audit). The audit stops the
+    count with one line naming the precision to use; in float64 the counts are right."""
+    images = torch.full((2, 1, 4, 4), 0.3)
+    images[1] = 0.8
+    noise = make_noise("uniform", 0.01)
+    with pytest.raises(RuntimeError, match="certify it with precision: fp64") as err:
+        monte_carlo_counts(CancellingNetwork(), images, [0, 1], noise, 2, n0=32, n=2000, seed=0, batch_size=64)
+    assert "\n" not in str(err.value) and str(err.value).startswith("fp32 votes differed")
+    stats: dict[str, int] = {}
+    _, counts = monte_carlo_counts(
+        CancellingNetwork(), images, [0, 1], noise, 2, n0=32, n=2000, seed=0, precision="fp64", stats=stats
+    )
+    assert counts.tolist() == [[2000, 0], [0, 2000]]
+
+
+def test_the_audit_evaluates_a_fixed_share_of_the_samples_in_float64():
+    images = torch.full((3, 1, 4, 4), 0.3)
+    stats: dict[str, int] = {}
+    monte_carlo_counts(
+        CancellingNetwork(), images, [0, 1, 2], make_noise("uniform", 0.01), 2, n0=64, n=4096, seed=0, stats=stats
+    )
+    assert stats["audited"] == math.ceil(3 * (64 + 4096) / AUDIT_EVERY["cpu"])

@@ -168,7 +168,7 @@ def _pixels(shape, n=2, seed=0):
 
 
 def _same_logits(path: Path, original: nn.Module, normalize, shape=(3, 32, 32), n=2):
-    model, card = load_checkpoint(path)
+    model, card = load_checkpoint(path, trust_code=["tests.test_import"])  # a factory's code: by consent
     x = _pixels(shape, n)
     with torch.no_grad():
         torch.testing.assert_close(model(x), original.eval()(normalize(x)))
@@ -348,7 +348,9 @@ def _tiny_card_model():
     from certlib.checkpoints.checkpoint import ModelCard
     from certlib.checkpoints.weights import build_architecture
 
-    model = build_architecture("factory:tests.test_import:tiny_factory", 10, [0.5] * 3, [0.25] * 3, [3, 32, 32])
+    model = build_architecture(
+        "factory:tests.test_import:tiny_factory", 10, [0.5] * 3, [0.25] * 3, [3, 32, 32], trust_code=["tests"]
+    )
     card = ModelCard(
         "factory:tests.test_import:tiny_factory",
         "cifar10",
@@ -384,7 +386,7 @@ def test_safetensors_card_is_read_from_the_header_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", no_tensors)
     assert read_card(tmp_path / "m.safetensors") == written
     monkeypatch.undo()
-    loaded, again = load_checkpoint(tmp_path / "m.safetensors")
+    loaded, again = load_checkpoint(tmp_path / "m.safetensors", trust_code=["tests.test_import"])
     assert again == written
 
 
@@ -455,7 +457,10 @@ def test_an_imported_model_is_certified_in_a_sweep_and_tabled(tmp_path):
             "name": "imported",
             "output": str(tmp_path / "out"),
             "dataset": {"name": "digits", "split": "test", "limit": 12},
-            "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.safetensors")},
+            "models": {
+                "path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.safetensors"),
+                "trust_code": ["tests.test_import"],  # the card's factory: its code runs by consent
+            },
             "methods": ["gaussian"],
             "sigmas": [0.5],
             "certify": {"n0": 16, "n": 200},
@@ -505,7 +510,7 @@ def test_a_users_module_is_imported_and_certified_by_a_ray_job(ray_session, tmp_
         "name": "imported-ray",
         "output": "out",
         "dataset": {"name": "digits", "split": "test", "limit": 10},
-        "models": {"path": "mine.pt", "noise": "gaussian", "sigmas": [0.5]},
+        "models": {"path": "mine.pt", "noise": "gaussian", "sigmas": [0.5], "trust_code": [module]},
         "methods": ["gaussian"],
         "sigmas": [0.25, 0.5],
         "certify": {"n0": 16, "n": 200, "compile": False},
@@ -526,7 +531,7 @@ def test_a_users_module_is_imported_and_certified_by_a_ray_job(ray_session, tmp_
 )
 def test_only_the_users_own_modules_are_shipped_with_a_job(tmp_path, monkeypatch, architecture, shipped):
     """A package of the user's (its whole directory) goes with the job; an installed library and
-    a built-in architecture do not."""
+    a built-in architecture do not (tests/test_hostile_checkpoints.py has the refusals)."""
     from types import SimpleNamespace
 
     import certlib.checkpoints.checkpoint
@@ -548,7 +553,7 @@ def test_only_the_users_own_modules_are_shipped_with_a_job(tmp_path, monkeypatch
             "name": "ship",
             "output": str(tmp_path / "out"),
             "dataset": {"name": "digits"},
-            "models": {"path": str(tmp_path / "m-{sigma}.pt")},
+            "models": {"path": str(tmp_path / "m-{sigma}.pt"), "trust_code": ["userpkg", "torchvision"]},
             "methods": ["gaussian"],
             "sigmas": [0.25, 0.5],
         }

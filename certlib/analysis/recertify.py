@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from certlib.analysis.tables import _groups
-from certlib.families import FAMILIES, CertifySettings, with_certificate
+from certlib.families import FAMILIES, SAMPLINGS, CertifySettings, with_certificate
 from certlib.rows import RADIUS_COLUMNS, smoothing_columns, stored_noise, stored_votes
 
 CERTIFICATES = tuple(dict.fromkeys(c for cls in FAMILIES.values() for c in cls.accepted_certificates))
@@ -38,7 +38,7 @@ def _images_of(rows: pd.DataFrame, dataset_root: str | Path | None) -> np.ndarra
 
 # What a row's certificate depends on besides its smoothing: the bound's kind and level, and the
 # images (input-dependent box certificates read them from the dataset).
-CERTIFICATION_COLUMNS = ("certificate", "multiclass", "alpha", "dataset", "split")
+CERTIFICATION_COLUMNS = ("certificate", "multiclass", "sampling", "alpha", "dataset", "split")
 
 
 def _smoothings(rows: pd.DataFrame):
@@ -98,13 +98,16 @@ def recertify(
         x = _images_of(rows, dataset_root) if certificate == "box_input" else None
         try:
             votes = stored_votes(rows, noise.exact)
-            settings = CertifySettings(alpha=level, multiclass=multi, certificate=certificate)
+            # Counts stopped adaptively get the anytime-valid sequence again (valid at any level
+            # and stopping time), never a fixed-n bound, which optional stopping invalidates.
+            sampling = params.get("sampling") if params.get("sampling") in SAMPLINGS else "fixed"
+            settings = CertifySettings(alpha=level, multiclass=multi, certificate=certificate, sampling=sampling)
             result = noise.certify(votes, settings, x)
         except ValueError as err:
             raise ValueError(f"recertify: {err}") from None
         out.loc[rows.index, "prediction"] = result["prediction"]
         out.loc[rows.index, RADIUS_COLUMNS[noise.norm]] = result["radius"]
-        for column in ("p_a_lower", "p_b_upper", "certificate", "multiclass", "delta"):
+        for column in ("p_a_lower", "p_b_upper", "certificate", "multiclass", "sampling", "delta"):
             if column in result:
                 out.loc[rows.index, column] = result[column]
         if not noise.exact:

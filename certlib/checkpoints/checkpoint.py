@@ -2,127 +2,56 @@
 the model correctly (its smoothing noise, sigma, DSSN seed and q, dataset, input shape).
 
 A checkpoint file holds only tensors and strings, ``{"card": <JSON str>, "state_dict": {...}}``,
-so it loads with ``torch.load(path, weights_only=True)``: no pickled code. A ``.safetensors``
-checkpoint holds the same weights with the card JSON in the header's metadata
-(``certlib_card``), so ``read_card`` reads the header alone, without loading a tensor. Files are
-written atomically (temporary name, fsync, rename). Loading verifies the weights' SHA-256 and,
-when a certification is requested, that the card matches it.
+so it loads with ``torch.load(path, weights_only=True)``: no pickled code (within the bounds
+``certlib.checkpoints.weights`` checks). A ``.safetensors`` checkpoint holds the same weights
+with the card JSON in the header's metadata (``certlib_card``), so ``read_card`` reads the header
+alone, without loading a tensor. Files are written atomically (temporary name, fsync, rename).
+Reading a card never runs code; building the model does where its card names a ``factory:``
+architecture, and only for a module the caller trusts (``trust_code``,
+``certlib.checkpoints.trust``). Loading checks the card (``certlib.checkpoints.card``), the
+caller's consent, the weights' SHA-256 and, when a certification is requested, that the card
+matches it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import json
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 import certlib
 from certlib.atomic import atomic_write
-from certlib.families import family
-
-if TYPE_CHECKING:
-    from certlib.data import QuantizedDataset
-    from certlib.families import SmoothingNoise
+from certlib.checkpoints.card import CARD_FORMAT, ModelCard
+from certlib.checkpoints.trust import require_consent
 from certlib.checkpoints.weights import (
     CARD_METADATA_KEY,
     build_architecture,
+    check_state,
     is_safetensors,
     read_weights,
     safetensors_header,
+    shapes_of,
     strict_load,
 )
+from certlib.families import family
 
-CARD_FORMAT = 1
-
-
-@dataclass
-class ModelCard:
-    """What a checkpoint's weights are and how they must be certified.
-
-    Pixel scale [0, 1]; ``q`` is the dataset's quantization; ``lam`` the effective lambda of the
-    noise (L/(2q) for DSSN); ``levels`` is L (DSSN only); ``seed`` is the DSSN offset seed and the
-    training seed.
-    """
-
-    architecture: str
-    dataset: str
-    class_names: list[str]
-    input_shape: list[int]
-    mean: list[float]
-    std: list[float]
-    q: int
-    method: str
-    sigma: float
-    lam: float | None
-    levels: int | None
-    seed: int
-    training: str
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-    epochs_done: int = 0
-    clean_accuracy: float | None = None
-    noisy_accuracy: float | None = None
-    heldout: str | None = None
-    # where imported weights came from (layout, file, its SHA-256, ...); empty for trained models
-    source: dict[str, Any] = field(default_factory=dict)
-    library_version: str = certlib.__version__
-    weights_sha256: str = ""
-    format: int = CARD_FORMAT
-
-    @classmethod
-    def describing(
-        cls, architecture: str, images: QuantizedDataset, noise: SmoothingNoise, *, seed: int, training: str, **fields: Any
-    ) -> ModelCard:
-        """The card of a model of ``architecture`` for the dataset of ``images`` (its classes,
-        input shape, normalization and q), trained under ``noise`` (its method, sigma, effective
-        lambda and L) with ``seed`` and ``training``; ``fields`` set the rest."""
-        described = noise.describe()
-        return cls(
-            **{
-                "architecture": architecture,
-                "dataset": images.name,
-                "class_names": list(images.class_names),
-                "input_shape": list(images.input_shape),
-                "mean": list(images.mean),
-                "std": list(images.std),
-                "q": images.q,
-                "method": noise.name,
-                "sigma": noise.sigma,
-                "lam": described.get("lambda"),
-                "levels": described.get("levels"),
-                "seed": seed,
-                "training": training,
-                **fields,
-            }
-        )
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelCard:
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"model card has unknown fields {unknown}: written by a newer library?")
-        required = {
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        }
-        missing = sorted(required - set(data))
-        if missing:
-            raise ValueError(f"model card lacks the fields {missing}")
-        return cls(**data)
+__all__ = [
+    "CARD_FORMAT",
+    "CardMismatch",
+    "ModelCard",
+    "check_card",
+    "load_checkpoint",
+    "read_card",
+    "save_checkpoint",
+    "verify_checkpoint",
+    "weights_sha256",
+]
 
 
 class CardMismatch(ValueError):
@@ -156,16 +85,24 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, card: ModelCard) -
 
 
 def read_card(path: str | Path) -> ModelCard:
-    """The card of a checkpoint, without building the model (of a ``.safetensors`` one, without
-    loading any tensor: the card is in its header)."""
-    if is_safetensors(path):
-        return ModelCard.from_json(_safetensors_card(path))
-    return ModelCard.from_json(_load(path)["card"])
-
-
-def _safetensors_card(path: str | Path) -> str:
-    if not Path(path).is_file():
+    """The card of a checkpoint, validated, without building the model (of a ``.safetensors``
+    one, without loading any tensor: the card is in its header). Runs no code of the file's."""
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if is_safetensors(path):
+        return _card(path, _safetensors_card(path))
+    return _load(path)[0]
+
+
+def _card(path: Path, text: Any) -> ModelCard:
+    try:
+        return ModelCard.from_json(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _safetensors_card(path: Path) -> Any:
     card = safetensors_header(path).get("__metadata__", {}).get(CARD_METADATA_KEY)
     if card is None:
         raise ValueError(
@@ -174,22 +111,24 @@ def _safetensors_card(path: str | Path) -> str:
     return card
 
 
-def _load(path: str | Path) -> dict:
+def _load(path: str | Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+    """The checkpoint's card (validated) and state dict (a mapping of names to tensors)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if is_safetensors(path):
-        card = _safetensors_card(path)
-        return {"card": card, "state_dict": read_weights(path)}
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is not ours
-        raise ValueError(
-            f"{path} is not a certlib checkpoint (it cannot be loaded with weights_only=True): {err}"
-        ) from None
-    if not isinstance(payload, dict) or "card" not in payload or "state_dict" not in payload:
-        raise ValueError(f"{path} is not a certlib checkpoint: it has no model card")
-    return payload
+        card = _card(path, _safetensors_card(path))  # a bad card is refused before a tensor is read
+        state = read_weights(path)
+    else:
+        payload = read_weights(path)
+        if not isinstance(payload, dict) or "card" not in payload:
+            raise ValueError(f"{path} is not a certlib checkpoint: it has no model card")
+        card, state = _card(path, payload["card"]), payload.get("state_dict")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"{path}: its state_dict is not a mapping of names to tensors")
+    return card, state
 
 
 def check_card(
@@ -227,17 +166,22 @@ def check_card(
     return problems
 
 
-def load_checkpoint(
-    path: str | Path, *, device: torch.device | str = "cpu", override: bool = False, **expected
-) -> tuple[torch.nn.Module, ModelCard]:
-    """The model (in eval mode on ``device``) and its card.
-
-    ``expected`` may name method, sigma, seed, q, dataset and training of the intended certification; a
-    mismatch raises CardMismatch naming every differing field unless ``override`` is set.
-    The weights must hash to the card's SHA-256.
-    """
-    payload = _load(path)
-    card = ModelCard.from_json(payload["card"])
+def _checked(
+    path: str | Path, trust_code: Iterable[str], override: bool, expected: dict[str, Any]
+) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+    """The card and state dict of a checkpoint that may be built: its card valid and, where it
+    names code, trusted; its input shape and class count the requested ones (never overridden:
+    the model could not run on those images); its card matching the rest of ``expected``
+    (unless ``override``); its weights hashing to the card's SHA-256."""
+    card, state = _load(path)
+    require_consent(card.architecture, trust_code, str(path))
+    input_shape, num_classes = expected.pop("input_shape", None), expected.pop("num_classes", None)
+    if input_shape is not None and list(input_shape) != card.input_shape:
+        raise ValueError(
+            f"{path}: the model takes inputs of shape {tuple(card.input_shape)}, the images are {tuple(input_shape)}"
+        )
+    if num_classes is not None and num_classes != card.num_classes:
+        raise ValueError(f"{path}: the model has {card.num_classes} classes, the dataset {num_classes}")
     problems = check_card(card, **expected)
     if problems and not override:
         raise CardMismatch(
@@ -245,13 +189,58 @@ def load_checkpoint(
             + "; ".join(problems)
             + " (pass override to certify anyway)"
         )
-    state = payload["state_dict"]
     digest = weights_sha256(state)
     if digest != card.weights_sha256:
         raise ValueError(
             f"{path}: weights hash {digest[:12]}… does not match the card's {card.weights_sha256[:12]}…: "
             "the file is corrupt"
         )
-    model = build_architecture(card.architecture, card.num_classes, card.mean, card.std, card.input_shape)
+    return card, state
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    override: bool = False,
+    trust_code: Iterable[str] = (),
+    **expected: Any,
+) -> tuple[torch.nn.Module, ModelCard]:
+    """The model (in eval mode on ``device``) and its card.
+
+    ``expected`` may name method, sigma, seed, q, dataset and training of the intended
+    certification; a mismatch raises CardMismatch naming every differing field unless
+    ``override`` is set. It may name the ``input_shape`` and ``num_classes`` of the images, which
+    must match. The weights must hash to the card's SHA-256. A card whose architecture is
+    ``factory:<module>:<function>`` is refused (``UntrustedCode``, one line) unless ``trust_code``
+    names the module: building it imports the module and calls the function.
+    """
+    card, state = _checked(path, trust_code, override, expected)
+    model = build_architecture(
+        card.architecture, card.num_classes, card.mean, card.std, card.input_shape, trust_code=trust_code
+    )
     strict_load(model, state, str(path), card.num_classes)
     return model.to(device).eval(), card
+
+
+def verify_checkpoint(
+    path: str | Path, *, override: bool = False, trust_code: Iterable[str] = (), **expected: Any
+) -> ModelCard:
+    """Everything ``load_checkpoint`` checks (the card, consent, the weights' hash, every key
+    and shape against the architecture), without building a model per file: the architecture's
+    shapes are built once per kind of model. What ``certify plan`` checks of every checkpoint."""
+    card, state = _checked(path, trust_code, override, expected)
+    shapes = _architecture_shapes(card.architecture, card.num_classes, tuple(card.input_shape), tuple(trust_code))
+    check_state(dict(shapes), state, str(path), card.num_classes)
+    return card
+
+
+@functools.lru_cache(maxsize=8)
+def _architecture_shapes(
+    architecture: str, num_classes: int, input_shape: tuple[int, ...], trust_code: tuple[str, ...]
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    channels = input_shape[0]
+    model = build_architecture(
+        architecture, num_classes, [0.0] * channels, [1.0] * channels, list(input_shape), trust_code=trust_code
+    )
+    return tuple(shapes_of(model).items())

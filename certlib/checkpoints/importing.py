@@ -1,7 +1,8 @@
 """Import an external model: its weights into a checkpoint with a model card, so that it is
 certified like the models this product trains (``import_model``; ``certify import-model``).
 
-Weights are read without running pickled code (``certlib.checkpoints.weights.read_weights``) and loaded with
+Weights are read by the weights_only unpickler or as safetensors, within bounds
+(``certlib.checkpoints.weights.read_weights``: pickled code is refused, not run) and loaded with
 ``strict=True`` after the layout's key mapping: a missing or unexpected key, a shape or a class
 count that differs is refused with one line, never a half-loaded model. Every imported model
 takes pixel-scale [0, 1] images: the layout's input normalization becomes its ``Standardize``
@@ -15,7 +16,9 @@ Layouts:
   ``state_dict`` or ``model``, and ``module.`` prefixes of ``DataParallel`` are removed). The
   normalization is ``mean``/``std`` if given, else the dataset's (``certlib.data.DATASETS``).
 * ``factory``: SOURCE is ``package.module:function`` returning the ``nn.Module`` (called with
-  ``num_classes`` where it takes it), the file its state dict as above.
+  ``num_classes`` where it takes it), the file its state dict as above. Naming the module here
+  is the consent to import and run it (``certlib.checkpoints.trust``); a sweep that certifies
+  the checkpoint must trust it again (``models.trust_code``), and so must ``load_checkpoint``.
 * ``cohen``: Cohen et al. 2019, github.com/locuslab/smoothing (``code/train.py`` saves
   ``{'epoch': int, 'arch': str, 'state_dict': ..., 'optimizer': SGD state}`` as
   ``checkpoint.pth.tar``; weights_only accepts all of it). The model is
@@ -60,9 +63,10 @@ from typing import Any
 import torch
 
 from certlib.checkpoints.checkpoint import ModelCard, save_checkpoint
+from certlib.checkpoints.trust import short
+from certlib.checkpoints.weights import build_architecture, factory_module, read_weights, strict_load
 from certlib.data import CIFAR10_CLASSES, DATASETS
 from certlib.families import family, make_noise
-from certlib.checkpoints.weights import build_architecture, read_weights, strict_load
 
 __all__ = ["LAYOUTS", "import_model", "summary"]
 
@@ -119,15 +123,15 @@ def import_model(
     info = DATASETS[dataset]
     if num_classes is not None and num_classes != info.num_classes:
         raise ValueError(f"class count: --num-classes {num_classes} differs from {dataset}'s {info.num_classes}")
-    classes = info.num_classes
-    weights = Path(weights)
+    classes, weights = info.num_classes, Path(weights)
     imported = read_layout(layout, source, read_weights(weights), weights, dataset)
     method, sigma, training = _noise(imported, trained_with, sigma, training)
     if seed is None and "seed" in family(method).card_keys:
         raise ValueError(f"a {method} model needs the seed it was trained with (its offset vector): give --seed")
     mean = list(mean) if mean is not None else imported.mean or list(info.mean)
     std = list(std) if std is not None else imported.std or list(info.std)
-    model = build_architecture(imported.architecture, classes, mean, std, list(info.input_shape))
+    trusted = _named_module(layout, imported.architecture)
+    model = build_architecture(imported.architecture, classes, mean, std, list(info.input_shape), trust_code=trusted)
     strict_load(model[1], imported.state, str(weights), classes)
     if ":" in imported.architecture:  # a built-in's classifier width is checked by the strict load
         _check_outputs(model, classes, list(info.input_shape), weights)
@@ -156,6 +160,13 @@ def import_model(
         },
     )
     return save_checkpoint(out, model, card)
+
+
+def _named_module(layout: str, architecture: str) -> list[str]:
+    """``--layout factory``: the module SOURCE names, which naming it trusts (the caller's
+    consent to import and run it); nothing for the other layouts."""
+    module = factory_module(architecture) if layout == "factory" else None
+    return [module] if module else []
 
 
 def _noise(imported: Imported, method: str | None, sigma: float | None, training: str | None) -> tuple[str, float, str]:
@@ -283,14 +294,14 @@ def _cohen(source: str | None, payload: Any, path: Path, dataset: str) -> Import
     if not isinstance(payload, dict) or "state_dict" not in payload or "arch" not in payload:
         raise ValueError(f"{path}: not in Cohen et al.'s layout (a dict with 'arch' and 'state_dict')")
     arch = payload["arch"]
-    if arch not in _COHEN_ARCHS:
+    if not isinstance(arch, str) or arch not in _COHEN_ARCHS:
         raise ValueError(
-            f"{path}: Cohen et al.'s arch {arch!r} is not supported; expected one of {sorted(_COHEN_ARCHS)}"
+            f"{path}: Cohen et al.'s arch {short(arch)} is not supported; expected one of {sorted(_COHEN_ARCHS)}"
         )
     architecture, arch_dataset = _COHEN_ARCHS[arch]
     if dataset != arch_dataset:
         raise ValueError(f"{path}: Cohen et al.'s {arch} is a {arch_dataset} model, not a {dataset} one")
-    state = _strip(_strip(payload["state_dict"], "1."), "module.")
+    state = _strip(_strip(_state_dict(payload["state_dict"], path), "1."), "module.")
     if architecture == "resnet110":
         state = _cifar_resnet_keys(state, (110 - 2) // 6)
     noise_dir = next((p[len("noise_") :] for p in reversed(path.parts) if re.fullmatch(r"noise_[0-9.]+", p)), None)
@@ -310,7 +321,10 @@ def _cohen(source: str | None, payload: Any, path: Path, dataset: str) -> Import
 def _levine_feizi(source: str | None, payload: Any, path: Path, dataset: str) -> Imported:
     if not isinstance(payload, dict) or "norm.module.mu" not in payload or "norm.module.log_sig" not in payload:
         raise ValueError(f"{path}: not in Levine & Feizi's layout (no norm.module.mu / norm.module.log_sig)")
+    payload = _state_dict(payload, path)  # names are strings
     mu, log_sig = payload["norm.module.mu"], payload["norm.module.log_sig"]
+    if not isinstance(mu, torch.Tensor) or not isinstance(log_sig, torch.Tensor):
+        raise ValueError(f"{path}: not in Levine & Feizi's layout (norm.module.mu / log_sig are not tensors)")
     state = {k[len("model.module.") :] if k.startswith("model.module.") else k: v for k, v in payload.items()}
     del state["norm.module.mu"], state["norm.module.log_sig"]
     if "linear.weight" in state:

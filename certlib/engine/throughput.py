@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +82,7 @@ def forward_throughput(
     device: torch.device,
     engine: EngineOptions,
     seconds: float = 1.0,
+    trust_code: Iterable[str] = (),
 ) -> Throughput:
     """Forward samples per second of ``architecture`` on ``device`` through the engine options'
     precision (the cascade's first level) and batch size (default: sized to the device), not
@@ -89,8 +90,10 @@ def forward_throughput(
     re-evaluation by the cascade's later levels."""
     started = time.perf_counter()
     # Imported architectures (torchvision:, timm:, factory:) too: the units of a sweep over
-    # imported models are sized by their own speed.
-    model = build_architecture(architecture, num_classes, list(mean), list(std), list(input_shape)).to(device)
+    # imported models are sized by their own speed. A factory's only where trust_code names it.
+    model = build_architecture(
+        architecture, num_classes, list(mean), list(std), list(input_shape), trust_code=trust_code
+    ).to(device)
     options: EngineOptions = {**engine, "device": device, "compile": False}
     cascade = make_cascade(model, torch.empty(0, *input_shape), num_classes, **options)
     x = torch.rand(cascade.batch_size, *input_shape, device=device)

@@ -21,7 +21,16 @@ queue batches are then evaluated at the next level, the rest at the end of the c
 Engine options (both engines): a ``Cascade`` built once (a worker keeps one per model) or a plain
 module with ``batch_size``, ``device``, ``precision`` and ``compile`` to build one for this call.
 ``stats``, a dict, is incremented with the samples evaluated at each level ("fp16", "tf32",
-"fp32", "fp64", ...): how many predictions each band sent on.
+"fp32", "fp64", ...): how many predictions each band sent on; and with "audited", the samples
+the run-time audit also evaluated in float64.
+
+Run-time audit. The cascade's spot check measures a level's error on a few samples of the
+first image; a network whose rounding error depends on its input could pass it and then decide
+other inputs wrongly outside the band. So every ``AUDIT_EVERY``-th sample a level decides (a
+fixed stride over each level's stream of samples, so every image with that many samples is
+audited) is also evaluated in float64, on the device without a synchronization; a decided vote
+that differs stops the engine with one line naming the precision to use. It costs about
+1/``AUDIT_EVERY`` of the samples at float64's price (``bench/suite.py`` measures it).
 """
 
 from __future__ import annotations
@@ -37,6 +46,14 @@ from certlib.engine.cascade import LEVELS, NOT_FINITE, Cascade, EngineOptions, m
 
 MC_BLOCK = 1024  # samples per random-stream block; part of the stream's definition
 QUEUE_BATCHES = 4  # capacity of each refinement queue, in batches: a synchronization every 3 batches at most
+# Audit stride per device type: float64 costs 2-3x float32 on a CPU, so 1/1024 of the samples
+# costs about 0.3%; on a GPU about 17x the compiled fp16 level (H100), so 1/2048 costs about 0.8%.
+AUDIT_EVERY = {"cuda": 2048, "cpu": 1024}
+AUDIT_FAILED = (
+    "{level} votes differed from the float64 network's on an audited sample outside the {level} near-tie band "
+    "(this network's rounding error depends on its input more than the spot check saw); "
+    "certify it with precision: fp64"
+)
 
 
 class EnumeratedNoise(Protocol):
@@ -136,6 +153,9 @@ class _Tally:
         self.ones = torch.ones(self.batch_size, dtype=torch.int64, device=device)
         self.not_finite = torch.zeros((), dtype=torch.bool, device=device)
         self.evaluated = dict.fromkeys(LEVELS, 0)
+        self.audit_every = AUDIT_EVERY.get(device.type, AUDIT_EVERY["cpu"])
+        self.audited = 0
+        self.wrong = {level: torch.zeros((), dtype=torch.bool, device=device) for level in LEVELS}
         self.queues: dict[str, _Queue] = {}  # one per later level, once the spot check has fixed the levels
         self.checked = False
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -158,6 +178,7 @@ class _Tally:
         if stats is not None:
             for level, samples in self.evaluated.items():
                 stats[level] = stats.get(level, 0) + samples
+            stats["audited"] = stats.get("audited", 0) + self.audited
         return self.counts[: -self.num_classes].view(-1, self.num_classes).cpu().numpy()
 
     def _take(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +203,7 @@ class _Tally:
         self._evaluate(self.cascade.levels[0], x, rows)
 
     def _evaluate(self, level: str, x: torch.Tensor, rows: torch.Tensor) -> None:
+        seen = self.evaluated[level]
         self.evaluated[level] += len(x)
         if level == "fp64":
             prediction, finite = self.cascade.exact_prediction(x)
@@ -197,12 +219,26 @@ class _Tally:
         near_tie = top2[:, 0] - top2[:, 1] <= self.cascade.band(level) * (1 + top2[:, 0].abs())
         near_tie |= ~torch.isfinite(logits).all(dim=1)  # an overflow (fp16) is for a wider type to decide
         self._count(torch.where(near_tie, self.handed_on, rows), prediction)
+        self._audit(level, x, prediction, near_tie, seen)
         successor = self.cascade.levels[self.cascade.levels.index(level) + 1]
         queue = self.queues[successor]
         if queue.bound + len(x) > queue.capacity:
             self._synchronize()
             self._drain(successor)
         queue.append(x, rows, near_tie)
+
+    def _audit(self, level: str, x: torch.Tensor, prediction: torch.Tensor, near_tie: torch.Tensor, seen: int) -> None:
+        """The float64 prediction of every ``audit_every``-th sample of this level's stream
+        (``seen`` samples came before ``x``): a decided one that differs marks the level wrong,
+        read at the next synchronization."""
+        first = (-seen) % self.audit_every
+        if first >= len(x):
+            return
+        picked = torch.arange(first, len(x), self.audit_every, device=x.device)
+        self.audited += len(picked)
+        exact, _ = self.cascade.exact_prediction(x[picked])
+        wrong = (~near_tie[picked] & (prediction[picked] != exact)).any()
+        torch.logical_or(self.wrong[level], wrong, out=self.wrong[level])
 
     def _count(self, rows: torch.Tensor, prediction: torch.Tensor) -> None:
         # index_put_ with accumulate: integer sums, exact in any order, and deterministic on CUDA
@@ -211,9 +247,14 @@ class _Tally:
     def _synchronize(self) -> None:
         """Read the queues' true lengths (and the finiteness flag) back: one host sync."""
         queues = list(self.queues.values())
-        *lengths, not_finite = torch.stack([q.length for q in queues] + [self.not_finite.long()]).tolist()
+        flags = [self.not_finite, *self.wrong.values()]
+        values = torch.stack([q.length for q in queues] + [f.long() for f in flags]).tolist()
+        lengths, not_finite, wrong = values[: len(queues)], values[len(queues)], values[len(queues) + 1 :]
         if not_finite:
             raise ValueError(NOT_FINITE)
+        for level, failed in zip(self.wrong, wrong):
+            if failed:
+                raise RuntimeError(AUDIT_FAILED.format(level=level))
         for queue, length in zip(queues, lengths):
             queue.bound = length
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from certlib.families.base import CertifySettings, MonteCarloNoise, SmoothingNoise, Votes
+from certlib.families.base import SAMPLINGS, CertifySettings, MonteCarloNoise, SmoothingNoise, Votes
 from certlib.families.dssn import DSSNNoise
 from certlib.families.gaussian import GaussianNoise
 from certlib.families.laplace import LaplaceNoise
@@ -65,6 +65,7 @@ def with_certificate(certificate: str) -> list[str]:
 
 __all__ = [
     "FAMILIES",
+    "SAMPLINGS",
     "CertifySettings",
     "DSSNNoise",
     "GaussianNoise",

@@ -41,7 +41,9 @@ import numpy as np
 import torch
 
 from certlib import certificates
+from certlib.certificates import sequences
 from certlib.engine.cascade import Cascade
+from certlib.engine.sequential import sequential_counts
 from certlib.engine.voting import monte_carlo_counts
 
 RadiusFunction = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
@@ -59,12 +61,19 @@ def uniform_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+SAMPLINGS = ("fixed", "sequential")
+
+
 @dataclass(frozen=True)
 class CertifySettings:
     """How to certify: ``n0`` selection and ``n`` estimation samples per image and the streams'
     ``seed`` (Monte Carlo), the one-sided level ``alpha``, binary or ``multiclass`` bounds, and
     the ``certificate`` (``standard``: each family's own; ``box``/``box_input``: Voracek & Hein's
-    box-constrained radii where a family accepts them). Each family reads what it needs."""
+    box-constrained radii where a family accepts them). ``sampling``: ``fixed`` (n samples,
+    Clopper-Pearson) or ``sequential`` (at most n, each image stopped once its certificate at
+    the table ``radii`` (pixel scale, the family's norm) is settled, or with ``epsilon`` once
+    its radius is within epsilon of the point estimate's; anytime-valid bounds). Each family
+    reads what it needs."""
 
     n0: int = 64
     n: int = 100_000
@@ -72,6 +81,17 @@ class CertifySettings:
     multiclass: bool = False
     certificate: str = "standard"
     seed: int = 0
+    sampling: str = "fixed"
+    radii: tuple[float, ...] = ()
+    epsilon: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+
+    @property
+    def sequential(self) -> bool:
+        return self.sampling == "sequential"
 
 
 @dataclass(frozen=True)
@@ -171,7 +191,9 @@ class MonteCarloNoise(SmoothingNoise):
         return self.certified_radius
 
     def count(self, cascade, images, indices, settings, stats=None):
-        selection, counts = monte_carlo_counts(
+        counting = sequential_counts if settings.sequential else monte_carlo_counts
+        extra = {"stop": self.stop_rule(settings, cascade.num_classes)} if settings.sequential else {}
+        selection, counts = counting(
             cascade,
             images,
             indices,
@@ -181,8 +203,37 @@ class MonteCarloNoise(SmoothingNoise):
             n=settings.n,
             seed=settings.seed,
             stats=stats,
+            **extra,
         )
         return Votes(counts, selection)
+
+    def stop_rule(self, settings: CertifySettings, classes: int):
+        """When sequential sampling may stop an image (``certificates.sequences.settled``): its
+        certificate settled at every table radius it can reach within the cap ``n``, or its
+        radius within ``epsilon`` of the point estimate's. Refuses settings no image could
+        stop early under (an empty grid, a cap too small for any of its radii)."""
+        radius = self.radius_function(settings.certificate, None)
+        radii = sequences.reachable_radii(
+            settings.radii, settings.n, settings.alpha, settings.multiclass, classes, radius
+        )
+        if settings.epsilon is None and not len(radii):
+            raise ValueError(
+                f"sequential sampling: no radius of {list(settings.radii)} can be certified with {settings.n} samples "
+                f"at alpha {settings.alpha} ({self.name}, sigma {self.sigma}); raise n or give smaller radii"
+            )
+
+        def stop(counts, selected):
+            return sequences.settled(
+                counts,
+                selected,
+                alpha=settings.alpha,
+                multiclass=settings.multiclass,
+                radius=radius,
+                radii=radii,
+                epsilon=settings.epsilon,
+            )
+
+        return stop
 
     def certify(self, votes, settings, x=None):
         if votes.selection is None:
@@ -191,12 +242,20 @@ class MonteCarloNoise(SmoothingNoise):
             raise ValueError(self.multiclass_refusal)
         radius = self.radius_function(settings.certificate, x)
         result = certificates.monte_carlo_certify(
-            votes.selection, votes.counts, settings.alpha, radius, settings.multiclass
+            votes.selection, votes.counts, settings.alpha, radius, settings.multiclass, settings.sequential
         )
-        return {**result, "certificate": settings.certificate, "multiclass": settings.multiclass}
+        return {
+            **result,
+            "certificate": settings.certificate,
+            "multiclass": settings.multiclass,
+            "sampling": settings.sampling,
+        }
 
     def passes_per_image(self, settings):
         return int(settings.n0) + int(settings.n)
 
     def depends_on(self, settings):
-        return {"n0": settings.n0, "n": settings.n, "alpha": settings.alpha, "multiclass": settings.multiclass}
+        fixed = {"n0": settings.n0, "n": settings.n, "alpha": settings.alpha, "multiclass": settings.multiclass}
+        if not settings.sequential:
+            return fixed  # as before sequential sampling existed: earlier shards stay valid
+        return {**fixed, "sampling": "sequential", "radii": list(settings.radii), "epsilon": settings.epsilon}

@@ -14,6 +14,8 @@ from certlib.data import quantize
 from certlib.engine.voting import dssn_votes
 from certlib.families.base import SmoothingNoise, Votes
 
+SEQUENTIAL_REFUSAL = "sequential sampling is for Monte Carlo families: dssn counts every vote exactly, once"
+
 
 class DSSNNoise(SmoothingNoise):
     """On the 1/q grid, the number of splitting offsets is L = floor(2 * lambda * q) with
@@ -92,12 +94,16 @@ class DSSNNoise(SmoothingNoise):
         return self.copies(grid.flatten(1).to(torch.int32), s_base, dtype).view(grid.shape)
 
     def count(self, cascade, images, indices, settings, stats=None):
+        if settings.sequential:
+            raise ValueError(SEQUENTIAL_REFUSAL)
         return Votes(dssn_votes(cascade, images, self, cascade.num_classes, stats=stats))
 
     def certify(self, votes, settings, x=None):
         """Exact prediction and L1 radius (``certificates.dssn_radius``, inclusive): no alpha,
         no abstention, against every other class (``multiclass`` does not apply)."""
         self.refuse_certificate(settings.certificate)
+        if settings.sequential:
+            raise ValueError(SEQUENTIAL_REFUSAL)
         prediction, radius = certificates.dssn_radius(votes.counts, self.levels, self.q)
         nan = np.full(len(prediction), np.nan)
         return {
@@ -108,6 +114,7 @@ class DSSNNoise(SmoothingNoise):
             "p_b_upper": nan,
             "certificate": settings.certificate,
             "multiclass": None,
+            "sampling": None,
         }
 
     def passes_per_image(self, settings):

@@ -31,11 +31,12 @@ _FIELDS = pa.schema(
         pa.field("levels", pa.int64()),  # DSSN: L; null otherwise
         pa.field("q", pa.int64()),
         pa.field("n0", pa.int64()),  # Monte Carlo only
-        pa.field("n", pa.int64()),
+        pa.field("n", pa.int64()),  # sequential: the estimation samples this image used
         pa.field("alpha", pa.float64()),
         pa.field("delta", pa.float64()),  # Zhang et al.: the radius curve's failure probability (added to alpha)
         pa.field("certificate", pa.string()),  # standard (each family's own) | box | box_input
         pa.field("multiclass", pa.bool_()),  # Monte Carlo: multiclass bounds or binary; null for exact families
+        pa.field("sampling", pa.string()),  # Monte Carlo: fixed (n samples) or sequential (stopped early)
         pa.field("selected", pa.int64()),  # DSSN: the prediction; Monte Carlo: the n0 samples' class
         pa.field("prediction", pa.int64()),  # -1 = abstain
         pa.field("correct", pa.bool_()),  # prediction == label
@@ -129,10 +130,11 @@ def certification_rows(
             "norm": noise.norm,
             "levels": described.get("levels"),
             "n0": used.get("n0"),
-            "n": used.get("n"),
+            "n": result.get("n", used.get("n")),
             "alpha": used.get("alpha"),
             "certificate": result["certificate"],
             "multiclass": result["multiclass"],
+            "sampling": result.get("sampling"),
             "selected": result["selected"],
             "prediction": prediction,
             "correct": prediction == labels,

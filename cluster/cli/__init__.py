@@ -6,6 +6,7 @@ the traceback instead.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from cluster.cli.plan import plan, print_plan
 from cluster.cli.tables import plot, table
 from cluster.client import jobs, local_ray, submission
 from cluster.client.submission import submission_id as submission_id  # where tests and scripts found it
+from cluster.record import PROGRESS_PREFIX
 
 
 def address_option(command):
@@ -81,9 +83,15 @@ def submit_job(spec_file: Path, address: str | None, wait: bool, dry_run: bool) 
         sys.exit(_wait(submitted.client, job_id))
 
 
-def _wait(client, job_id: str, show_logs: bool = True) -> int:
-    """Follow the job to its real end (``submission.wait``) and say how it ended; 0 if it succeeded."""
-    ending = submission.wait(client, job_id, click.echo, show_logs=show_logs)
+def _wait(client, job_id: str, raw: bool = False) -> int:
+    """Follow the job to its real end (``submission.wait``) and say how it ended; 0 if it
+    succeeded. Its log as a person reads it (``console.JobConsole``), or ``raw``."""
+    from cluster.cli.console import JobConsole
+
+    console = None if raw else JobConsole()
+    ending = submission.wait(client, job_id, console or click.echo)
+    if console is not None:
+        console.close()
     click.echo(ending.describe())
     return 0 if ending.succeeded else 1
 
@@ -106,8 +114,9 @@ def _resolve_job(client, job: str) -> str:
 @main.command()
 @click.argument("job")
 @address_option
+@click.option("--json", "as_json", is_flag=True, help="The status and the latest progress record as JSON.")
 @user_errors
-def status(job: str, address: str | None) -> None:
+def status(job: str, address: str | None, as_json: bool) -> None:
     """Status and progress of JOB (a job id or a sweep name)."""
     from cluster.progress import TrainingState, describe_progress, describe_training
 
@@ -115,8 +124,13 @@ def status(job: str, address: str | None) -> None:
     job_id = _resolve_job(client, job)
     info = client.get_job_info(job_id)
     output = (info.metadata or {}).get("output")
-    click.echo(f"{job_id}: {jobs.job_status(info)}  ({(info.metadata or {}).get('name')} -> {output})")
     progress = jobs.latest_progress(client, job_id, output)
+    if as_json:
+        click.echo(
+            json.dumps({"job_id": job_id, "status": jobs.job_status(info), "output": output, "progress": progress})
+        )
+        return
+    click.echo(f"{job_id}: {jobs.job_status(info)}  ({(info.metadata or {}).get('name')} -> {output})")
     if progress is None:
         click.echo("no progress reported yet")
         return
@@ -152,17 +166,18 @@ def list_jobs(address: str | None) -> None:
 @address_option
 @click.option("--follow", "-f", is_flag=True, help="Stream the log until the job ends (Ray's log tailing).")
 @click.option("--tail", type=click.IntRange(min=1), help="Only the last N lines.")
+@click.option("--raw", is_flag=True, help="The log as it is, the machine progress records included.")
 @user_errors
-def logs(job: str, address: str | None, follow: bool, tail: int | None) -> None:
+def logs(job: str, address: str | None, follow: bool, tail: int | None, raw: bool) -> None:
     """The driver log of JOB (a job id or a sweep name)."""
     client = _client(address)
     job_id = _resolve_job(client, job)
     if follow:
-        sys.exit(_wait(client, job_id))
-    if tail:
-        click.echo(jobs.log_tail(client, job_id, tail), nl=False)
-    else:
-        click.echo(client.get_job_logs(job_id), nl=False)
+        sys.exit(_wait(client, job_id, raw))
+    text = jobs.log_tail(client, job_id, tail) if tail else client.get_job_logs(job_id)
+    if not raw:
+        text = "".join(line for line in text.splitlines(keepends=True) if PROGRESS_PREFIX not in line)
+    click.echo(text, nl=False)
 
 
 @main.command()
@@ -186,7 +201,10 @@ def cancel(job: str, address: str | None) -> None:
 @user_errors
 def stop(force: bool) -> None:
     """Shut down the local Ray instance that `certify submit-job` started (never another one)."""
-    instance = local_ray.load_record()
+    try:
+        instance = local_ray.load_record()
+    except local_ray.RecordError as err:
+        raise UserError(str(err)) from None
     if instance is None:
         local_ray.forget_record()
         try:

@@ -23,14 +23,16 @@ def _floats(name: str, text: str | None) -> list[float] | None:
     "--weights",
     required=True,
     type=click.Path(dir_okay=False),
-    help="The weights file (.pt, .pth, .pth.tar, .torch, .safetensors); read without running pickled code.",
+    help="The weights file (.pt, .pth, .pth.tar, .torch, .safetensors); read by torch's weights_only "
+    "unpickler or as safetensors, which refuse a file that would run pickled code.",
 )
 @click.option(
     "--layout",
     required=True,
     type=click.Choice(["torchvision", "timm", "factory", "cohen", "levine-feizi"]),
     help="How the file is laid out: an architecture's state dict (torchvision, timm; SOURCE names it), "
-    "a factory's (SOURCE is package.module:function), or a paper's published checkpoint.",
+    "a factory's (SOURCE is package.module:function: naming it is your consent to import and run it), "
+    "or a paper's published checkpoint.",
 )
 @click.option("--dataset", required=True, help="The dataset the model classifies (digits, cifar10, imagenet).")
 @click.option("--num-classes", type=int, help="Its class count (checked against the dataset's).")
@@ -64,9 +66,6 @@ def import_model_command(
         --dataset cifar10 -o models/cohen-0.25.pt
     """
     from certlib.checkpoints.importing import import_model, summary
-    from cluster.client.submission import importable_from_here
-
-    importable_from_here()  # SOURCE package.module:function may be the user's module, here
 
     card = import_model(
         source,

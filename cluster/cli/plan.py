@@ -97,6 +97,7 @@ def _measure_certify(sweep: Sweep, architecture: str, device: torch.device) -> d
             device=device,
             engine=sweep.certify.engine(),
             seconds=CALIBRATION_SECONDS,
+            trust_code=sweep.models.trust_code,
         )
     return asdict(measured) | {"source": "measured", "architecture": architecture}
 
@@ -278,6 +279,10 @@ def _certification_table(plan: dict[str, Any]) -> str:
     rows = []
     for g in plan["groups"]:
         per = f"{'L' if g['exact'] else 'n0 + n'} = {g['passes_per_image']:,}"
+        if g.get("sequential"):
+            per = f"n0 + at most n = {g['passes_per_image']:,}"
+            if g.get("mean_samples") is not None:
+                per += f" (earlier run: n0 + {g['mean_samples']:,.0f})"
         k = [] if not shaped else ["" if g["k"] is None else f"{g['k']:g}"]
         counts = map(_n, (g["configurations"], g["images_done"], g["images"] - g["images_done"]))
         rows.append([g["method"], g["training"], f"{g['sigma']:g}", *k, *counts, per, _n(g["forward_passes"])])

@@ -5,9 +5,19 @@ answers; ``certify stop`` shuts it down. Tests and benchmarks start private inst
 port chosen free and a temporary directory of their own, so that a Ray the user already runs
 (the quickstart leaves one up) is neither attached to nor disturbed.
 
-``ray stop`` would kill every Ray process on the machine. An instance started here runs in a
-process group of its own (``ray start`` in a new session), and stopping it signals that group
-and the few processes that leave it (job drivers, workers), recognised by its GCS address.
+``ray stop`` would kill every Ray process on the machine. An instance started here is known by
+the processes ``ray start`` left in the session of its own it runs in, each named by pid and
+start time, and by their descendants (``processes``: the rules, and why a command line never
+counts). Stopping it signals those and nothing else. A ``ray start`` that fails or outlives
+START_SECONDS is stopped the same way, and its own error is reported in one line: no address
+is ever assumed.
+
+The embedded instance's record (RECORD) is read only when it is the current user's own regular
+file that no one else may read or write (0600), in a directory no one else may write, with
+exactly the fields certify writes; a temporary directory it names must carry the marker file
+certify wrote into it, holding the random token the record names, before anything is removed.
+A record that fails a check is refused with one line (``RecordError``); one whose processes no
+longer run with their recorded start times names an instance that is gone.
 """
 
 from __future__ import annotations
@@ -15,66 +25,60 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
+from cluster.client import processes
+from cluster.client.processes import Launch
+
 RECORD = Path.home() / ".certify" / "local-ray.json"  # the embedded instance certify started
 START_SECONDS = 90.0
+TEMP_PREFIX = "certify-ray-"  # a private instance's temporary directory
+MARKER = ".certify-instance"  # in it: the token its LocalRay names
+
+
+class RecordError(ValueError):
+    """A record of a local Ray instance that certify will not act on; one line."""
 
 
 @dataclass(frozen=True)
-class LocalRay:
-    """A Ray instance started on this machine: its addresses and its process group."""
+class LocalRay(Launch):
+    """A Ray instance started on this machine: its addresses and its processes."""
 
     gcs_address: str  # "ip:port", for ray.init(address=...)
     dashboard_url: str  # "http://127.0.0.1:port", for the Job Submission API
-    pgid: int
-    temp_dir: str | None  # None: Ray's default (/tmp/ray)
+    temp_dir: str | None = None  # None: Ray's default (/tmp/ray)
+    marker: str | None = None  # the token in temp_dir/MARKER
 
     def processes(self) -> list[psutil.Process]:
-        """Its live processes: the group ``ray start`` created (while its GCS server still runs
-        in it, so that a reused group id never counts), and those that left the group but name
-        its GCS address or temporary directory on their command line."""
-        return self._scan()[0]
-
-    def alive(self) -> bool:
-        """Whether its GCS server still runs."""
-        return self._scan()[1]
-
-    def _scan(self) -> tuple[list[psutil.Process], bool]:
-        gcs = f"--gcs_server_port={self.gcs_address.rsplit(':', 1)[1]}"
-        mark = re.compile(
-            "|".join(re.escape(m) + r"(?![\w.])" for m in [self.gcs_address, *filter(None, [self.temp_dir])])
-        )
-        group, marked, own_gcs = [], [], False
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if proc.pid == os.getpid():
-                continue
+        """Its live processes (``processes.Launch.members``)."""
+        found = []
+        for pid in self.members():
             try:
-                cmdline = " ".join(proc.info["cmdline"] or [])
-                in_group = os.getpgid(proc.pid) == self.pgid
-            except (psutil.Error, OSError):
-                continue
-            if in_group:
-                group.append(proc)
-                own_gcs |= "gcs_server" in cmdline and gcs in cmdline
-            elif mark.search(cmdline):
-                marked.append(proc)
-        return (group if own_gcs else []) + marked, own_gcs
+                found.append(psutil.Process(pid))
+            except psutil.Error:
+                pass
+        return found
 
 
 def ray_cli() -> list[str]:
-    ray = shutil.which("ray")
-    return [ray] if ray else [sys.executable, "-m", "ray.scripts.scripts"]
+    """``ray`` of this very Python: the instance's workers then import the environment that
+    started it. The first ``ray`` on PATH may belong to another interpreter (a pyenv shim, the
+    system Python), whose workers would import another install of this product (seen: a job
+    from a virtual environment whose workers ran another checkout's code)."""
+    return [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def free_port() -> int:
@@ -83,9 +87,34 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ensure_token(env: dict) -> None:
-    if not (Path.home() / ".ray" / "auth_token").is_file() and not env.get("RAY_AUTH_TOKEN"):
-        subprocess.run(ray_cli() + ["get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def secure_token(env: dict, notice: Callable[[str], None] = _stderr) -> None:
+    """Ray's token file (RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token), generated when missing,
+    readable by its owner alone (Ray writes it 0644: anyone who reads it can submit jobs), in a
+    directory no one else may write; one line of warning when it was readable by others."""
+    if env.get("RAY_AUTH_TOKEN"):
+        return
+    default = Path.home() / ".ray" / "auth_token"
+    path = Path(env["RAY_AUTH_TOKEN_PATH"]) if env.get("RAY_AUTH_TOKEN_PATH") else default
+    if not path.exists():
+        if path == default:  # where `ray get-auth-token --generate` writes it
+            generate = ray_cli() + ["get-auth-token", "--generate"]
+            subprocess.run(generate, env=env, check=True, capture_output=True, umask=0o077)
+        else:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+                file.write(secrets.token_hex(32))
+    mode, owner = path.stat().st_mode, path.stat().st_uid
+    if mode & 0o044:
+        notice(f"warning: Ray's token {path} was readable by others (mode {mode & 0o777:04o}): they could submit jobs")
+    if owner == os.getuid() and mode & 0o077:
+        path.chmod(0o600)
+    folder = path.parent.stat()
+    if path == default and folder.st_uid == os.getuid() and folder.st_mode & 0o022:
+        path.parent.chmod(folder.st_mode & 0o755)
 
 
 def _private_args(temp_dir: str) -> list[str]:
@@ -104,6 +133,15 @@ def _private_args(temp_dir: str) -> list[str]:
     ]
 
 
+def private_temp_dir() -> tuple[str, str]:
+    """A new temporary directory (0700) with the marker file that lets ``stop`` remove it:
+    its path and the marker's token."""
+    temp_dir, token = os.path.realpath(tempfile.mkdtemp(prefix=TEMP_PREFIX)), secrets.token_hex(16)
+    with os.fdopen(os.open(Path(temp_dir) / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        file.write(token)
+    return temp_dir, token
+
+
 def start(
     *,
     num_cpus: int | None = None,
@@ -111,15 +149,17 @@ def start(
     private: bool = False,
     dashboard_port: int = 8265,
     object_store_bytes: int | None = None,
+    notice: Callable[[str], None] = _stderr,
 ) -> LocalRay:
     """Start a head node (dashboard on 127.0.0.1, Ray's token authentication on).
 
     ``private``: every port chosen free, workers on random ports and a temporary directory of
     its own, so that it can run beside any other instance. Raises RuntimeError (one line) when
-    Ray does not start or its dashboard does not answer within START_SECONDS."""
+    Ray does not start or its dashboard does not answer within START_SECONDS, after stopping
+    what it started. ``notice``: where a warning about Ray's token goes (stderr)."""
     env = dict(os.environ, RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
-    _ensure_token(env)
+    secure_token(env, notice)
     gcs_port = free_port() if private else 6379
     dashboard_port = free_port() if private else dashboard_port
     args = [
@@ -131,34 +171,89 @@ def start(
         "--include-dashboard=true",
         "--disable-usage-stats",
     ]
-    temp_dir = tempfile.mkdtemp(prefix="certify-ray-") if private else None
+    temp_dir, marker = private_temp_dir() if private else (None, None)
     if temp_dir is not None:
         args += _private_args(temp_dir)
     resources = {"num-cpus": num_cpus, "num-gpus": num_gpus, "object-store-memory": object_store_bytes}
     args += [f"--{name}={value}" for name, value in resources.items() if value is not None]
-    # A new session: every daemon `ray start` leaves behind keeps this process group.
-    started = subprocess.Popen(
-        ray_cli() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    output, _ = started.communicate(timeout=START_SECONDS)
-    instance = LocalRay(
-        gcs_address=_gcs_address(output, gcs_port),
-        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
-        pgid=started.pid,
-        temp_dir=temp_dir,
-    )
-    if started.returncode != 0:
+    try:
+        launch, failure, output = _launch(ray_cli() + args, env)
+    except BaseException:
+        _remove_temp_dir(temp_dir, marker)
+        raise
+    gcs_address = _gcs_address(output, gcs_port)
+    if failure is None and gcs_address is None:
+        failure = "`ray start` did not print the head's address"
+    if failure is not None or gcs_address is None:
+        launch.terminate()
+        _remove_temp_dir(temp_dir, marker)
+        raise RuntimeError(f"could not start a local Ray instance: {failure}")
+    url = f"http://127.0.0.1:{dashboard_port}"
+    instance = LocalRay(**asdict(launch), gcs_address=gcs_address, dashboard_url=url, temp_dir=temp_dir, marker=marker)
+    try:
+        _wait_for_dashboard(instance)
+    except BaseException:  # it did not answer, or Ctrl-C: no instance is left without a record
         stop(instance)
-        lines = [line for line in output.strip().splitlines() if line.strip()] or ["no output"]
-        raise RuntimeError(f"could not start a local Ray instance: {lines[-1].strip()}")
-    _wait_for_dashboard(instance)
+        raise
     return instance
 
 
-def _gcs_address(output: str, port: int) -> str:
+def _launch(command: list[str], env: dict) -> tuple[Launch, str | None, str]:
+    """Run ``ray start`` in a new session; when it has ended (killed after START_SECONDS), and
+    before it is reaped (its pid, the session's number, cannot be reused until then), record
+    the processes it left in its session. Returns them, what went wrong (None: nothing) and
+    its output."""
+    with tempfile.TemporaryFile("w+") as log:
+        started = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        leader = processes.stat(started.pid)
+        started_at = leader.start if leader is not None else 0
+
+        def left() -> Launch:
+            return Launch(started.pid, started_at, processes.in_session(started.pid, started_at, [started.pid]))
+
+        failure = None
+        try:
+            if not _ended(started.pid, time.monotonic() + START_SECONDS):
+                failure = f"`ray start` did not finish within {START_SECONDS:.0f} s"
+        except BaseException:  # interrupted (Ctrl-C): leave nothing behind
+            _ended(started.pid, 0)
+            left().terminate()
+            started.wait()
+            raise
+        launch = left()
+        started.wait()
+        log.seek(0)
+        output = log.read()
+    if failure is None and started.returncode != 0:
+        failure = f"`ray start` failed: {_ray_error(output)}"
+    return launch, failure, output
+
+
+def _ended(pid: int, deadline: float) -> bool:
+    """Wait until our child ``pid`` has exited, without reaping it; past ``deadline`` kill it
+    (its pid is still its own: unreaped) and return False."""
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _ray_error(output: str) -> str:
+    """The line of ``ray start``'s output that says what went wrong: its exception, else its
+    last line (at most 300 characters)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()] or ["no output"]
+    errors = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line)]
+    line = (errors or lines)[-1]
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _gcs_address(output: str, port: int) -> str | None:
     """The head's GCS address as `ray start` printed it (its IP may not be 127.0.0.1)."""
     found = re.search(rf"--address='?([\w.:-]+):{port}(?!\d)", output)
-    return f"{found.group(1)}:{port}" if found else f"127.0.0.1:{port}"
+    return f"{found.group(1)}:{port}" if found else None
 
 
 def _wait_for_dashboard(instance: LocalRay) -> None:
@@ -171,42 +266,119 @@ def _wait_for_dashboard(instance: LocalRay) -> None:
             return
         except Exception:  # noqa: BLE001 - the dashboard takes a few seconds to come up
             time.sleep(0.5)
-    stop(instance)
     raise RuntimeError(f"the local Ray instance started but its dashboard did not answer within {START_SECONDS:.0f} s")
 
 
 def stop(instance: LocalRay, grace_seconds: float = 5.0) -> int:
     """Terminate the instance's processes (SIGTERM, then SIGKILL after ``grace_seconds``) and
-    remove its private temporary directory; returns how many processes were signalled."""
-    procs = instance.processes()
-    for proc in procs:
-        try:
-            proc.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_seconds)
-    for proc in alive + instance.processes():
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    if instance.temp_dir:
-        shutil.rmtree(instance.temp_dir, ignore_errors=True)
-    return len(procs)
+    remove its private temporary directory if it carries its marker; returns how many processes
+    were signalled."""
+    count = instance.terminate(grace_seconds)
+    _remove_temp_dir(instance.temp_dir, instance.marker)
+    return count
+
+
+def temp_dir_problem(temp_dir: str, marker: str | None) -> str | None:
+    """Why ``temp_dir`` is not a directory certify created for an instance (None: it is): an
+    absolute path without links, named TEMP_PREFIX..., the user's own, holding the user's own
+    MARKER file (a regular file) with the token ``marker``."""
+    path, shown = Path(temp_dir), repr(temp_dir)[:80]
+    if not path.is_absolute() or os.path.realpath(path) != str(path) or not path.name.startswith(TEMP_PREFIX):
+        return f"{shown} is not an absolute path named {TEMP_PREFIX}... without links"
+    try:
+        folder, mark = os.lstat(path), os.lstat(path / MARKER)
+        with open(path / MARKER, "rb") as file:
+            token = file.read(64) if stat.S_ISREG(mark.st_mode) else None
+    except OSError:
+        return f"{shown} does not carry certify's marker"
+    if not stat.S_ISDIR(folder.st_mode) or folder.st_uid != os.getuid():  # Ray makes it 0777
+        return f"{shown} is not a directory of yours"
+    if mark.st_uid != os.getuid() or not marker or token is None or not secrets.compare_digest(token, marker.encode()):
+        return f"{shown} does not carry the marker certify wrote for this instance"
+    return None
+
+
+def _remove_temp_dir(temp_dir: str | None, marker: str | None) -> None:
+    if temp_dir is not None and temp_dir_problem(temp_dir, marker) is None:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the record
 
 
 def save_record(instance: LocalRay) -> None:
-    RECORD.parent.mkdir(parents=True, exist_ok=True)
-    RECORD.write_text(json.dumps(asdict(instance)))
+    """Write RECORD (0600, atomically) in a directory of the user's alone."""
+    RECORD.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder = RECORD.parent.stat()
+    if folder.st_uid == os.getuid() and folder.st_mode & 0o022:
+        RECORD.parent.chmod(folder.st_mode & 0o755)
+    staging = RECORD.with_name(f".{RECORD.name}.{secrets.token_hex(4)}")
+    with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "w") as file:
+        file.write(json.dumps(asdict(instance)))
+    os.replace(staging, RECORD)
 
 
 def load_record() -> LocalRay | None:
-    """The embedded instance certify started, if it still runs."""
+    """The embedded instance certify started, if it still runs; None if there is no record or
+    its instance is gone. RecordError (one line) for a record not to act on (module docstring)."""
     try:
-        instance = LocalRay(**json.loads(RECORD.read_text()))
-    except (OSError, ValueError, TypeError):
+        info = os.lstat(RECORD)
+    except FileNotFoundError:
         return None
-    return instance if instance.alive() else None
+    except OSError as err:
+        raise RecordError(f"cannot read {RECORD}: {err.strerror}") from None
+    problem = _file_problem(info, RECORD.parent.lstat())
+    instance = None
+    if problem is None:
+        instance, problem = _parse_record()
+    if problem is not None:
+        raise RecordError(f"refusing {RECORD}: it {problem}; nothing was signalled or removed")
+    return instance if instance is not None and instance.alive() else None
+
+
+def _file_problem(info: os.stat_result, folder: os.stat_result) -> str | None:
+    """What is wrong with the record as a file (None: nothing)."""
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_uid != os.getuid():
+        return f"belongs to user id {info.st_uid}, not to you"
+    if info.st_mode & 0o077:
+        return f"may be read or written by others (mode {info.st_mode & 0o777:04o}; certify writes 0600)"
+    if not stat.S_ISDIR(folder.st_mode) or folder.st_uid != os.getuid() or folder.st_mode & 0o022:
+        return "lies in a directory that others may write or that is not yours"
+    return None
+
+
+def _parse_record() -> tuple[LocalRay | None, str | None]:
+    """The record's instance, or what is wrong with its content."""
+    try:
+        with os.fdopen(os.open(RECORD, os.O_RDONLY | os.O_NOFOLLOW)) as file:
+            data = json.loads(file.read(1 << 16))
+        if isinstance(data, dict) and "pgid" in data:
+            return None, "was written by an older certify, which named a process group: stop that Ray yourself"
+        roots = tuple((pid, start) for pid, start in data["roots"])
+        instance = LocalRay(**{**data, "roots": roots})
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as err:
+        return None, f"is not a record certify wrote ({type(err).__name__})"
+
+    def number(value, low: float = 0) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and value >= low
+
+    fields_ok = (
+        set(data) == {"session", "started", "roots", "gcs_address", "dashboard_url", "temp_dir", "marker"}
+        and number(instance.session, 2)
+        and isinstance(instance.session, int)
+        and number(instance.started)
+        and all(isinstance(pid, int) and number(pid, 2) and number(start, instance.started) for pid, start in roots)
+        and isinstance(instance.gcs_address, str)
+        and isinstance(instance.dashboard_url, str)
+        and isinstance(instance.temp_dir, str | None)
+        and isinstance(instance.marker, str | None)
+    )
+    if not fields_ok:
+        return None, "does not hold the fields certify writes"
+    problem = temp_dir_problem(instance.temp_dir, instance.marker) if instance.temp_dir is not None else None
+    return (None, f"names a temporary directory certify did not create ({problem})") if problem else (instance, None)
 
 
 def forget_record() -> None:

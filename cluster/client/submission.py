@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -63,49 +64,86 @@ def connect(address: str | None, *, start: bool = False, notice: Echo = _silent)
         f"starting a local Ray instance (dashboard on {jobs.LOCAL_DASHBOARD}, token authentication on; "
         "`certify stop` shuts it down)..."
     )
-    instance = local_ray.start(num_cpus=os.cpu_count() or 1)
+    instance = local_ray.start(num_cpus=os.cpu_count() or 1, notice=notice)
     local_ray.save_record(instance)
     return jobs.connect(instance.dashboard_url)
 
 
-def importable_from_here() -> None:
-    """Put the current directory first on ``sys.path``, as ``python -m`` does: a console script
-    starts with its own directory there instead, and a user's factory module
-    (``package.module:function``) usually sits where they work."""
-    here = os.getcwd()
-    if here not in sys.path:
-        sys.path.insert(0, here)
-
-
-def user_modules(sweep: Sweep) -> list[str]:
+def user_modules(sweep: Sweep, notice: Echo = _silent) -> list[str]:
     """The sources of the user's own modules that build the sweep's imported models (cards with a
     ``factory:`` architecture), for the job's ``py_modules``: Ray ships them to the driver and
-    every worker, which import them like the product's own code. A module installed in the
-    environment (site-packages) is not shipped; a checkpoint not readable here (a remote
-    cluster's storage) is skipped: its module must be installed on the cluster."""
-    import importlib.util
-    import sysconfig
-
+    every worker, which import them like the product's own code. Runs no code of theirs (finds
+    the modules without importing them). A card whose module ``models.trust_code`` does not name,
+    or a module of the standard library, is refused with one line. Only a module whose source lies
+    under the current directory or an entry of the PYTHONPATH the user set is shipped; one
+    installed in the environment (site-packages) or found elsewhere is not (``notice`` says so for
+    the latter): the workers import it from their own installation. A checkpoint not readable
+    here (a remote cluster's storage) is skipped: its module must be installed on the cluster."""
     from certlib.checkpoints.checkpoint import read_card
+    from certlib.checkpoints.trust import importable_from_here, require_consent
     from certlib.checkpoints.weights import factory_module
     from cluster.plan import model_keys
 
     importable_from_here()
-    installed = {Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib", "platlib")}
+    installed, project = _installed_roots(), _project_roots()
     sources: dict[str, None] = {}
     for path in dict.fromkeys(key.checkpoint(sweep) for key in model_keys(sweep)):  # a k grid shares one file
-        module = factory_module(read_card(path).architecture) if path.is_file() else None
+        architecture = read_card(path).architecture if path.is_file() else ""
+        module = factory_module(architecture)
         if module is None:
             continue
-        top = module.partition(".")[0]
-        found = importlib.util.find_spec(top)
-        if found is None or not found.origin or found.origin in ("built-in", "frozen"):
-            continue  # the worker's import names what is missing, in one line
-        origin = Path(found.origin).resolve()
-        source = origin.parent if found.submodule_search_locations else origin  # a package: its directory
-        if not any(source.is_relative_to(root) for root in installed):
-            sources[str(source)] = None
+        require_consent(architecture, sweep.models.trust_code, str(path))
+        source = _module_source(module)
+        if source is None or any(source.is_relative_to(root) for root in installed):
+            continue  # a missing module: the worker's import names it in one line
+        if not any(source.is_relative_to(root) for root in project):
+            notice(
+                f"not shipping {module} ({source}): it lies outside the current directory and PYTHONPATH, "
+                "so the workers import it from their own installation"
+            )
+            continue
+        sources[str(source)] = None
     return list(sources)
+
+
+def _module_source(module: str) -> Path | None:
+    """The file or package directory of ``module``'s top-level package, found without importing
+    anything; None for a module not found, built in, or without a file (a namespace package)."""
+    import importlib.util
+
+    from certlib.checkpoints.trust import standard_library
+
+    top = module.partition(".")[0]
+    try:
+        found = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.origin or found.origin in ("built-in", "frozen"):
+        return None
+    origin = Path(found.origin).resolve()
+    source = origin.parent if found.submodule_search_locations else origin  # a package: its directory
+    stdlib = {Path(sysconfig.get_paths()[key]).resolve() for key in ("stdlib", "platstdlib")}
+    if standard_library(top) or (
+        any(source.is_relative_to(root) for root in stdlib)
+        and not any(source.is_relative_to(root) for root in _installed_roots())
+    ):
+        raise ValueError(f"{module!r} is a module of the standard library ({source}): never shipped with a job")
+    return source
+
+
+def _installed_roots() -> set[Path]:
+    """Where installed packages live: site-packages of this environment and of the user."""
+    import site
+
+    paths = [sysconfig.get_paths()[key] for key in ("purelib", "platlib")]
+    paths += [*site.getsitepackages(), site.getusersitepackages()]
+    return {Path(p).resolve() for p in paths}
+
+
+def _project_roots() -> list[Path]:
+    """The user's own directories: the current one and the entries of PYTHONPATH they set."""
+    entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return [Path.cwd().resolve(), *(Path(p).resolve() for p in entries)]
 
 
 def _as_package(source: Path, staging: Path) -> Path:
@@ -182,6 +220,7 @@ def submit(
     url = target.url
     spec_json = sweep.to_json()
     base_id = submission_id(spec_json, sweep.name)
+    modules = user_modules(sweep, notice=notice or echo)  # refusals before anything starts
     client = target.client or connect(address, start=True, notice=notice or echo)
     attempts = {
         j.submission_id: j
@@ -197,7 +236,6 @@ def submit(
         echo(f"resubmitting as {job_id} (attempt {max(numbers) + 1}); finished units are kept")
     # A remote cluster's Python is its own; a local driver runs in this very environment.
     python = "python" if target.remote else shlex.quote(sys.executable)
-    modules = user_modules(sweep)
     if modules:
         echo(f"shipping the models' own code with the job: {', '.join(modules)}")
     digest = spec_digest(spec_json)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import base64
 import sys
-from pathlib import Path
 
 from cluster.job.executor import run_sweep
 from cluster.plan import SweepConflict
 from cluster.record import read_spec_package
-from cluster.spec import MAX_SPEC_JSON, SpecError, Sweep
+from cluster.spec import SpecError, Sweep
+from cluster.spec.bounds import MAX_SPEC_JSON
 
 PRINTED_RADII = 64  # columns of the table the driver logs (its time grows with them: 20,000 took minutes)
 
@@ -46,26 +46,21 @@ def print_table(sweep: Sweep, log=print) -> None:
         log(f"no table: {err}")
         return
     if len(df):
-        radii = printed_radii(sweep.radii)
+        radii, radii_linf = printed_radii(sweep.radii), printed_radii(sweep.radii_linf)
         log("best certified accuracy over sigma (and k) (certified % (clean % @ sigma)):")
-        if len(radii) < len(sweep.radii):
+        if len(radii) < len(sweep.radii) or len(radii_linf) < len(sweep.radii_linf):
             log(
-                f"(at {len(radii)} of the spec's {len(sweep.radii):,} radii, evenly spaced; "
-                f"`certify table {sweep.output} --radii ...` for others)"
+                f"(at {len(radii)} of the spec's {len(sweep.radii):,} radii and {len(radii_linf)} of its "
+                f"{len(sweep.radii_linf):,} radii_linf, evenly spaced; `certify table {sweep.output} --radii ...` "
+                "for others)"
             )
-        log(format_tables(df, radii))
+        log(format_tables(df, radii, radii_linf=radii_linf))
 
 
 def _spec_text(args: argparse.Namespace) -> str:
-    """The sweep's JSON from where the command line says, at most MAX_SPEC_JSON bytes."""
+    """The sweep's JSON from where the command line says (the package: at most MAX_SPEC_JSON bytes)."""
     if args.spec_sha256:
         return read_spec_package(args.spec_sha256, MAX_SPEC_JSON)
-    if args.spec_file:
-        with args.spec_file.open("rb") as handle:
-            data = handle.read(MAX_SPEC_JSON + 1)
-        if len(data) > MAX_SPEC_JSON:
-            raise SpecError(f"{args.spec_file}: larger than {MAX_SPEC_JSON:,} bytes")
-        return data.decode("utf-8")
     return base64.b64decode(args.spec_b64).decode()
 
 
@@ -74,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-id", required=True)
     spec = parser.add_mutually_exclusive_group(required=True)
     spec.add_argument("--spec-sha256", help="the SHA-256 of the validated sweep shipped with the job (its package)")
-    spec.add_argument("--spec-file", type=Path, help="the validated sweep as a JSON file on this machine")
     spec.add_argument("--spec-b64", help="the validated sweep as base64 JSON (a small one: it is a command line)")
     args = parser.parse_args(argv)
     try:

@@ -111,7 +111,10 @@ def run_sweep(sweep: Sweep, job_id: str, log=print) -> Progress:
 
 def _locked_run(sweep: Sweep, job_id: str, log) -> Progress:
     if not ray.is_initialized():
-        ray.init(address="auto", log_to_driver=True)
+        # Workers' own lines stay in their log files (the dashboard shows them): forwarded, they
+        # reached the driver's log late, after the closing table. What they report comes back
+        # in their results and the training polls.
+        ray.init(address="auto", log_to_driver=False)
     Path(sweep.output).mkdir(parents=True, exist_ok=True)
     for leftover in leftover_files(sweep.output):
         leftover.unlink(missing_ok=True)

@@ -72,7 +72,11 @@ class UnitRunner:
         if self._model is None or self._model[0] != path:
             self._model = None  # free the previous replica before loading the next
             model, card = load_checkpoint(
-                path, device=self.device, override=self.sweep.models.override_card, **key.expected_card(self.sweep)
+                path,
+                device=self.device,
+                override=self.sweep.models.override_card,
+                trust_code=self.sweep.models.trust_code,
+                **key.expected_card(self.sweep),
             )
             self._model = (path, self._cascade(model, card.num_classes, card.input_shape), card)
         return self._model[1], self._model[2]
@@ -93,7 +97,7 @@ class UnitRunner:
         cascade, card = self._load(key)
         noise = key.noise(sweep)
         rows = np.arange(unit.start, unit.stop)
-        settings = sweep.certify.settings(key.seed)
+        settings = sweep.certify_settings(noise, key.seed)
         started = time.perf_counter()
         result = Smooth(cascade, noise, card.num_classes).certify_with(images, self.images.indices[rows], settings)
         seconds = time.perf_counter() - started
@@ -140,6 +144,7 @@ class UnitRunner:
             device=self.device,
             engine=self.sweep.certify.engine(),
             seconds=seconds,
+            trust_code=self.sweep.models.trust_code,
         )
         return measured.per_second
 

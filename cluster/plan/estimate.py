@@ -16,7 +16,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
+
 from certlib.families import family
+from certlib.rows import load_results
 from certlib.training.config import TrainConfig, TrainSettings, step_flops
 from cluster.plan.sizing import passes_per_image, with_shard_size
 from cluster.plan.state import Plan, plan_sweep
@@ -38,8 +41,10 @@ class Group:
     configurations: int  # models certified (one per seed)
     images: int  # result rows in all: selected images x configurations
     images_done: int  # rows already on disk (a resume)
-    passes_per_image: int  # L, or n0 + n
-    forward_passes: int  # of the rows still to certify
+    passes_per_image: int  # L, or n0 + n (sequential sampling: n0 + the cap, at most)
+    forward_passes: int  # of the rows still to certify (sequential: at the cap, an upper bound)
+    sequential: bool = False  # Monte Carlo sampling stopped per image (certify.sampling)
+    mean_samples: float | None = None  # sequential: the estimation samples per image an earlier run used
 
 
 @dataclass(frozen=True)
@@ -138,21 +143,41 @@ def relative_training_cost(config: TrainConfig) -> float:
     return step_flops(config) / step_flops(dataclasses.replace(config, training="standard"))
 
 
-def _groups(plan: Plan, per_image: dict[ModelKey, int]) -> tuple[Group, ...]:
+def earlier_samples(output: str) -> dict[tuple, float]:
+    """The mean estimation samples per image of the sequential rows already in ``output``, per
+    (method, training, sigma, k): what the same configurations used in an earlier run. Empty
+    where there are none or the rows cannot be read."""
+    try:
+        rows = load_results(output, columns=["method", "training", "sigma", "k", "n", "sampling"])
+    except (OSError, ValueError):
+        return {}
+    rows = rows[rows["sampling"] == "sequential"]
+    means = rows.groupby(["method", "training", "sigma", "k"], dropna=False)["n"].mean()
+    out: dict[tuple, float] = {}
+    for key, value in means.items():
+        parts: tuple = tuple(key)  # type: ignore[arg-type]
+        out[(*parts[:3], None if pd.isna(parts[3]) else parts[3])] = float(value)
+    return out
+
+
+def _groups(plan: Plan, per_image: dict[ModelKey, int], sweep: Sweep) -> tuple[Group, ...]:
     pending: dict[ModelKey, int] = {}
     for unit in plan.pending:
         pending[unit.model] = pending.get(unit.model, 0) + unit.size
     members: dict[tuple, list[ModelKey]] = {}
     for key in plan.models:
         members.setdefault((key.method, key.training, key.sigma, key.k), []).append(key)
+    sequential = sweep.certify.sampling == "sequential"
+    earlier = earlier_samples(sweep.output) if sequential else {}
     groups = []
     for (method, training, sigma, k), keys in members.items():
         rows = plan.images_per_model * len(keys)
         todo = sum(pending.get(key, 0) for key in keys)
         passes = sum(pending.get(key, 0) * per_image[key] for key in keys)
         exact = family(method).exact
+        group = Group(method, training, sigma, k, exact, len(keys), rows, rows - todo, per_image[keys[0]], passes)
         groups.append(
-            Group(method, training, sigma, k, exact, len(keys), rows, rows - todo, per_image[keys[0]], passes)
+            dataclasses.replace(group, sequential=sequential, mean_samples=earlier.get((method, training, sigma, k)))
         )
     return tuple(groups)
 
@@ -193,7 +218,7 @@ def sweep_cost(
         units_total=plan.skipped + len(plan.pending),
         units_done=plan.skipped,
         architecture=architecture,
-        groups=_groups(plan, per_image),
+        groups=_groups(plan, per_image, sweep),
         training=_training(sized, plan, train_images),
         unit_passes=tuple(u.size * per_image[u.model] for u in plan.pending),
     )

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from certlib.atomic import lock_holder
-from certlib.checkpoints.checkpoint import check_card, read_card
+from certlib.checkpoints.checkpoint import check_card, verify_checkpoint
 from certlib.rows import legacy_layout
 from cluster.plan.sizing import known_shard_size, with_shard_size
 from cluster.plan.state import plan_sweep
@@ -18,26 +18,14 @@ from cluster.spec import SpecError, Sweep, parse_spec
 
 
 def preflight(sweep: Sweep) -> None:
-    """Checks that need the files: the dataset, the models' cards, the output directory."""
+    """Checks that need the files: the dataset, the models' checkpoints, the output directory."""
     try:
         images = select_images(sweep)
     except (FileNotFoundError, ValueError) as err:
         raise SpecError(f"dataset: {err}") from None
     if len(images) == 0:
         raise SpecError("dataset: the selection (every/start/limit) holds no image")
-    for key in model_keys(sweep):
-        path = key.checkpoint(sweep)
-        if path.is_file():
-            try:
-                card = read_card(path)
-            except ValueError as err:
-                raise SpecError(f"models.path: {err}") from None
-            problems = check_card(card, **key.expected_card(sweep))
-            if problems and not sweep.models.override_card:
-                raise SpecError(
-                    f"models.path: {path}: the card does not match: {problems[0]} "
-                    "(models.override_card: true to use it)"
-                )
+    check_checkpoints(sweep)
     refused = legacy_layout(sweep.output)
     if refused:
         raise SpecError(f"output: {refused}")
@@ -47,6 +35,38 @@ def preflight(sweep: Sweep) -> None:
     known = known_shard_size(sweep)
     if known is not None:  # else the driver sizes the units: no shard can be there yet
         plan_sweep(with_shard_size(sweep, known[0]), len(images), log=lambda line: None)
+
+
+def check_checkpoints(sweep: Sweep) -> None:
+    """Every existing checkpoint of the sweep checked as a worker will load it, so that what
+    ``certify plan`` accepts a worker can load: its card valid, its code (a ``factory:``
+    architecture) trusted by ``models.trust_code``, its card matching the model the sweep
+    certifies (unless ``models.override_card``), its images' shape and class count the
+    dataset's, its weights hashing to the card's SHA-256 and fitting the architecture key by
+    key. Reads every checkpoint once (about a second per GB); builds each kind of model once."""
+    models = sweep.models
+    checked: set[str] = set()
+    for key in model_keys(sweep):
+        path, expected = key.checkpoint(sweep), key.expected_card(sweep)
+        if not path.is_file() or str(path) in checked:  # a k grid shares one file
+            continue
+        checked.add(str(path))
+        try:
+            card = verify_checkpoint(path, override=True, trust_code=models.trust_code, **expected)
+            problems = check_card(
+                card, **{k: v for k, v in expected.items() if k not in ("input_shape", "num_classes")}
+            )
+        except (ValueError, OSError) as err:
+            raise SpecError(f"models.path: {one_line(err)}") from None
+        if problems and not models.override_card:
+            raise SpecError(
+                f"models.path: {path}: the card does not match: {problems[0]} (models.override_card: true to use it)"
+            )
+
+
+def one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def relative_paths(sweep: Sweep) -> list[str]:

@@ -39,8 +39,10 @@ def recorded_shard_size(output: str | Path) -> int | None:
 
 
 def passes_per_image(sweep: Sweep, key: ModelKey) -> int:
-    """Forward passes one image costs: DSSN's L noisy copies, or Monte Carlo's n0 + n."""
-    return key.noise(sweep).passes_per_image(sweep.certify.settings(key.seed))
+    """Forward passes one image costs: DSSN's L noisy copies, or Monte Carlo's n0 + n (with
+    sequential sampling n is the cap: at most that)."""
+    noise = key.noise(sweep)
+    return noise.passes_per_image(sweep.certify_settings(noise, key.seed))
 
 
 def with_shard_size(sweep: Sweep, size: int) -> Sweep:

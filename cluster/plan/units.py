@@ -78,8 +78,10 @@ class ModelKey:
         return sweep.models.noise or self.method
 
     def expected_card(self, sweep: Sweep) -> dict[str, Any]:
-        """What the model's card must say (``certlib.checkpoints.checkpoint.check_card``): checked
-        when a spec is validated and again when a worker loads the model."""
+        """What the model's card must say (``certlib.checkpoints.checkpoint.check_card``), and
+        the images it must take (their shape and class count: never overridden): checked when a
+        spec is validated and again when a worker loads the model."""
+        info = DATASETS[sweep.dataset.name]
         return {
             "method": self.training_noise(sweep),
             "sigma": self.model_sigma,
@@ -87,6 +89,8 @@ class ModelKey:
             "q": sweep.q,
             "dataset": sweep.dataset.name,
             "training": self.training,
+            "input_shape": list(info.input_shape),
+            "num_classes": info.num_classes,
         }
 
     def checkpoint(self, sweep: Sweep) -> Path:
@@ -171,7 +175,8 @@ def unit_parameters(sweep: Sweep, unit: Unit, model_sha256: str) -> str:
     computed under other parameters or with another model."""
     # How the votes are computed does not change them (the precision cascade): batch size,
     # precision, kernels and compilation are recorded in the rows, not part of a shard's identity.
-    certify = unit.model.noise(sweep).depends_on(sweep.certify.settings(unit.model.seed))
+    noise = unit.model.noise(sweep)
+    certify = noise.depends_on(sweep.certify_settings(noise, unit.model.seed))
     return json.dumps(
         {
             "dataset": asdict(sweep.dataset) | {"root": None},
