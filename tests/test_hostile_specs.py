@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -583,6 +584,24 @@ def _cluster_spec(tmp_path: Path, **changes) -> dict:
         "resources": {"workers": 1, "gpus_per_worker": 0, "shard_size": 2},
     }
     return spec | changes
+
+
+def test_the_instance_certify_started_counts_as_local_by_its_record(tmp_path, monkeypatch):
+    """Where its processes cannot be seen (no gcs_server in the process list), the instance
+    certify started is still local: its record's temporary directory names its session."""
+    import psutil
+
+    from cluster.client import jobs, local_ray
+
+    temp_dir = tmp_path / "certify-ray"
+    (temp_dir / StubDashboard.SESSION).mkdir(parents=True)
+    (temp_dir / "session_latest").symlink_to(temp_dir / StubDashboard.SESSION)
+    monkeypatch.setattr(psutil, "process_iter", lambda attrs=None: iter(()))
+    with StubDashboard() as dashboard:
+        monkeypatch.setattr(local_ray, "load_record", lambda: None)
+        assert jobs.is_remote(dashboard.url)  # no Ray of its session here
+        monkeypatch.setattr(local_ray, "load_record", lambda: types.SimpleNamespace(temp_dir=str(temp_dir)))
+        assert not jobs.is_remote(dashboard.url)
 
 
 def test_the_local_or_remote_decision_asks_the_cluster(ray_session, tmp_path, monkeypatch):

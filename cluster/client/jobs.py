@@ -15,8 +15,12 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cluster.record import PROGRESS_PREFIX, progress_file
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 LOCAL_DASHBOARD = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -65,7 +69,7 @@ def _running_local_dashboard() -> str:
         raise ClusterError(f"RAY_ADDRESS=auto: no single running local Ray cluster ({first_line(err)})") from None
 
 
-def is_remote(url: str | None, client=None) -> bool:
+def is_remote(url: str | None, client: JobSubmissionClient | None = None) -> bool:
     """Whether jobs submitted to the dashboard ``url`` run on other machines: then paths are the
     cluster's and are not checked here, and the entry point is the cluster's ``python``.
 
@@ -85,7 +89,7 @@ def is_remote(url: str | None, client=None) -> bool:
     return session not in local_sessions()
 
 
-def cluster_session(client) -> str | None:
+def cluster_session(client: JobSubmissionClient) -> str | None:
     """The session name the dashboard behind ``client`` reports (None where it reports none)."""
     try:
         response = client._do_request("GET", "/api/version")  # the client's helper: it authenticates
@@ -119,7 +123,7 @@ def local_sessions() -> set[str]:
     return names
 
 
-def connect(url: str):
+def connect(url: str) -> JobSubmissionClient:
     from ray.job_submission import JobSubmissionClient
 
     try:
