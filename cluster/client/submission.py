@@ -161,25 +161,36 @@ def _as_package(source: Path, staging: Path) -> Path:
 @dataclass(frozen=True)
 class Target:
     """Where a validated spec goes: the dashboard ``url`` (None: the embedded local instance),
-    a connection to it where one was made to decide, and whether the cluster is remote."""
+    a connection to it where one was made to decide, whether the cluster is remote, and the
+    user's modules to ship with the job (``user_modules``)."""
 
     url: str | None
     client: Any = None  # ray.job_submission.JobSubmissionClient
     remote: bool = False
+    modules: tuple[str, ...] = ()
 
 
-def validate(spec: SpecSource, address: str | None) -> tuple[Sweep, Target]:
+def validate(spec: SpecSource, address: str | None, notice: Echo = _silent) -> tuple[Sweep, Target]:
     """The whole spec checked before anything is written or started (one-line SpecError), its
     relative paths made absolute against the current directory for a local Ray; and where it
-    goes. Whether the cluster is remote is asked of the cluster (``jobs.is_remote``): for a
-    remote one only the spec itself is checked, its files are the cluster's."""
+    goes. The models' code is checked first (``user_modules``: consent needs no cluster, so an
+    untrusted module is refused before any is asked). Whether the cluster is remote is asked of
+    the cluster (``jobs.is_remote``): for a remote one only the spec itself is checked, its
+    files are the cluster's."""
     from cluster.plan import preflight, relative_paths, resolve_paths
+    from cluster.plan.preflight import one_line
     from cluster.spec import SpecError, load_spec, parse_spec
 
     sweep = parse_spec(dict(spec)) if isinstance(spec, Mapping) else load_spec(spec)
+    try:  # relative checkpoints are read from here, as resolve_paths makes them
+        modules = tuple(user_modules(sweep, notice))
+    except SpecError:
+        raise
+    except (ValueError, OSError) as err:  # a malformed card or an untrusted module: named as preflight does
+        raise SpecError(f"models.path: {one_line(err)}") from None
     url = jobs.dashboard_address(address)
     client = jobs.connect(url) if url else None
-    target = Target(url, client, jobs.is_remote(url, client))
+    target = Target(url, client, jobs.is_remote(url, client), modules)
     if target.remote:
         relative = relative_paths(sweep)
         if relative:
@@ -216,11 +227,10 @@ def submit(
     again as attempt ``-r2``, ``-r3``, ... whose driver skips the units already on disk.
     ``echo`` says what was submitted; ``notice`` (default ``echo``) that a local Ray starts."""
 
-    sweep, target = validate(spec, address)
-    url = target.url
+    sweep, target = validate(spec, address, notice or echo)
+    url, modules = target.url, target.modules
     spec_json = sweep.to_json()
     base_id = submission_id(spec_json, sweep.name)
-    modules = user_modules(sweep, notice=notice or echo)  # refusals before anything starts
     client = target.client or connect(address, start=True, notice=notice or echo)
     attempts = {
         j.submission_id: j
