@@ -50,7 +50,7 @@ def run(nodes: int, args, work: Path) -> float:
     from cluster.job.executor import run_sweep
     from cluster.plan import model_keys
     from cluster.spec import parse_spec
-    from tests.conftest import random_checkpoint, simulated_cluster
+    from tests.helpers import random_checkpoint, simulated_cluster
 
     with simulated_cluster(nodes, "certify-sc-") as (cluster, _):
         ray.init(

@@ -14,14 +14,20 @@ from collections.abc import Iterator
 
 import torch
 
-# cuBLAS reproducibility needs a fixed workspace configuration, read when its first handle is
-# created: set it before any CUDA work (the test suite's conftest and the workers do).
-CUBLAS_WORKSPACE = ":4096:8"
+from certlib import CUBLAS_WORKSPACE
+
+# The workspace configurations under which torch allows cuBLAS in deterministic mode.
+DETERMINISTIC_WORKSPACES = (":4096:8", ":16:8")
 
 
 def _set(deterministic: bool) -> None:
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        if workspace not in DETERMINISTIC_WORKSPACES:
+            raise ValueError(
+                f"deterministic kernels need CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE} (or :16:8), "
+                f"not {workspace[:40]!r}: set it before starting Python"
+            )
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     # cuDNN's autotuner times candidate algorithms and keeps the fastest: faster, not repeatable.

@@ -1,26 +1,112 @@
-"""Shared fixtures: the real data in ../shared/data (tests skip where it is absent) and small
-classifiers written as torch modules."""
+"""Fixtures, and the markers they give the tests that use them.
+
+A test is marked by what it uses, never by hand: ``ray`` if it uses a Ray instance, ``training``
+if it trains models, ``data`` if it reads ../shared/data, ``gpu`` if it needs CUDA (MARKED_BY).
+The fast lane, ``pytest -m "not ray and not training and not data"``, relies on the marks, so
+they are enforced: a test without ``ray`` that starts or connects to Ray, or one without
+``training`` that runs the training loop, fails naming the fixture it lacks."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
-import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from certlib.determinism import CUBLAS_WORKSPACE
+from certlib.checkpoints.checkpoint import ModelCard
+from certlib import CUBLAS_WORKSPACE
+from tests.helpers import CIFAR10_DIR, DSSN_PAPER_FILE, TrainedModel, quiet, simulated_cluster
 
 # Before any CUDA work: cuBLAS reads it once, and the deterministic-training tests need it.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CIFAR10_DIR = SHARED_DATA / "cifar-10-batches-bin"
-DSSN_PAPER_FILE = SHARED_DATA / "dssn-paper-cifar10" / "certificates.parquet"
+# A test's Ray holds nothing worth a clean exit: its processes get this long after SIGTERM (where
+# `certify stop` waits 5 s, which a Ray whose node died mid-job used up every time).
+STOP_GRACE_SECONDS = 1.0
+
+MARKED_BY = {
+    "ray_session": "ray",
+    "own_ray": "ray",
+    "ray_cluster": "ray",
+    "train_model": "training",
+    "trained_digits_dssn": "training",
+    "trains_in_ray_job": "training",
+    "cifar10_dir": "data",
+    "dssn_paper": "data",
+    "cuda": "gpu",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # fixturenames is the closure: a fixture built on cifar10_dir marks its users `data` too.
+    for item in items:
+        for marker in sorted({MARKED_BY[name] for name in getattr(item, "fixturenames", ()) if name in MARKED_BY}):
+            item.add_marker(marker)
+
+
+def _refuse(request: pytest.FixtureRequest, what: str, marker: str) -> Callable[..., None]:
+    fixtures = ", ".join(name for name, marks in MARKED_BY.items() if marks == marker)
+    message = f"{request.node.nodeid} {what} but is not marked {marker!r}: request one of its fixtures ({fixtures})"
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail(message, pytrace=False)  # an OutcomeException: no `except Exception` swallows it
+
+    return refuse
+
+
+def _answers(url: str | None) -> bool:
+    """Whether something listens at the dashboard ``url`` (None: Ray would look for one)."""
+    if url is None:
+        return True
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 8265), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _enforce_markers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``ray``: starting Ray (``ray.init``, ``ray start`` through ``local_ray.start``, a
+    simulated cluster) fails, and so does a Job Submission client for a dashboard that answers;
+    one where nothing listens is left to fail as it would (the tests of unreachable clusters).
+    Without ``training``: an epoch of the training loop fails (validation before it may run).
+    Only this process is guarded: a test's subprocesses start from its own code."""
+    if request.node.get_closest_marker("ray") is None:
+        import ray
+        import ray.cluster_utils
+        import ray.job_submission
+
+        from cluster.client import local_ray
+
+        refuse = _refuse(request, "starts or connects to Ray", "ray")
+        monkeypatch.setattr(ray, "init", refuse)
+        monkeypatch.setattr(ray.cluster_utils, "Cluster", refuse)
+        monkeypatch.setattr(local_ray, "start", refuse)
+        client = ray.job_submission.JobSubmissionClient
+
+        def unreachable_only(address: str | None = None, *args: object, **kwargs: object) -> object:
+            if _answers(address):
+                refuse()
+            return client(address, *args, **kwargs)
+
+        monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", unreachable_only)
+    if request.node.get_closest_marker("training") is None:
+        import certlib.training.train
+
+        monkeypatch.setattr(certlib.training.train, "_epoch", _refuse(request, "runs the training loop", "training"))
+
+
+# --------------------------------------------------------------------------- data
 
 
 @pytest.fixture(scope="session")
@@ -31,43 +117,31 @@ def cifar10_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def dssn_paper() -> pandas.DataFrame:  # noqa: F821
+def dssn_paper() -> pd.DataFrame:
     if not DSSN_PAPER_FILE.is_file():
         pytest.skip(f"the DSSN paper's per-image results are not at {DSSN_PAPER_FILE}")
-    import pandas as pd
-
     return pd.read_parquet(DSSN_PAPER_FILE)
 
 
-class LookupTableClassifier(torch.nn.Module):
-    """A base classifier on the 1/(4q) grid that DSSN's noisy copies live on: the class of a
-    point is a table entry. Returns one-hot logits, so its argmax is unambiguous."""
-
-    def __init__(self, table: torch.Tensor, q: int, num_classes: int):
-        super().__init__()
-        self.register_buffer("table", table.long())
-        self.q = q
-        self.num_classes = num_classes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.round(x.flatten(1) * 4 * self.q).long()
-        base = 4 * self.q + 1
-        cell = (z * base ** torch.arange(z.shape[1], device=z.device)).sum(1)
-        return torch.nn.functional.one_hot(self.table[cell], self.num_classes).to(x.dtype)
+@pytest.fixture(scope="session")
+def cuda() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch.device("cuda")
 
 
-def smooth_random_table(d: int, q: int, num_classes: int, rng: np.random.Generator, flip: float = 0.1) -> torch.Tensor:
-    """Classes of all (4q+1)^d cells: a random linear score cut into bands, with a fraction
-    ``flip`` of cells relabelled at random, so that smoothed predictions have real margins."""
-    base = 4 * q + 1
-    cells = np.arange(base**d)
-    coords = np.stack([(cells // base**i) % base for i in range(d)], axis=1) / (4 * q)
-    score = coords @ rng.normal(size=d)
-    edges = np.quantile(score, np.linspace(0, 1, num_classes + 1)[1:-1])
-    table = np.searchsorted(edges, score)
-    flips = rng.random(len(cells)) < flip
-    table[flips] = rng.integers(num_classes, size=flips.sum())
-    return torch.from_numpy(table)
+@pytest.fixture
+def coarse_zhang_curves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Zhang et al.'s radius curves from 10,000 samples of pi0 instead of the families' 100,000
+    (a fifth of the time): for tests of how sweeps, rows, re-certification and tables carry
+    the radii, whose assertions hold at any sample count. The curve's own tests
+    (test_dual_certificate.py) keep the families' count."""
+    import certlib.families.zhang
+
+    monkeypatch.setattr(certlib.families.zhang, "CURVE_SAMPLES", 10_000)
+
+
+# --------------------------------------------------------------------------- training
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -94,7 +168,41 @@ def ray_token_of_the_tests():
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def train_model() -> Callable[..., ModelCard]:
+    """The training loop (``certlib.training.train.train_model``), for tests that train in
+    this process."""
+    from certlib.training.train import train_model
+
+    return train_model
+
+
+@pytest.fixture(scope="session")
+def trained_digits_dssn(
+    train_model: Callable[..., ModelCard], tmp_path_factory: pytest.TempPathFactory
+) -> TrainedModel:
+    """A small CNN trained on digits under DSSN noise at sigma 0.5, seed 0, with the paper
+    defaults (30 epochs, seconds on a CPU): trained once for the session and shared by the tests
+    that need a trained model but not a training run of their own. Copy it to change it."""
+    from certlib.data import load_digits
+    from certlib.training.config import TrainConfig
+
+    path = tmp_path_factory.mktemp("trained") / "dssn-standard-0.5-0.pt"
+    config = TrainConfig("digits", "dssn", 0.5, seed=0)
+    card = train_model(config, path, load_digits("train"), load_digits("test"), log=quiet)
+    return TrainedModel(path, card)
+
+
+@pytest.fixture(scope="session")
+def trains_in_ray_job() -> None:
+    """For a test whose Ray job trains models in its workers, where this process's guard cannot
+    see them: the test is marked ``training`` all the same."""
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[object]:
     """One private local Ray instance for the whole test session (2 CPUs, dashboard on
     127.0.0.1 for the Job Submission API), on ports and in a directory of its own: a Ray the
     user already runs (the quickstart leaves one up) is neither attached to nor disturbed.
@@ -108,69 +216,43 @@ def ray_session():
         yield instance
     finally:
         ray.shutdown()
-        local_ray.stop(instance)
+        local_ray.stop(instance, grace_seconds=STOP_GRACE_SECONDS)
 
 
-def random_checkpoint(
-    path: Path,
-    dataset,
-    method: str,
-    sigma: float,
-    seed: int,
-    training: str = "standard",
-    architecture: str = "small_cnn",
-    poison: bool = False,
-) -> Path:
-    """A checkpoint of a randomly initialised model with a matching card (no training); with
-    ``poison`` its weights are NaN, so that certifying it fails."""
-    from certlib.checkpoints.checkpoint import ModelCard, save_checkpoint
-    from certlib.families import make_noise
-    from certlib.models import build_model
+@pytest.fixture
+def own_ray() -> Iterator[Callable[..., object]]:
+    """Starts private local Ray instances that the test owns (``local_ray.start(private=True,
+    ...)``), for a test that kills parts of one or stops it: the session's instance stays
+    whole. Whatever the test left running is stopped afterwards."""
+    from cluster.client import local_ray
 
-    torch.manual_seed(seed)
-    model = build_model(architecture, dataset.num_classes, dataset.mean, dataset.std, dataset.input_shape)
-    if poison:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.fill_(float("nan"))
-    noise = make_noise(method, sigma, q=dataset.q, seed=seed)
-    card = ModelCard.describing(architecture, dataset, noise, seed=seed, training=training, sigma=sigma)
-    save_checkpoint(path, model, card)
-    return path
+    started: list[local_ray.LocalRay] = []
+
+    def start(**options: object) -> local_ray.LocalRay:
+        started.append(local_ray.start(private=True, **options))  # type: ignore[arg-type]
+        return started[-1]
+
+    yield start
+    for instance in started:
+        local_ray.stop(instance, grace_seconds=STOP_GRACE_SECONDS)
 
 
-@contextlib.contextmanager
-def simulated_cluster(nodes: int, prefix: str, **head_args):
-    """A Ray cluster of ``nodes`` simulated nodes in this process (``ray.cluster_utils``): a
-    head without CPUs, and nodes with one CPU and one (fake) GPU each, every port chosen free
-    and a temporary directory of its own, so that it runs beside any other Ray. Yields the
-    cluster and its nodes; shuts Ray, the cluster and its directory down afterwards."""
+@pytest.fixture
+def ray_cluster() -> Iterator[Callable[..., tuple[object, list[object]]]]:
+    """Starts a simulated multi-node cluster (``helpers.simulated_cluster``) and connects this
+    process to it; its connection to the session's Ray, if any, is set aside meanwhile and
+    restored afterwards, so the tests after it find the session's Ray as they expect."""
     import ray
-    import ray._private.utils
-    from ray.cluster_utils import Cluster
 
-    from cluster.client.local_ray import free_port
+    previous = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    with contextlib.ExitStack() as stack:
 
-    ray._private.utils.write_ray_address = lambda *args, **kwargs: None  # leave /tmp/ray's pointer alone
-    temp_dir = tempfile.mkdtemp(prefix=prefix)  # short: Ray's socket paths must fit 107 bytes
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "gcs_server_port": free_port(),
-            "include_dashboard": False,
-            "ray_client_server_port": free_port(),
-            "dashboard_agent_listen_port": free_port(),
-            "temp_dir": temp_dir,
-            **head_args,
-        },
-    )
-    try:
-        yield (
-            cluster,
-            [cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_port=free_port()) for _ in range(nodes)],
-        )
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        def start(nodes: int, **head_args: object) -> tuple[object, list[object]]:
+            ray.shutdown()
+            cluster, workers = stack.enter_context(simulated_cluster(nodes, "certify-mn-", **head_args))
+            ray.init(address=cluster.address, log_to_driver=False)
+            return cluster, workers
+
+        yield start
+    if previous is not None:
+        ray.init(address=previous, log_to_driver=False)

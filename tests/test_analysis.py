@@ -39,8 +39,7 @@ from cluster.cli import main
 from cluster.job.worker import UnitRunner
 from cluster.plan import expand, model_keys
 from cluster.spec import parse_spec
-from tests.conftest import random_checkpoint
-from tests.test_paper_results import RADII, TABLE_1
+from tests.helpers import RADII, TABLE_1, random_checkpoint
 
 PAPER_METHODS = {"dssn": "dssn", "uniform_additive": "uniform", "ssn_independent": "ssn"}
 
@@ -206,7 +205,7 @@ def test_high_probability_accuracy():
     assert row["lower_bound"] < row["approximate"]
 
 
-def test_high_probability_accuracy_keeps_zhang_k_apart_and_states_its_confidence():
+def test_high_probability_accuracy_keeps_zhang_k_apart_and_states_its_confidence(coarse_zhang_curves):
     counts = one_smoothing_counts(400, [390, 360, 300])
     rows = pd.concat(
         [synthetic_rows("zhang-l2", 0.5, q=255, seed=0, k=k, counts=counts) for k in (0.0, 40.0)]
@@ -226,25 +225,26 @@ def test_runtime_summary():
 
 @pytest.fixture(scope="module")
 def own_results(tmp_path_factory):
-    """A sweep of the project's own (digits, random-init models; every method) run in-process."""
+    """A sweep of the project's own (digits, random-init models; every method) run in-process:
+    12 images and n = 500 are enough for rows of every kind, certified and not."""
     tmp = tmp_path_factory.mktemp("own")
     sweep = parse_spec(
         {
             "name": "own",
             "output": str(tmp / "out"),
-            "dataset": {"name": "digits", "split": "test", "limit": 30},
+            "dataset": {"name": "digits", "split": "test", "limit": 12},
             "models": {"path": str(tmp / "{method}-{training}-{sigma}-{seed}.pt")},
             "methods": ["dssn", "uniform", "ssn", "gaussian", "laplace"],
             "sigmas": [0.5, 1.5],
-            "certify": {"n0": 32, "n": 2000, "alpha": 0.001},
-            "resources": {"shard_size": 15},
+            "certify": {"n0": 32, "n": 500, "alpha": 0.001},
+            "resources": {"shard_size": 6},
         }
     )
     digits = load_digits("test")
     for key in model_keys(sweep):
         random_checkpoint(key.checkpoint(sweep), digits, key.method, key.sigma, key.seed)
     runner = UnitRunner(sweep.to_json(), "own-job")
-    for unit in expand(sweep, 30):
+    for unit in expand(sweep, 12):
         runner.certify(unit)
     return sweep, load_results(sweep.output)
 
@@ -274,13 +274,13 @@ def test_box_constrained_recertification_never_shrinks_a_radius(own_results):
 
 
 def test_recertify_multiclass_and_alpha(own_results):
-    _, df = own_results
+    sweep, df = own_results
     uniform = df[df.method == "uniform"]
     multi = recertify(uniform, multiclass=True)
     assert set(multi["certificate"]) == {"standard"} and multi["multiclass"].all() and multi["p_b_upper"].notna().all()
     counts = np.stack(uniform["votes"].to_numpy())
     top = counts[np.arange(len(counts)), uniform["selected"].to_numpy()]
-    np.testing.assert_allclose(multi["p_a_lower"], certificates.clopper_pearson_lower(top, 2000, 0.0005))
+    np.testing.assert_allclose(multi["p_a_lower"], certificates.clopper_pearson_lower(top, sweep.certify.n, 0.0005))
     looser = recertify(uniform, alpha=0.05)
     assert (looser["p_a_lower"].to_numpy() >= uniform["p_a_lower"].to_numpy()).all() and set(looser["alpha"]) == {0.05}
 
@@ -319,7 +319,7 @@ def one_smoothing_counts(total: int, tops: list[int]) -> np.ndarray:
     return counts
 
 
-def test_recertify_keeps_each_zhang_k_apart_in_either_order():
+def test_recertify_keeps_each_zhang_k_apart_in_either_order(coarse_zhang_curves):
     """The audit's case: zhang-l2, sigma 0.5, n = 400, counts 390/360/300 at k = 0 and k = 40.
     Grouped without k, every row got one k's curve (the k = 40 rows 1.68x too large)."""
     counts = one_smoothing_counts(400, [390, 360, 300])
@@ -332,7 +332,7 @@ def test_recertify_keeps_each_zhang_k_apart_in_either_order():
 
 
 @pytest.mark.parametrize("method", sorted(FAMILIES))
-def test_recertify_rebuilds_every_familys_smoothing_from_its_rows(method):
+def test_recertify_rebuilds_every_familys_smoothing_from_its_rows(coarse_zhang_curves, method):
     """Two smoothings of one family that differ in every parameter its constructor takes
     (sigma, q, seed and, for the shaped families, k), in both orders: re-certifying the mixed
     rows gives back each row's own radius."""
@@ -352,7 +352,7 @@ def test_recertify_rebuilds_every_familys_smoothing_from_its_rows(method):
         np.testing.assert_array_equal(again[norm_column].to_numpy(), mixed[norm_column].to_numpy())
 
 
-def test_recertify_refuses_rows_without_a_parameter_column():
+def test_recertify_refuses_rows_without_a_parameter_column(coarse_zhang_curves):
     rows = synthetic_rows("zhang-l1", 0.5, q=255, seed=0, k=8.0, counts=one_smoothing_counts(400, [390]))
     with pytest.raises(ValueError, match="lack the 'k' column"):
         recertify(rows.drop(columns=["k"]))

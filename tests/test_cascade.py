@@ -16,9 +16,9 @@ from certlib.engine import cascade as cascade_module
 from certlib.engine import voting
 from certlib.engine.cascade import LEVELS, Cascade, cascade_levels, fold_batchnorm, resolve_compile, resolve_precision
 from certlib.engine.voting import dssn_votes, monte_carlo_counts
-from certlib.families import DSSNNoise, UniformNoise
+from certlib.families import DSSNNoise, UniformNoise, make_noise
 from certlib.models import build_model
-from tests.test_voting import random_cnn
+from tests.helpers import random_cnn
 
 
 def test_cascade_levels_run_from_fast_to_exact():
@@ -288,10 +288,10 @@ def test_nan_logits_are_refused_whatever_the_precision():
         dssn_votes(LateNaN(), images, DSSNNoise(0.5, q=16), 3, batch_size=4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronizations are a CUDA matter; no GPU here")
-def test_the_gpu_engine_synchronizes_rarely():
-    images = load_digits("test").pixels(range(16)).cuda()
-    model = random_cnn(1, seed=8).cuda()
+def test_the_gpu_engine_synchronizes_rarely(cuda):
+    """Host synchronizations are a CUDA matter: without a GPU this test is skipped."""
+    images = load_digits("test").pixels(range(16)).to(cuda)
+    model = random_cnn(1, seed=8).to(cuda)
     noise = DSSNNoise(1.0, q=16)  # L = 55: 880 samples, 55 batches of 16
     cascade = Cascade(model, 10, 16, precision="auto", compile=False)
     dssn_votes(cascade, images[:1], noise, 10)  # the spot check (and cuDNN's set-up) synchronize once
@@ -305,3 +305,47 @@ def test_the_gpu_engine_synchronizes_rarely():
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     assert syncs <= 55 / (voting.QUEUE_BATCHES - 1) + 10, f"{syncs} synchronizations for 55 batches"
+
+
+def test_fp32_means_ieee_even_after_code_asked_for_tf32_globally():
+    """Since torch 2.9 the legacy flags leave cuDNN convolutions at a global "tf32" precision set
+    by any code in the process: the cascade sets the per-backend precisions itself."""
+    if not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip("this torch has no per-backend fp32_precision settings")
+    before = torch.backends.fp32_precision
+    try:
+        torch.backends.fp32_precision = "tf32"
+        cascade_module.disable_tf32()
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.fp32_precision = before
+        cascade_module.disable_tf32()
+
+
+def test_a_failed_compilation_is_reported_with_its_cause_and_votes_eagerly(monkeypatch):
+    """torch.compile's BackendCompilerFailed says only "backend='inductor' raised:" on its first
+    line; under compile: auto the warning names the cause (no Triton, no C compiler) and the
+    counts are the eager ones."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def broken(*args, **kwargs):
+        def call(x):
+            raise BackendCompilerFailed(call, RuntimeError("Cannot find a working triton installation"), None)
+
+        return call
+
+    network = random_cnn(1, 10, seed=3)
+    digits = load_digits("test")
+    images = digits.pixels(range(4))
+    noise = make_noise("gaussian", 0.5)
+    count = dict(num_classes=10, n0=8, n=64, seed=0)
+    eager = voting.monte_carlo_counts(Cascade(network, 10, 256), images, digits.indices[:4], noise, **count)
+    cascade = Cascade(network, 10, 256, compile="auto")
+    cascade.compiled = True  # as on a GPU, where auto compiles
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="RuntimeError: Cannot find a working triton installation"):
+        counts = voting.monte_carlo_counts(cascade, images, digits.indices[:4], noise, **count)
+    assert not cascade.compiled
+    np.testing.assert_array_equal(counts[0], eager[0])
+    np.testing.assert_array_equal(counts[1], eager[1])

@@ -18,7 +18,7 @@ from certlib.data import load_digits
 from cluster.cli import main, submission_id
 from cluster.client import submission
 from cluster.record import progress_file
-from tests.conftest import random_checkpoint
+from tests.helpers import random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,6 +149,8 @@ def test_submit_status_list_logs_cancel_and_resume(ray_session, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     address = ray_session.dashboard_url
     spec = write_spec(tmp_path, GOOD)
+    # The model is there: the jobs certify only (training in a job: the notebook's quickstart).
+    random_checkpoint(tmp_path / "models" / "dssn-standard-0.5-0.pt", load_digits("test"), "dssn", 0.5, 0)
     runner = CliRunner()
 
     result = runner.invoke(main, ["submit-job", str(spec), "--address", address, "--wait"])

@@ -129,3 +129,21 @@ def test_no_package_folder_holds_more_than_ten_modules():
         if (count := sum(1 for p in folder.glob("*.py") if p.name != "__init__.py")) > 10
     }
     assert crowded == {}
+
+
+def test_test_modules_share_through_helpers_only():
+    """A test module imports what it shares with others from ``tests.helpers`` (fixtures come
+    from conftest by name): importing another test module or conftest would run or re-collect
+    that module's tests' set-up wherever it is imported."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            offenders += [
+                f"tests/{path.name}:{node.lineno} imports {name}"
+                for name in names
+                if name.startswith(("tests.test_", "tests.conftest"))
+            ]
+    assert offenders == []

@@ -46,7 +46,8 @@ def test_off_a_terminal_one_short_progress_line_per_interval_and_no_machine_reco
     assert max(map(len, lines)) < 200  # the machine record was about 3 KB
 
 
-def test_on_a_terminal_one_live_line_under_the_jobs_own_lines():
+def test_on_a_terminal_one_live_line_under_the_jobs_own_lines(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")  # the live line is cut to the terminal's width
     out = io.StringIO()
     console = JobConsole(out, interactive=True)
     console(PROGRESS_PREFIX + json.dumps(SNAP))

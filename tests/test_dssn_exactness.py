@@ -18,7 +18,7 @@ import torch
 from certlib.certificates import dssn_radius
 from certlib.engine.voting import dssn_votes
 from certlib.families import DSSNNoise
-from tests.conftest import LookupTableClassifier, smooth_random_table
+from tests.helpers import LookupTableClassifier, smooth_random_table
 
 
 def paper_noisy_copies(x: np.ndarray, v: np.ndarray, levels: int, q: int) -> np.ndarray:

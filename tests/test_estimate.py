@@ -24,7 +24,7 @@ from cluster.job.worker import UnitRunner
 from cluster.plan import model_keys, resolve_paths
 from cluster.plan.estimate import Rates, Workers, makespan
 from cluster.spec import parse_spec
-from tests.conftest import random_checkpoint
+from tests.helpers import random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 30  # images selected from the digits test split

@@ -25,6 +25,7 @@ from certlib.rows import (
     shard_state,
     write_shard,
 )
+from certlib.rows.shards import read_shard
 from cluster.plan import SweepConflict, preflight
 from cluster.record import writer_lock
 from cluster.spec import SpecError, parse_spec
@@ -59,14 +60,15 @@ def parameters(n: int = 400) -> str:
     return json.dumps({"model": {"method": "uniform"}, "certify": {"n": n, "n0": 64}, "dataset": {"every": 1}})
 
 
-def _flip_bits_and_read(tmp_path, choose_positions) -> dict[str, int]:
+def _flip_bits_and_read(tmp_path, choose_positions, *, whole_directory: bool = True) -> dict[str, int]:
     """Write one shard, flip one random bit at each chosen position in turn and read: every read
     either gives exactly the rows written or fails with one line naming the file, and a resume
     never counts the damaged file as done."""
     config = {"method": "uniform", "training": "standard", "sigma": 0.5, "seed": 0}
     path = shard_path(tmp_path / "out", config, "unit-a")
     write_shard(path, unit_rows(), parameters())
-    original = load_results(tmp_path / "out")
+    read = (lambda: load_results(tmp_path / "out")) if whole_directory else (lambda: read_shard(path)[0])
+    original = read()
     pristine = path.read_bytes()
     rng = random.Random(5)
     outcomes = {"same": 0, "refused": 0}
@@ -75,14 +77,17 @@ def _flip_bits_and_read(tmp_path, choose_positions) -> dict[str, int]:
         damaged[position] ^= 1 << rng.randrange(8)
         path.write_bytes(bytes(damaged))
         try:
-            again = load_results(tmp_path / "out")
+            again = read()
         except (DamagedShard, ValueError, OSError) as err:
             assert str(path) in str(err) and "\n" not in str(err), (position, err)
             assert shard_state(path, parameters(), 40) != "valid", position
             outcomes["refused"] += 1
             continue
         # A flip that changes no value: in the column statistics, which the reader does not use.
-        pd.testing.assert_frame_equal(again, original)
+        if whole_directory:
+            pd.testing.assert_frame_equal(again, original)
+        else:
+            assert again.equals(original), position
         outcomes["same"] += 1
     return outcomes
 
@@ -103,7 +108,7 @@ def test_a_flipped_bit_in_the_footer_is_refused_or_harmless(tmp_path):
         footer_length = int.from_bytes(shard[-8:-4], "little")
         return sorted(rng.sample(range(len(shard) - 8 - footer_length, len(shard) - 8), 1500))
 
-    outcomes = _flip_bits_and_read(tmp_path, footer_positions)
+    outcomes = _flip_bits_and_read(tmp_path, footer_positions, whole_directory=False)
     assert outcomes["refused"] > 500, outcomes
 
 

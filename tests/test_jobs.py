@@ -19,7 +19,7 @@ from certlib.data import load_digits
 from cluster.cli import main
 from cluster.client import jobs, local_ray
 from cluster.record import PROGRESS_PREFIX, progress_file
-from tests.conftest import random_checkpoint
+from tests.helpers import random_checkpoint
 
 
 class FlakyClient:
@@ -92,44 +92,39 @@ def _spec(tmp_path: Path, name: str, limit: int, n: int) -> Path:
 
 
 @pytest.mark.parametrize("agent", ["DashboardAgent", "RuntimeEnvAgent"])
-def test_wait_reports_the_true_end_when_an_agent_dies_mid_job(tmp_path, agent):
+def test_wait_reports_the_true_end_when_an_agent_dies_mid_job(own_ray, tmp_path, agent):
     """Ray's agents fate-share with their raylet: the job's driver dies with the node, while the
     job stays RUNNING in Ray's records. `--wait` must say the job ended, not fail on a 500."""
-    instance = local_ray.start(num_cpus=2, private=True, object_store_bytes=300 << 20)
-    try:
-        spec = _spec(tmp_path, "agent-death", limit=80, n=20_000)
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        waiting = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cluster.cli",
-                "submit-job",
-                str(spec),
-                "--address",
-                instance.dashboard_url,
-                "--wait",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-        )
-        progress = progress_file(tmp_path / "out")
-        deadline = time.time() + 180
-        while time.time() < deadline and not (
-            progress.is_file() and json.loads(progress.read_text())["units_done"] >= 1
-        ):
-            time.sleep(0.2)
-        assert progress.is_file(), "the job never reported progress"
-        victims = [p for p in instance.processes() if agent in " ".join(p.cmdline())]
-        assert victims, f"no {agent} process"
-        for proc in victims:
-            proc.kill()
-        output, _ = waiting.communicate(timeout=180)
-    finally:
-        local_ray.stop(instance)
+    instance = own_ray(num_cpus=2, object_store_bytes=300 << 20)
+    spec = _spec(tmp_path, "agent-death", limit=80, n=20_000)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    waiting = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "submit-job",
+            str(spec),
+            "--address",
+            instance.dashboard_url,
+            "--wait",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    progress = progress_file(tmp_path / "out")
+    deadline = time.time() + 180
+    while time.time() < deadline and not (progress.is_file() and json.loads(progress.read_text())["units_done"] >= 1):
+        time.sleep(0.2)
+    assert progress.is_file(), "the job never reported progress"
+    victims = [p for p in instance.processes() if agent in " ".join(p.cmdline())]
+    assert victims, f"no {agent} process"
+    for proc in victims:
+        proc.kill()
+    output, _ = waiting.communicate(timeout=180)
     assert waiting.returncode == 1, output
     last = output.strip().splitlines()[-1]
     assert "FAILED (its driver's node died" in last, output

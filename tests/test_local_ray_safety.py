@@ -131,14 +131,14 @@ def _decoys_around_start(monkeypatch, decoys) -> tuple[list[Decoy], list[str]]:
     return spawned, temp_dirs
 
 
-def test_a_failed_start_stops_what_it_started_and_nothing_else(tmp_path, monkeypatch, decoys, capsys):
+def test_a_failed_start_stops_what_it_started_and_nothing_else(tmp_path, monkeypatch, decoys, capsys, own_ray):
     """`ray start` fails after it started its GCS and dashboard (an object store below Ray's
     minimum): what it started is stopped, its own error is the one line, no address is
     assumed, and the decoys survive. Ray's token, as Ray writes it, is made 0600 with a warning."""
     home = private_home(tmp_path, monkeypatch, folder_mode=0o777)
     spawned, temp_dirs = _decoys_around_start(monkeypatch, decoys)
     with pytest.raises(RuntimeError) as failed:
-        local_ray.start(num_cpus=1, private=True, object_store_bytes=1)
+        own_ray(num_cpus=1, object_store_bytes=1)
     message = str(failed.value)
     assert "\n" not in message and "`ray start` failed: ValueError: Attempting to cap object store memory" in message
     assert len(spawned) == 3 and alive(spawned)
@@ -150,12 +150,12 @@ def test_a_failed_start_stops_what_it_started_and_nothing_else(tmp_path, monkeyp
     assert len(warnings) == 1 and "was readable by others (mode 0644)" in warnings[0]
 
 
-def test_a_start_that_runs_out_of_time_leaves_nothing(monkeypatch, decoys):
+def test_a_start_that_runs_out_of_time_leaves_nothing(monkeypatch, decoys, own_ray):
     monkeypatch.setattr(local_ray, "START_SECONDS", 4.0)
     spawned, temp_dirs = _decoys_around_start(monkeypatch, decoys)
     ran_out = r"^could not start a local Ray instance: `ray start` did not finish within 4 s$"
     with pytest.raises(RuntimeError, match=ran_out):
-        local_ray.start(num_cpus=1, private=True, object_store_bytes=80 << 20)
+        own_ray(num_cpus=1, object_store_bytes=80 << 20)
     assert alive(spawned)
     assert naming(temp_dirs[0], spawned) == [] and not Path(temp_dirs[0]).exists()
 

@@ -12,7 +12,7 @@ import yaml
 from certlib.data import load_digits
 from cluster.client import submission
 from cluster.notebook import ClusterError, JobFailed, SpecError, attach, submit
-from tests.conftest import random_checkpoint
+from tests.helpers import random_checkpoint
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml"
 
@@ -37,7 +37,7 @@ def no_ray_address(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
-def test_the_quickstart_from_a_notebook(ray_session, tmp_path, no_ray_address, capsys):
+def test_the_quickstart_from_a_notebook(ray_session, trains_in_ray_job, tmp_path, no_ray_address, capsys):
     spec = small_quickstart(tmp_path)
     job = submit(spec, address=ray_session.dashboard_url)
     assert f"submitted {job.job_id}: quickstart -> {tmp_path / 'results'}" in capsys.readouterr().out

@@ -23,7 +23,7 @@ from cluster.plan import (
 from cluster.plan.sizing import choose_shard_size, recorded_shard_size
 from cluster.record import sweep_file
 from cluster.spec import SpecError, parse_spec
-from tests.conftest import random_checkpoint
+from tests.helpers import random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

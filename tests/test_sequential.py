@@ -179,7 +179,7 @@ def sequential_sweep(tmp_path, **certify):
     )
 
 
-def test_a_sequential_sweep_writes_rows_resumes_and_recertifies(tmp_path):
+def test_a_sequential_sweep_writes_rows_resumes_and_recertifies(tmp_path, train_model):
     """The digits quickstart's models (trained here), certified sequentially: rows record the
     samples each image used (fewer than the cap for most), the table prints, a resume finds
     every shard done, and re-certification at another alpha uses the sequence again: never

@@ -22,10 +22,11 @@ from certlib.analysis import load_results
 from certlib.data import load_cifar10
 from certlib.rows import existing_shards
 from cluster.job.executor import run_sweep
-from cluster.plan import SweepConflict, model_keys
+from cluster.job.worker import UnitRunner
+from cluster.plan import SweepConflict, expand, model_keys
 from cluster.record import PROGRESS_PREFIX, failures_dir, sweep_file
 from cluster.spec import parse_spec
-from tests.conftest import random_checkpoint
+from tests.helpers import quiet, random_checkpoint
 
 
 def cifar_sweep(
@@ -76,6 +77,14 @@ def cifar_test(cifar10_dir):
     return load_cifar10(cifar10_dir, "test")
 
 
+def finished_calls(dashboard_url: str, key) -> int:
+    """Finished calls named after ``key``'s model, as the dashboard's job page counts them."""
+    from ray.util.state import list_tasks
+
+    calls = list_tasks(address=dashboard_url, filters=[("name", "=", f"certify {key.label}")], limit=10_000)
+    return sum(1 for t in calls if t.state == "FINISHED")
+
+
 def make_models(sweep, dataset, poison=()):
     for key in model_keys(sweep):
         random_checkpoint(
@@ -83,27 +92,25 @@ def make_models(sweep, dataset, poison=()):
         )
 
 
-def quiet(_line):
-    pass
-
-
 def expected_indices(limit):
     return list(range(3, 10_000, 7))[:limit]
 
 
-def test_one_row_per_image_and_configuration(ray_session, tmp_path, cifar10_dir, cifar_test):
-    sweep = cifar_sweep(tmp_path, cifar10_dir, sigmas=(0.25, 0.5), limit=20)
+@pytest.fixture(scope="module")
+def swept(ray_session, cifar10_dir, cifar_test, tmp_path_factory):
+    """One sweep on the session's Ray (DSSN and uniform at two sigmas, 20 images in units of 8,
+    one worker, batches of 64): the rows test's subject and the invariance test's reference.
+    Returns the sweep, its progress and each model's finished calls before it ran (this session's
+    earlier tests ran calls of the same names)."""
+    tmp = tmp_path_factory.mktemp("swept")
+    sweep = cifar_sweep(tmp, cifar10_dir, sigmas=(0.25, 0.5), limit=20, workers=1, batch_size=64)
     make_models(sweep, cifar_test)
-    from ray.util.state import list_tasks
+    before = {key: finished_calls(ray_session.dashboard_url, key) for key in model_keys(sweep)}
+    return sweep, run_sweep(sweep, "job-rows", log=quiet), before
 
-    def finished(key):  # this session's earlier tests ran calls of the same names
-        calls = list_tasks(
-            address=ray_session.dashboard_url, filters=[("name", "=", f"certify {key.label}")], limit=10_000
-        )
-        return sum(1 for t in calls if t.state == "FINISHED")
 
-    before = {key: finished(key) for key in model_keys(sweep)}
-    progress = run_sweep(sweep, "job-rows", log=quiet)
+def test_one_row_per_image_and_configuration(swept, ray_session, cifar_test):
+    sweep, progress, before = swept
     assert not progress.failures and progress.done == progress.total == 20 * 4
     df = load_results(sweep.output)
     assert len(df) == 80
@@ -131,22 +138,25 @@ def test_one_row_per_image_and_configuration(ray_session, tmp_path, cifar10_dir,
     # the dashboard's job page counts the calls by name: 3 more finished units per model
     for key in model_keys(sweep):
         deadline = time.time() + 30
-        while time.time() < deadline and finished(key) < before[key] + 3:
+        while time.time() < deadline and finished_calls(ray_session.dashboard_url, key) < before[key] + 3:
             time.sleep(0.5)
-        assert finished(key) == before[key] + 3, key.label
+        assert finished_calls(ray_session.dashboard_url, key) == before[key] + 3, key.label
     assert sweep_file(sweep.output).read_text() == sweep.to_json()
 
 
-def test_results_do_not_depend_on_shards_batches_workers_or_compilation(ray_session, tmp_path, cifar10_dir, cifar_test):
-    a = cifar_sweep(tmp_path, cifar10_dir, output="a", shard_size=5, batch_size=64, workers=1, limit=12)
+def test_results_do_not_depend_on_shards_batches_workers_or_compilation(swept, tmp_path, cifar10_dir, cifar_test):
+    """The first 12 images at sigma 0.25 of the swept fixture (units of 8, batches of 64, one
+    worker) against a sweep of units of 12, batches of 1000, two workers and compilation."""
+    a = swept[0]
     b = cifar_sweep(
         tmp_path, cifar10_dir, output="b", shard_size=12, batch_size=1000, workers=2, limit=12, compile=True
     )
-    make_models(a, cifar_test)
-    run_sweep(a, "job-a", log=quiet)
+    make_models(b, cifar_test)
     run_sweep(b, "job-b", log=quiet)
     columns = ["method", "sigma", "image_index", "votes", "selection_votes", "prediction", "radius_l1", "p_a_lower"]
-    ra = load_results(a.output, columns=columns).sort_values(["method", "image_index"]).reset_index(drop=True)
+    filters = {"sigma": [0.25], "image_index": expected_indices(12)}
+    ra = load_results(a.output, columns=columns, filters=filters).sort_values(["method", "image_index"])
+    ra = ra.reset_index(drop=True)
     rb = load_results(b.output, columns=columns).sort_values(["method", "image_index"]).reset_index(drop=True)
     assert len(ra) == len(rb) == 24
     for column in ("votes", "selection_votes"):
@@ -168,7 +178,7 @@ def _alive_worker_pids(dashboard_url: str):
 
 
 def test_a_killed_worker_is_replaced_and_its_unit_retried(ray_session, tmp_path, cifar10_dir, cifar_test):
-    sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=3000)
+    sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=3000, workers=1)
     make_models(sweep, cifar_test)
     lines, outcome = [], {}
     thread = threading.Thread(
@@ -190,7 +200,7 @@ def test_a_killed_worker_is_replaced_and_its_unit_retried(ray_session, tmp_path,
 
 
 def test_a_killed_driver_resumes_with_only_the_missing_units(ray_session, tmp_path, cifar10_dir, cifar_test):
-    sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=2000)
+    sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=2000, workers=1)
     make_models(sweep, cifar_test)
     address = ray_session.gcs_address
     spec = base64.b64encode(sweep.to_json().encode()).decode()
@@ -217,7 +227,7 @@ def test_a_killed_driver_resumes_with_only_the_missing_units(ray_session, tmp_pa
 
 
 def test_a_failing_unit_fails_alone(ray_session, tmp_path, cifar10_dir, cifar_test):
-    sweep = cifar_sweep(tmp_path, cifar10_dir, limit=8, shard_size=4)
+    sweep = cifar_sweep(tmp_path, cifar10_dir, limit=8, shard_size=4, workers=1)
     make_models(sweep, cifar_test, poison=("uniform",))  # NaN weights: NaN logits
     lines = []
     progress = run_sweep(sweep, "job-fail", log=lines.append)
@@ -232,7 +242,9 @@ def test_a_failing_unit_fails_alone(ray_session, tmp_path, cifar10_dir, cifar_te
 def test_an_output_directory_of_another_sweep_is_refused(ray_session, tmp_path, cifar10_dir, cifar_test):
     sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("dssn",), limit=8, shard_size=4)
     make_models(sweep, cifar_test)
-    run_sweep(sweep, "job-1", log=quiet)
+    runner = UnitRunner(sweep.to_json(), "job-1")  # the earlier sweep's shards, from this process:
+    for unit in expand(sweep, 8):  # run_sweep refuses before starting any worker
+        runner.certify(unit)
     with pytest.raises(SweepConflict, match="another shard size"):
         run_sweep(cifar_sweep(tmp_path, cifar10_dir, methods=("dssn",), limit=8, shard_size=3), "job-2", log=quiet)
     other = parse_spec({**_as_yaml(sweep), "dataset": {**_as_yaml(sweep)["dataset"], "every": 5}})
@@ -256,7 +268,7 @@ def _as_yaml(sweep):
     return json.loads(sweep.to_json())
 
 
-def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
+def test_jobs_sharing_a_checkpoint_train_it_once(train_model, tmp_path, monkeypatch, capsys):
     import torch
 
     import cluster.job.training as training
@@ -280,9 +292,8 @@ def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
     def slow_train_model(*args, **kwargs):
         trained.append(args[1])
         time.sleep(1.0)  # long enough for the other job to find the checkpoint locked
-        return real_train_model(*args, **kwargs)
+        return train_model(*args, **kwargs)
 
-    real_train_model = training.train_model
     monkeypatch.setattr(training, "train_model", slow_train_model)
     trainers = [training.ModelTrainer(sweep, torch.device("cpu")) for _ in range(2)]
     results = [None, None]
@@ -302,9 +313,12 @@ def test_jobs_sharing_a_checkpoint_train_it_once(tmp_path, monkeypatch, capsys):
     assert "waiting: another process is training" in out and "was trained meanwhile by another process" in out
 
 
-def test_training_progress_and_eta_are_reported_while_models_train(ray_session, tmp_path, monkeypatch):
+def test_training_progress_and_eta_are_reported_while_models_train(
+    ray_session, trains_in_ray_job, tmp_path, monkeypatch
+):
     import cluster.job.executor as executor
 
+    epochs = 12  # a few seconds a model: several progress records (every 0.5 s) catch one mid-training
     monkeypatch.setattr(executor, "PROGRESS_EVERY", 0.5)
     monkeypatch.setattr(executor, "PROGRESS_JSON_EVERY", 0.5)
     sweep = parse_spec(
@@ -314,7 +328,7 @@ def test_training_progress_and_eta_are_reported_while_models_train(ray_session, 
             "dataset": {"name": "digits", "limit": 10},
             "models": {
                 "path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt"),
-                "train": {"epochs": 25},
+                "train": {"epochs": epochs},
             },
             "methods": ["uniform"],
             "sigmas": [0.5],
@@ -330,14 +344,14 @@ def test_training_progress_and_eta_are_reported_while_models_train(ray_session, 
     mid = [r for r in records if any(t.get("state") == "training" and "epoch" in t for t in r["training"].values())]
     assert mid, "no progress record caught a model mid-training"
     entry = next(t for t in mid[0]["training"].values() if "epoch" in t)
-    assert 1 <= entry["epoch"] <= 25 and entry["epochs"] == 25 and entry["images_per_second"] > 0
+    assert 1 <= entry["epoch"] <= epochs and entry["epochs"] == epochs and entry["images_per_second"] > 0
     assert entry["eta_seconds"] >= 0 and mid[0]["training_eta_seconds"] is not None
     # one worker: while the first model trains, the second waits, and the job's ETA waits for both
     assert any(t["state"] == "queued" for t in mid[0]["training"].values())
     assert any("training ETA" in line for line in lines)
     final = records[-1]
     assert [t["state"] for t in final["training"].values()] == ["done", "done"] and final["eta_seconds"] == 0
-    assert all(t["epoch"] == 25 for t in final["training"].values() if "epoch" in t)
+    assert all(t["epoch"] == epochs for t in final["training"].values() if "epoch" in t)
 
 
 def test_the_eta_adds_the_training_still_to_do_to_certification():

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,8 +25,7 @@ from certlib.models import build_model
 from certlib.smooth import Smooth
 from certlib.training.config import TrainConfig
 from certlib.training.step import augment, stability_loss
-from certlib.training.train import train_model
-from tests.conftest import random_checkpoint
+from tests.helpers import quiet, random_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +33,7 @@ def digits():
     return load_digits("train"), load_digits("test")
 
 
-def quiet(_line: str) -> None:
-    pass
-
-
-def epoch_losses(config, path, train_set, test_set):
+def epoch_losses(train_model, config, path, train_set, test_set):
     losses = []
     card = train_model(config, path, train_set, test_set, log=quiet, on_epoch=lambda m: losses.append(m["loss"]))
     return losses, card
@@ -50,24 +49,24 @@ def epoch_losses(config, path, train_set, test_set):
         ("ssn", "stability"),
     ],
 )
-def test_training_reduces_the_loss_on_digits(digits, tmp_path, method, training):
+def test_training_reduces_the_loss_on_digits(train_model, digits, tmp_path, method, training):
     losses, card = epoch_losses(
-        TrainConfig("digits", method, 0.25, training=training, epochs=4), tmp_path / "m.pt", *digits
+        train_model, TrainConfig("digits", method, 0.25, training=training, epochs=4), tmp_path / "m.pt", *digits
     )
     assert losses[-1] < losses[0]
     assert card.method == method and card.training == training and card.epochs_done == 4
 
 
-def test_training_reduces_the_loss_on_cifar10(cifar10_dir, tmp_path):
+def test_training_reduces_the_loss_on_cifar10(train_model, cifar10_dir, tmp_path):
     train_set = load_cifar10(cifar10_dir, "train").subset(np.arange(768))
     test_set = load_cifar10(cifar10_dir, "test").subset(np.arange(128))
     config = TrainConfig("cifar10", "dssn", 0.25, architecture="small_cnn", epochs=4, lr=0.02)
-    losses, card = epoch_losses(config, tmp_path / "c.pt", train_set, test_set)
+    losses, card = epoch_losses(train_model, config, tmp_path / "c.pt", train_set, test_set)
     assert losses[-1] < losses[0]
     assert card.levels == 220 and card.input_shape == [3, 32, 32] and card.heldout == "test[:128]"
 
 
-def test_dssn_training_uses_the_papers_offset_vector(digits, tmp_path, monkeypatch):
+def test_dssn_training_uses_the_papers_offset_vector(train_model, digits, tmp_path, monkeypatch):
     made = []
     real_make_noise = train_module.make_noise
 
@@ -111,20 +110,19 @@ def test_augment_keeps_the_grid():
     assert not torch.equal(out, x)
 
 
-def test_model_card_round_trip_and_refusals(digits, tmp_path):
-    path = tmp_path / "m.pt"
-    card = train_model(TrainConfig("digits", "dssn", 0.5, seed=1, epochs=1), path, *digits, log=quiet)
+def test_model_card_round_trip_and_refusals(trained_digits_dssn, tmp_path):
+    path, card = trained_digits_dssn
     payload = torch.load(path, weights_only=True)  # tensors and a JSON string only
     assert set(payload) == {"card", "state_dict"} and isinstance(payload["card"], str)
     assert read_card(path) == card
     assert card.levels == 27 and card.lam == 27 / 32 and card.q == 16 and card.dataset == "digits"
     assert 0 <= card.noisy_accuracy <= 1 and 0 <= card.clean_accuracy <= 1 and len(card.weights_sha256) == 64
 
-    model, loaded = load_checkpoint(path, method="dssn", sigma=0.5, seed=1, q=16, dataset="digits")
+    model, loaded = load_checkpoint(path, method="dssn", sigma=0.5, seed=0, q=16, dataset="digits")
     assert loaded == card and not model.training
     with pytest.raises(CardMismatch, match="sigma: trained at 0.5, certifying at 0.25"):
         load_checkpoint(path, method="dssn", sigma=0.25)
-    with pytest.raises(CardMismatch, match="seed: the dssn model was trained with seed 1, certifying with 2"):
+    with pytest.raises(CardMismatch, match="seed: the dssn model was trained with seed 0, certifying with 2"):
         load_checkpoint(path, method="dssn", seed=2)
     with pytest.raises(CardMismatch, match="q: the dssn model was trained with q 16, certifying with 255"):
         load_checkpoint(path, method="dssn", q=255)
@@ -146,12 +144,13 @@ def test_model_card_round_trip_and_refusals(digits, tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_save_checkpoint_is_atomic(digits, tmp_path):
-    path = tmp_path / "m.pt"
-    card = train_model(TrainConfig("digits", "uniform", 0.5, epochs=1), path, *digits, log=quiet)
+def test_save_checkpoint_is_atomic(trained_digits_dssn, tmp_path):
+    trained, card = trained_digits_dssn
+    assert sorted(p.name for p in trained.parent.iterdir()) == [trained.name]  # training left no resume state
+    path = Path(shutil.copy(trained, tmp_path / "m.pt"))
     model, _ = load_checkpoint(path)
     save_checkpoint(path, model, card)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # no temporary files, no resume state left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # no temporary files
 
 
 @pytest.mark.parametrize(
@@ -211,7 +210,7 @@ def reference_training(config: TrainConfig, train_set) -> dict:
 
 
 @pytest.mark.parametrize("method,training", [("dssn", "standard"), ("gaussian", "stability"), ("laplace", "standard")])
-def test_the_training_step_keeps_the_papers_math(digits, tmp_path, method, training):
+def test_the_training_step_keeps_the_papers_math(train_model, digits, tmp_path, method, training):
     """Device-resident batches, integer-grid augmentation, grid noise and on-device metrics
     give, on a CPU, exactly the weights of the plain loop."""
     config = TrainConfig("digits", method, 0.5, seed=4, epochs=2, training=training, heldout_limit=8)
@@ -222,7 +221,7 @@ def test_the_training_step_keeps_the_papers_math(digits, tmp_path, method, train
         assert torch.equal(tensor, expected[name]), name
 
 
-def test_workers_decoding_batches_train_the_same_model_as_resident_data(digits, tmp_path):
+def test_workers_decoding_batches_train_the_same_model_as_resident_data(train_model, digits, tmp_path):
     config = TrainConfig("digits", "uniform", 0.5, seed=2, epochs=2, heldout_limit=8)
     resident = train_model(config, tmp_path / "a.pt", *digits, device="cpu", log=quiet)
     loaded = train_model(
@@ -248,7 +247,7 @@ def write_image_folder(root: Path, split: str, classes: int, per_class: int, see
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img_{i}.JPEG")
 
 
-def test_resnet50_trains_from_an_imagenet_folder_through_dataloader_workers(tmp_path):
+def test_resnet50_trains_from_an_imagenet_folder_through_dataloader_workers(train_model, tmp_path):
     """ImageNet does not fit on a device: DataLoader worker processes decode its JPEGs. The
     model equals one trained on the same decoded images held in memory."""
     write_image_folder(tmp_path / "imagenet", "train", classes=2, per_class=4, seed=0)
@@ -274,7 +273,7 @@ def test_resnet50_trains_from_an_imagenet_folder_through_dataloader_workers(tmp_
     assert held.weights_sha256 == streamed.weights_sha256
 
 
-def test_resume_after_interruption_gives_the_same_weights(digits, tmp_path):
+def test_resume_after_interruption_gives_the_same_weights(train_model, digits, tmp_path):
     """Deterministic kernels: bit-identical weights on a GPU as well as on a CPU (where every
     kernel is deterministic anyway); runs on the GPU where there is one."""
     config = TrainConfig("digits", "dssn", 0.5, seed=4, epochs=3, training="stability", deterministic=True)
@@ -299,20 +298,20 @@ def test_resume_after_interruption_gives_the_same_weights(digits, tmp_path):
 
 
 def test_bad_training_configs_are_refused(digits, tmp_path):
+    """Refused before the first epoch: without the training fixture, an epoch would fail the test."""
     with pytest.raises(ValueError, match="training must be"):
-        train_model(TrainConfig("digits", "dssn", 0.5, training="adversarial"), tmp_path / "m.pt", *digits)
+        train_module.train_model(TrainConfig("digits", "dssn", 0.5, training="adversarial"), tmp_path / "m.pt", *digits)
     with pytest.raises(ValueError, match="epochs"):
-        train_model(TrainConfig("digits", "dssn", 0.5, epochs=0), tmp_path / "m.pt", *digits)
+        train_module.train_model(TrainConfig("digits", "dssn", 0.5, epochs=0), tmp_path / "m.pt", *digits)
     with pytest.raises(ValueError, match="sigma"):
-        train_model(TrainConfig("digits", "dssn", -1.0, epochs=1), tmp_path / "m.pt", *digits)
+        train_module.train_model(TrainConfig("digits", "dssn", -1.0, epochs=1), tmp_path / "m.pt", *digits)
 
 
-def test_dssn_digits_model_certifies_above_80_percent(digits, tmp_path):
+def test_dssn_digits_model_certifies_above_80_percent(trained_digits_dssn, digits):
     """Acceptance: a small CNN trained with DSSN noise at sigma 0.5 on digits (CPU, well under a
     minute) reaches a DSSN-certified clean accuracy (radius 0) above 80% on the test split."""
-    train_set, test_set = digits
-    path = tmp_path / "dssn.pt"
-    train_model(TrainConfig("digits", "dssn", 0.5, seed=0), path, train_set, test_set, log=quiet)
+    _, test_set = digits
+    path, _ = trained_digits_dssn
     model, card = load_checkpoint(path, method="dssn", sigma=0.5, seed=0, q=16, dataset="digits")
     noise = DSSNNoise(card.sigma, q=card.q, seed=card.seed)
     result = Smooth(model, noise, card.num_classes).certify(test_set.pixels())
@@ -321,19 +320,15 @@ def test_dssn_digits_model_certifies_above_80_percent(digits, tmp_path):
     assert certified.mean() > 0.80
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@needs_cuda
-def test_the_cuda_graph_step_trains_the_eager_steps_model(digits, tmp_path):
+def test_the_cuda_graph_step_trains_the_eager_steps_model(cuda, train_model, digits, tmp_path):
     config = TrainConfig(
         "digits", "gaussian", 0.5, seed=3, epochs=2, training="stability", deterministic=True, heldout_limit=8
     )
     graphed = train_model(
-        dataclasses.replace(config, cuda_graph=True), tmp_path / "g.pt", *digits, device="cuda", log=quiet
+        dataclasses.replace(config, cuda_graph=True), tmp_path / "g.pt", *digits, device=cuda, log=quiet
     )
     eager = train_model(
-        dataclasses.replace(config, cuda_graph=False), tmp_path / "e.pt", *digits, device="cuda", log=quiet
+        dataclasses.replace(config, cuda_graph=False), tmp_path / "e.pt", *digits, device=cuda, log=quiet
     )
     assert graphed.hyperparameters["cuda_graph"] is True and eager.hyperparameters["cuda_graph"] is False
     (a, _), (b, _) = load_checkpoint(tmp_path / "g.pt"), load_checkpoint(tmp_path / "e.pt")
@@ -341,9 +336,8 @@ def test_the_cuda_graph_step_trains_the_eager_steps_model(digits, tmp_path):
         torch.testing.assert_close(tensor, b.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-@needs_cuda
 @pytest.mark.parametrize("cuda_graph", [True, False])
-def test_an_epoch_never_waits_for_the_gpu(digits, tmp_path, monkeypatch, cuda_graph):
+def test_an_epoch_never_waits_for_the_gpu(cuda, train_model, digits, tmp_path, monkeypatch, cuda_graph):
     real_run_epoch = train_module._run_epoch
 
     def strict(*args, **kwargs):
@@ -355,4 +349,40 @@ def test_an_epoch_never_waits_for_the_gpu(digits, tmp_path, monkeypatch, cuda_gr
 
     monkeypatch.setattr(train_module, "_run_epoch", strict)
     config = TrainConfig("digits", "dssn", 0.5, epochs=1, cuda_graph=cuda_graph, heldout_limit=8)
-    train_model(config, tmp_path / "m.pt", *digits, device="cuda", log=quiet)
+    train_model(config, tmp_path / "m.pt", *digits, device=cuda, log=quiet)
+
+
+@pytest.mark.parametrize("method", ["dssn", "uniform", "gaussian", "zhang-l1", "zhang-l2", "zhang-linf"])
+def test_a_cuda_graph_replays_only_noise_drawn_on_the_device(method):
+    """Zhang et al.'s families draw their radii on the host, which a graph would replay as one draw
+    every step: ``auto`` trains them eagerly and ``true`` is refused before training starts."""
+    noise = make_noise(method, 0.5, q=16) if method == "dssn" else make_noise(method, 0.5)
+    on_device = method not in ("zhang-l1", "zhang-l2", "zhang-linf")
+    assert train_module.runs_as_graph("auto", "cuda", True, noise) is on_device
+    assert train_module.runs_as_graph(False, "cuda", True, noise) is False
+    assert train_module.runs_as_graph("auto", "cpu", True, noise) is False
+    assert train_module.runs_as_graph("auto", "cuda", False, noise) is False
+    if on_device:
+        assert train_module.runs_as_graph(True, "cuda", True, noise) is True
+    else:
+        with pytest.raises(ValueError, match=f"cannot train with {method} noise, drawn on the host"):
+            train_module.runs_as_graph(True, "cuda", True, noise)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        train_module.runs_as_graph(True, "cpu", True, noise)
+
+
+def test_importing_certlib_fixes_the_cublas_workspace_before_any_cuda_work(tmp_path):
+    """torch reads CUBLAS_WORKSPACE_CONFIG at a process's first cuBLAS call, so deterministic
+    training after a model was timed (as `certify plan` does) needs it set at import; a value
+    torch's deterministic cuBLAS does not accept is refused in one line."""
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    check = "import os, certlib; print(os.environ['CUBLAS_WORKSPACE_CONFIG'])"
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ":4096:8"
+    refuse = (
+        "from certlib.determinism import enable_deterministic_kernels\n"
+        "try:\n    enable_deterministic_kernels()\nexcept ValueError as err:\n    print(err)"
+    )
+    env["CUBLAS_WORKSPACE_CONFIG"] = ":1:1"
+    done = subprocess.run([sys.executable, "-c", refuse], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip().startswith("deterministic kernels need CUBLAS_WORKSPACE_CONFIG=:4096:8")

@@ -16,21 +16,7 @@ from certlib.engine.cascade import EXACT_TIE
 from certlib.engine.voting import dssn_votes, monte_carlo_counts
 from certlib.families import DSSNNoise, GaussianNoise, LaplaceNoise, SplitIndependentNoise, UniformNoise
 from certlib.smooth import Smooth
-
-
-def random_cnn(in_channels: int, num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
-    """A small randomly initialised CNN whose predictions vary across noisy copies."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(in_channels, 4, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Flatten(),
-        torch.nn.LazyLinear(num_classes),
-    )
-    model(torch.zeros(1, in_channels, 8, 8) if in_channels == 1 else torch.zeros(1, in_channels, 32, 32))
-    with torch.no_grad():
-        model[-1].weight.mul_(20)  # make the logits depend strongly on the noisy pixels
-    return model.eval()
+from tests.helpers import random_cnn
 
 
 def naive_dssn_votes(model, images, noise, num_classes):

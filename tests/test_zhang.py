@@ -21,7 +21,7 @@ from cluster.cli import main
 from cluster.job.worker import UnitRunner
 from cluster.plan import expand, model_keys
 from cluster.spec import SpecError, parse_spec
-from tests.conftest import random_checkpoint
+from tests.helpers import random_checkpoint
 
 D = 10
 
@@ -88,7 +88,7 @@ def zhang_spec(tmp_path, **extra):
     )
 
 
-def test_a_sweep_certifies_gaussian_trained_models_with_the_families(tmp_path):
+def test_a_sweep_certifies_gaussian_trained_models_with_the_families(coarse_zhang_curves, tmp_path):
     sweep = zhang_spec(tmp_path)
     digits = load_digits("test")
     keys = model_keys(sweep)
@@ -144,7 +144,7 @@ def test_models_that_share_a_checkpoint_are_trained_once(tmp_path):
     assert plan.progress().models_to_train == 1
 
 
-def test_one_model_is_certified_at_sigmas_other_than_its_own(tmp_path):
+def test_one_model_is_certified_at_sigmas_other_than_its_own(coarse_zhang_curves, tmp_path):
     """models.sigmas: a plain path names one Gaussian model trained at sigma_0 = 0.5, and the
     family certifies it at each (sigma, k) of the grid (Zhang et al.'s search); rows record the
     model's sigma and the table takes the best over sigma and k."""

@@ -135,15 +135,25 @@ def disable_tf32() -> None:
     """Make float32 mean float32 on CUDA: TF32's ~1e-3 relative error would exceed the fp32
     band. A cascade calls it when built and after each call of its tf32 level; call it before
     timing or compiling a model outside one, as torch.compile guards on the matmul flag."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    _set_tf32(False)
+
+
+def _set_tf32(enabled: bool) -> None:
+    # Since torch 2.9 the legacy flags set cuDNN's precision to "none", which falls back to a
+    # global ``torch.backends.fp32_precision`` = "tf32" set by any code in the process: the new
+    # per-backend settings are set explicitly wherever they exist. Set, never read: reading the
+    # legacy flags raises once the new API has been used.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    if hasattr(torch.backends.cudnn, "conv"):
+        precision = "tf32" if enabled else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
 
 
 @contextlib.contextmanager
 def _tf32(enabled: bool) -> Iterator[None]:
-    # Set, never read: reading the legacy flags raises once torch's newer fp32_precision API has
-    # been used. Outside a tf32 level TF32 is off, as the cascade's other levels need.
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    # Outside a tf32 level TF32 is off, as the cascade's other levels need.
+    _set_tf32(enabled)
     try:
         yield
     finally:
@@ -283,11 +293,11 @@ class Cascade:
         except Exception as err:
             if self._compile_asked:
                 raise
-            warnings.warn(
-                f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                "evaluating eagerly",
-                stacklevel=2,
-            )
+            # torch.compile's BackendCompilerFailed says only "backend='inductor' raised:" on its
+            # first line; the cause (no Triton, no C compiler) is its inner exception.
+            cause = getattr(err, "inner_exception", None) or err
+            reason = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
+            warnings.warn(f"torch.compile failed ({type(cause).__name__}: {reason}); evaluating eagerly", stacklevel=2)
             self.compiled = False
             return self.fast_network()(_layout(x[:size]))
 

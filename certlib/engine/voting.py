@@ -30,7 +30,7 @@ other inputs wrongly outside the band. So every ``AUDIT_EVERY``-th sample a leve
 fixed stride over each level's stream of samples, so every image with that many samples is
 audited) is also evaluated in float64, on the device without a synchronization; a decided vote
 that differs stops the engine with one line naming the precision to use. It costs about
-1/``AUDIT_EVERY`` of the samples at float64's price (``bench/suite.py`` measures it).
+1/``AUDIT_EVERY`` of the samples at float64's price (``bench/audit.py`` measures it).
 """
 
 from __future__ import annotations

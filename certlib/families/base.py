@@ -114,6 +114,7 @@ class SmoothingNoise(ABC):
     accepted_certificates: ClassVar[tuple[str, ...]] = ("standard",)  # the ``CertifySettings.certificate``s it takes
     multiclass_refusal: ClassVar[str | None] = None  # why it has no multiclass certificate; None: it has one
     card_keys: ClassVar[tuple[str, ...]] = ()  # card fields a model must match besides method and sigma
+    graph_capturable: ClassVar[bool] = True  # ``sample`` draws on the device only: a CUDA graph may replay it
 
     def __init__(self, sigma: float):
         self.sigma = check_sigma(sigma)

@@ -42,6 +42,7 @@ class ZhangNoise(MonteCarloNoise):
 
     parameters = ("k", "dim")
     multiclass_refusal = "the dual certificate of Zhang et al. is binary (Theorem 1 with p_B = 1 - p_A)"
+    graph_capturable = False  # the radii are drawn on the host (``_radial``)
 
     def __init__(self, sigma: float, *, k: float = 0.0, dim: int | None = None):
         super().__init__(sigma)

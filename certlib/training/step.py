@@ -157,12 +157,12 @@ class GraphedStep:
         saved = [t.detach().clone() for t in self.step.state_tensors()]
         order = torch.arange(len(self.batches.order), device=self.batches.order.device)
         self.batches.start_epoch(order)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side = torch.cuda.Stream(self.step.device)
+        side.wait_stream(torch.cuda.current_stream(self.step.device))
         with torch.cuda.stream(side):
             for _ in range(min(WARMUP_STEPS, self.batches.full_batches)):
                 self.step(*self.batches.next_batch())
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream(self.step.device).wait_stream(side)
         with torch.no_grad():
             for tensor, value in zip(self.step.state_tensors(), saved):
                 tensor.copy_(value)
@@ -171,13 +171,16 @@ class GraphedStep:
         """Capture the step for the current learning rate. Raises a RuntimeError naming the
         setting to change when the step cannot be captured (an operation that needs the host)."""
         graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.step.generator)
+        # The capture stream and the generator's graph state are made on the current device: the
+        # step's, not GPU 0, where it trains on another GPU of the host.
+        with torch.cuda.device(self.step.device):
+            graph.register_generator_state(self.step.generator)
         # Gradients are allocated by the captured backward, in the graph's pool, and reused by
         # every replay (CUDA graphs' whole-network capture).
         self.step.optimizer.zero_grad(set_to_none=True)
         try:
             # thread_local: a Ray actor reports progress from another thread during training.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.device(self.step.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.step(*self.batches.next_batch())
         except RuntimeError as err:
             raise RuntimeError(

@@ -79,15 +79,24 @@ def _batches(
             "data: 'device' needs the split in memory; an image folder streams through DataLoader "
             "workers (data: auto or loader)"
         )
-    if cfg.cuda_graph is True and (device.type != "cuda" or not resident):
-        raise ValueError("cuda_graph: true needs a CUDA device and the training split on it (data: auto or device)")
+    graphed = runs_as_graph(cfg.cuda_graph, device.type, resident, step.noise)
     if not resident:
         workers = max(1, torch.get_num_threads()) if cfg.loader_workers is None else cfg.loader_workers
         return LoadedBatches(train_set, device, cfg.batch_size, workers), None
     batches = ResidentBatches(train_set, device, cfg.batch_size)
-    if cfg.cuda_graph is False or device.type != "cuda" or batches.full_batches == 0:
-        return batches, None
-    return batches, GraphedStep(step, batches)
+    return batches, (GraphedStep(step, batches) if graphed and batches.full_batches else None)
+
+
+def runs_as_graph(cuda_graph: bool | str, device_type: str, resident: bool, noise: SmoothingNoise) -> bool:
+    """Whether the step is replayed as a CUDA graph: ``auto`` where it can be (a CUDA device, the
+    split on it, a noise drawn on the device: a graph would replay one host draw every step);
+    ``true`` refused with one line where it cannot."""
+    possible = device_type == "cuda" and resident
+    if cuda_graph is True and not possible:
+        raise ValueError("cuda_graph: true needs a CUDA device and the training split on it (data: auto or device)")
+    if cuda_graph is True and not noise.graph_capturable:
+        raise ValueError(f"cuda_graph: true cannot train with {noise.name} noise, drawn on the host; use auto or false")
+    return cuda_graph is not False and possible and noise.graph_capturable
 
 
 def _run_epoch(
