@@ -123,10 +123,11 @@ def test_a_checkpoint_whose_card_does_not_match_is_refused(tmp_path, monkeypatch
 
 
 def test_relative_paths_are_refused_for_a_remote_cluster(tmp_path, monkeypatch):
-    from tests.test_hostile_specs import StubDashboard
+    from tests.helpers import StubDashboard
 
     monkeypatch.chdir(tmp_path)
     with StubDashboard() as remote:  # a cluster that runs elsewhere (its dashboard says so)
+        remote.admit(monkeypatch)
         result = CliRunner().invoke(main, ["submit-job", str(write_spec(tmp_path, GOOD)), "--address", remote.url])
     assert result.exit_code == 2 and "output: give an absolute path on the cluster's shared storage" in result.output
 

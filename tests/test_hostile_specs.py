@@ -33,6 +33,7 @@ import yaml
 from click.testing import CliRunner
 
 import cluster  # noqa: F401 - before Ray's: it sets RAY_AUTH_MODE, which Ray's client reads once
+from tests.helpers import StubDashboard
 
 ROOT = Path(__file__).resolve().parents[1]
 REACHED_RAY = 99  # the exit code of a child whose spec validated: it asked for a Ray connection
@@ -504,72 +505,10 @@ def test_good_specs_are_accepted_within_the_same_bounds():
 # --------------------------------------------------------------------------- where the spec goes
 
 
-class StubDashboard:
-    """A dashboard of a cluster that runs elsewhere, as an SSH tunnel shows it on 127.0.0.1:
-    Ray's Job Submission API answered with a session name no Ray here has, package uploads
-    accepted, and every submission kept (``submitted``)."""
-
-    SESSION = "session_2001-01-01_00-00-00_000000_1"
-
-    def __init__(self):
-        import http.server
-        import threading
-
-        stub = self
-        self.submitted: list[dict] = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _answer(self, status: int, body=None):
-                data = json.dumps(body).encode() if body is not None else b""
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _body(self) -> bytes:
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            def do_GET(self):
-                import ray
-
-                if self.path == "/api/version":
-                    version = {"version": "4", "ray_version": ray.__version__, "ray_commit": "stub"}
-                    self._answer(200, version | {"session_name": stub.SESSION})
-                elif self.path.startswith("/api/jobs"):
-                    self._answer(200, [])
-                else:
-                    self._answer(404, {})
-
-            def do_PUT(self):
-                self._body()
-                self._answer(200, {})
-
-            def do_POST(self):
-                body = json.loads(self._body())
-                stub.submitted.append(body)
-                self._answer(200, {"job_id": "raysubmit_stub", "submission_id": body["submission_id"]})
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> StubDashboard:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def _cluster_spec(tmp_path: Path, **changes) -> dict:
     """A small spec of one imported model (a random small CNN) on 2 digits."""
     from certlib.data import load_digits
-    from tests.conftest import random_checkpoint
+    from tests.helpers import random_checkpoint
 
     random_checkpoint(tmp_path / "models" / "uniform-0.5.pt", load_digits("test"), "uniform", 0.5, 0)
     spec = {
@@ -598,6 +537,7 @@ def test_the_instance_certify_started_counts_as_local_by_its_record(tmp_path, mo
     (temp_dir / "session_latest").symlink_to(temp_dir / StubDashboard.SESSION)
     monkeypatch.setattr(psutil, "process_iter", lambda attrs=None: iter(()))
     with StubDashboard() as dashboard:
+        dashboard.admit(monkeypatch)
         monkeypatch.setattr(local_ray, "load_record", lambda: None)
         assert jobs.is_remote(dashboard.url)  # no Ray of its session here
         monkeypatch.setattr(local_ray, "load_record", lambda: types.SimpleNamespace(temp_dir=str(temp_dir)))
