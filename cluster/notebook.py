@@ -159,10 +159,35 @@ def attach(job_id: str, address: str | None = None) -> Job:
         info = client.get_job_info(job_id)
     except Exception as err:  # noqa: BLE001 - Ray answers an unknown id in several ways
         raise ClusterError(f"no job {job_id!r} on this cluster ({jobs.first_line(err)})") from None
-    spec = (info.metadata or {}).get("spec")
-    if not spec:
+    metadata = info.metadata or {}
+    if metadata.get("certify") != "1":
         raise ClusterError(f"{job_id} is not a certify job (see `certify list`)")
-    return Job(client, job_id, Sweep.from_json(spec), jobs.dashboard_address(address) or jobs.LOCAL_DASHBOARD)
+    return Job(
+        client, job_id, _attached_sweep(job_id, metadata), jobs.dashboard_address(address) or jobs.LOCAL_DASHBOARD
+    )
+
+
+def _attached_sweep(job_id: str, metadata: dict[str, str]) -> Sweep:
+    """The sweep of a job, from its metadata; a spec too large for the metadata
+    (``cluster.record.METADATA_SPEC_BYTES``) from the job record its driver wrote,
+    ``<output>.job/sweep.json``, where this machine reads it."""
+    from cluster.record import sweep_file
+    from cluster.spec.bounds import MAX_SPEC_JSON
+
+    if metadata.get("spec"):
+        return Sweep.from_json(metadata["spec"])
+    record = sweep_file(metadata.get("output") or "")
+    try:
+        with record.open("rb") as handle:
+            sweep = Sweep.from_json(handle.read(MAX_SPEC_JSON).decode())
+    except (OSError, ValueError) as err:
+        raise ClusterError(
+            f"{job_id}: its spec is too large for the job's metadata, and {record} cannot be read here "
+            f"({type(err).__name__})"
+        ) from None
+    if sweep.name != metadata.get("name"):
+        raise ClusterError(f"{job_id}: {record} holds the sweep {sweep.name!r}, not this job's")
+    return sweep
 
 
 class _ProgressBar:

@@ -6,6 +6,7 @@ imports from here, never from another test module."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -233,3 +234,81 @@ def simulated_cluster(nodes: int, prefix: str, **head_args: Any) -> Iterator[tup
     finally:
         ray._private.utils.write_ray_address = write_ray_address
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class StubDashboard:
+    """A dashboard of a cluster that runs elsewhere, as an SSH tunnel shows it on 127.0.0.1:
+    Ray's Job Submission API answered with a session name no Ray here has, package uploads
+    accepted, and every submission kept (``submitted``)."""
+
+    SESSION = "session_2001-01-01_00-00-00_000000_1"
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        stub = self
+        self.submitted: list[dict] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, status: int, body=None):
+                data = json.dumps(body).encode() if body is not None else b""
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self) -> bytes:
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def do_GET(self):
+                import ray
+
+                if self.path == "/api/version":
+                    version = {"version": "4", "ray_version": ray.__version__, "ray_commit": "stub"}
+                    self._answer(200, version | {"session_name": stub.SESSION})
+                elif self.path.startswith("/api/jobs"):
+                    self._answer(200, [])
+                else:
+                    self._answer(404, {})
+
+            def do_PUT(self):
+                self._body()
+                self._answer(200, {})
+
+            def do_POST(self):
+                body = json.loads(self._body())
+                stub.submitted.append(body)
+                self._answer(200, {"job_id": "raysubmit_stub", "submission_id": body["submission_id"]})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> StubDashboard:
+        self.thread.start()
+        return self
+
+    def admit(self, monkeypatch: Any) -> None:
+        """Let a test without ``ray`` connect to this stub: the suite's guard (conftest) refuses
+        a Job Submission client for any dashboard that answers, and this one is no Ray. Every
+        other address still goes through the guard."""
+        import ray.job_submission
+        from ray.dashboard.modules.job.sdk import JobSubmissionClient
+
+        guarded = ray.job_submission.JobSubmissionClient
+
+        def client(address: str | None = None, *args: Any, **kwargs: Any) -> Any:
+            if address == self.url:
+                return JobSubmissionClient(address, *args, **kwargs)
+            return guarded(address, *args, **kwargs)
+
+        monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", client)
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -123,11 +123,23 @@ def test_a_checkpoint_whose_card_does_not_match_is_refused(tmp_path, monkeypatch
 
 
 def test_relative_paths_are_refused_for_a_remote_cluster(tmp_path, monkeypatch):
+    from tests.helpers import StubDashboard
+
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(
-        main, ["submit-job", str(write_spec(tmp_path, GOOD)), "--address", "http://head.example:8265"]
-    )
+    with StubDashboard() as remote:  # a cluster that runs elsewhere (its dashboard says so)
+        remote.admit(monkeypatch)
+        result = CliRunner().invoke(main, ["submit-job", str(write_spec(tmp_path, GOOD)), "--address", remote.url])
     assert result.exit_code == 2 and "output: give an absolute path on the cluster's shared storage" in result.output
+
+
+def test_an_unreachable_cluster_is_one_line(tmp_path, monkeypatch):
+    from cluster.client.local_ray import free_port
+
+    monkeypatch.chdir(tmp_path)
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens: whether it is remote cannot be asked
+    result = CliRunner().invoke(main, ["submit-job", str(write_spec(tmp_path, GOOD)), "--address", address])
+    assert result.exit_code == 2 and f"cannot reach the Ray cluster at {address}" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_submission_ids_are_deterministic():

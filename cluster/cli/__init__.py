@@ -57,7 +57,7 @@ def _client(address: str | None, start: bool = False):
 
 
 @main.command("submit-job")
-@click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("spec_file", type=click.Path(path_type=Path))
 @address_option
 @click.option("--wait", is_flag=True, help="Follow the job to its end and print its table.")
 @click.option(
@@ -218,7 +218,7 @@ def stop(force: bool) -> None:
         )
     if not force:
         running = [
-            j.submission_id
+            str(j.submission_id)
             for j in jobs.connect(instance.dashboard_url).list_jobs()
             if jobs.job_status(j) not in jobs.TERMINAL
         ]

@@ -358,7 +358,7 @@ def render(report: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("spec_file", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="markdown", show_default=True)
 @click.option(
     "--device",

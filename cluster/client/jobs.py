@@ -12,10 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cluster.record import PROGRESS_PREFIX, progress_file
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 LOCAL_DASHBOARD = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -64,20 +69,67 @@ def _running_local_dashboard() -> str:
         raise ClusterError(f"RAY_ADDRESS=auto: no single running local Ray cluster ({first_line(err)})") from None
 
 
-def is_remote(url: str | None) -> bool:
-    """Whether jobs run on other machines: then paths are the cluster's and are not checked here."""
+def is_remote(url: str | None, client: JobSubmissionClient | None = None) -> bool:
+    """Whether jobs submitted to the dashboard ``url`` run on other machines: then paths are the
+    cluster's and are not checked here, and the entry point is the cluster's ``python``.
+
+    Decided by asking the cluster, not by the address's host name: the documented workflow
+    reaches a remote head through an SSH tunnel at http://127.0.0.1:8265. The dashboard names
+    its Ray session (``/api/version``: a name made of the start time and a process id); the
+    cluster is local when a Ray of that session runs on this machine (``local_sessions``). A
+    dashboard that names none (an older Ray, a proxy) is judged by its host name. ``client``:
+    a connection to ``url`` already made (else one is made; ClusterError where none answers)."""
     if not url:
         return False
+    session = cluster_session(client if client is not None else connect(url))
+    if session is None:
+        from urllib.parse import urlparse
+
+        return urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1")
+    return session not in local_sessions()
+
+
+def cluster_session(client: JobSubmissionClient) -> str | None:
+    """The session name the dashboard behind ``client`` reports (None where it reports none)."""
+    try:
+        response = client._do_request("GET", "/api/version")  # the client's helper: it authenticates
+        session = response.json().get("session_name") if response.status_code == 200 else None
+    except Exception:  # noqa: BLE001 - an answer that is not the version record names no session
+        return None
+    return session if isinstance(session, str) and session else None
+
+
+def local_sessions() -> set[str]:
+    """The session names of the Ray clusters whose GCS server runs on this machine, read from
+    the servers' command lines (``--session-name=``; only read, nothing signalled), and of the
+    embedded instance ``certify`` started (its record, ``local_ray.load_record``: the session
+    its temporary directory's ``session_latest`` names), in case its processes are hidden."""
+    import psutil
+
+    from cluster.client import local_ray
+
+    names = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if cmdline and os.path.basename(cmdline[0]) == "gcs_server":
+            names |= {arg.split("=", 1)[1] for arg in cmdline if arg.startswith("--session-name=")}
+    try:
+        instance = local_ray.load_record()
+        if instance is not None:
+            temp_dir = getattr(instance, "temp_dir", None) or os.path.join(tempfile.gettempdir(), "ray")
+            names.add(os.path.basename(os.path.realpath(os.path.join(temp_dir, "session_latest"))))
+    except Exception:  # noqa: BLE001 - an unreadable record names no session; the scan above stands
+        pass
+    return names
+
+
+def connect(url: str) -> JobSubmissionClient:
+    """Ray's JobSubmissionClient for the dashboard at ``url``; ClusterError where none answers.
+    A dashboard addressed on this machine is first knocked at with a bare TCP connection, so that
+    `certify list` and `status` without a running Ray say so before importing Ray (a second)."""
     from urllib.parse import urlparse
 
-    return urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1")
-
-
-def connect(url: str):
-    """Ray's JobSubmissionClient for the dashboard at ``url``; ClusterError where none answers.
-    A dashboard on this machine is first knocked at with a bare TCP connection, so that
-    `certify list` and `status` without a running Ray say so before importing Ray (a second)."""
-    if not is_remote(url):
+    if urlparse(url).hostname in ("127.0.0.1", "localhost", "::1"):
         _knock(url)
     from ray.job_submission import JobSubmissionClient
 

@@ -9,7 +9,6 @@ Ray and the spec's dependencies are imported when used: ``certify --help`` stays
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import shlex
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cluster.client import jobs, local_ray
-from cluster.record import SPEC_VARIABLE
+from cluster.record import METADATA_SPEC_BYTES, spec_digest, write_spec_package
 
 if TYPE_CHECKING:
     from cluster.spec import Sweep
@@ -159,26 +158,49 @@ def _as_package(source: Path, staging: Path) -> Path:
     return package
 
 
-def validate(spec: SpecSource, address: str | None) -> tuple[Sweep, str | None]:
+@dataclass(frozen=True)
+class Target:
+    """Where a validated spec goes: the dashboard ``url`` (None: the embedded local instance),
+    a connection to it where one was made to decide, whether the cluster is remote, and the
+    user's modules to ship with the job (``user_modules``)."""
+
+    url: str | None
+    client: Any = None  # ray.job_submission.JobSubmissionClient
+    remote: bool = False
+    modules: tuple[str, ...] = ()
+
+
+def validate(spec: SpecSource, address: str | None, notice: Echo = _silent) -> tuple[Sweep, Target]:
     """The whole spec checked before anything is written or started (one-line SpecError), its
-    relative paths made absolute against the current directory for a local Ray; and the
-    dashboard URL (None: the embedded local instance). For a remote cluster only the spec
-    itself is checked: its files are the cluster's."""
+    relative paths made absolute against the current directory for a local Ray; and where it
+    goes. The models' code is checked first (``user_modules``: consent needs no cluster, so an
+    untrusted module is refused before any is asked). Whether the cluster is remote is asked of
+    the cluster (``jobs.is_remote``): for a remote one only the spec itself is checked, its
+    files are the cluster's."""
     from cluster.plan import preflight, relative_paths, resolve_paths
+    from cluster.plan.preflight import one_line
     from cluster.spec import SpecError, load_spec, parse_spec
 
     sweep = parse_spec(dict(spec)) if isinstance(spec, Mapping) else load_spec(spec)
+    try:  # relative checkpoints are read from here, as resolve_paths makes them
+        modules = tuple(user_modules(sweep, notice))
+    except SpecError:
+        raise
+    except (ValueError, OSError) as err:  # a malformed card or an untrusted module: named as preflight does
+        raise SpecError(f"models.path: {one_line(err)}") from None
     url = jobs.dashboard_address(address)
-    if jobs.is_remote(url):
+    client = jobs.connect(url) if url else None
+    target = Target(url, client, jobs.is_remote(url, client), modules)
+    if target.remote:
         relative = relative_paths(sweep)
         if relative:
             raise SpecError(
                 f"{relative[0]}: give an absolute path on the cluster's shared storage for a remote cluster"
             )
-        return sweep, url
+        return sweep, target
     sweep = resolve_paths(sweep, Path.cwd())  # relative to where the user works, not the driver
     preflight(sweep)
-    return sweep, url
+    return sweep, target
 
 
 @dataclass(frozen=True)
@@ -205,11 +227,11 @@ def submit(
     again as attempt ``-r2``, ``-r3``, ... whose driver skips the units already on disk.
     ``echo`` says what was submitted; ``notice`` (default ``echo``) that a local Ray starts."""
 
-    sweep, url = validate(spec, address)
+    sweep, target = validate(spec, address, notice or echo)
+    url, modules = target.url, target.modules
     spec_json = sweep.to_json()
     base_id = submission_id(spec_json, sweep.name)
-    modules = user_modules(sweep, notice=notice or echo)  # refusals before anything starts
-    client = connect(address, start=True, notice=notice or echo)
+    client = target.client or connect(address, start=True, notice=notice or echo)
     attempts = {
         j.submission_id: j
         for j in client.list_jobs()
@@ -223,18 +245,22 @@ def submit(
     if attempts:
         echo(f"resubmitting as {job_id} (attempt {max(numbers) + 1}); finished units are kept")
     # A remote cluster's Python is its own; a local driver runs in this very environment.
-    python = "python" if jobs.is_remote(url) else shlex.quote(sys.executable)
-    runtime_env: dict[str, Any] = {"env_vars": {SPEC_VARIABLE: base64.b64encode(spec_json.encode()).decode()}}
+    python = "python" if target.remote else shlex.quote(sys.executable)
     if modules:
         echo(f"shipping the models' own code with the job: {', '.join(modules)}")
-    with tempfile.TemporaryDirectory(prefix="certify-modules-") as staging:
-        if modules:
-            runtime_env["py_modules"] = [str(_as_package(Path(m), Path(staging))) for m in modules]
-        client.submit_job(  # uploads the modules: the staging copies may go once it returns
-            entrypoint=f"{python} -m cluster.job.driver --job-id {job_id}",
-            runtime_env=runtime_env,
+    digest = spec_digest(spec_json)
+    metadata = {"certify": "1", "name": sweep.name, "output": sweep.output, "spec_sha256": digest}
+    if len(spec_json.encode()) <= METADATA_SPEC_BYTES:  # Ray copies the metadata into an environment variable
+        metadata["spec"] = spec_json
+    with tempfile.TemporaryDirectory(prefix="certify-job-") as staging:
+        # The spec as a package of its own (cluster.record.write_spec_package), then the models' modules.
+        py_modules = [str(write_spec_package(spec_json, Path(staging) / "spec"))]
+        py_modules += [str(_as_package(Path(m), Path(staging))) for m in modules]
+        client.submit_job(  # uploads the packages: the staging copies may go once it returns
+            entrypoint=f"{python} -m cluster.job.driver --job-id {job_id} --spec-sha256 {digest}",
+            runtime_env={"py_modules": py_modules},
             submission_id=job_id,
-            metadata={"certify": "1", "name": sweep.name, "output": sweep.output, "spec": spec_json},
+            metadata=metadata,
         )
     echo(f"submitted {job_id}: {sweep.name} -> {sweep.output}")
     return Submission(client, job_id, sweep, url)

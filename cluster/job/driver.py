@@ -1,5 +1,6 @@
-"""The job's entry point: ``python -m cluster.job.driver --job-id ...``, run by Ray as the driver of
-a submitted job. It reads the validated sweep from its environment, runs it
+"""The job's entry point: ``python -m cluster.job.driver --job-id ... --spec-sha256 ...``, run by Ray
+as the driver of a submitted job. It reads the validated sweep from the package shipped with the
+job (``cluster.record.read_spec_package``, checked against its SHA-256), runs it
 (``cluster.job.executor.run_sweep``: the plan of ``cluster.plan`` on Ray actors) and prints the
 sweep's table.
 """
@@ -8,17 +9,29 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 import sys
 
 from cluster.job.executor import run_sweep
 from cluster.plan import SweepConflict
-from cluster.record import SPEC_VARIABLE
+from cluster.record import read_spec_package
 from cluster.spec import SpecError, Sweep
+from cluster.spec.bounds import MAX_SPEC_JSON
+
+PRINTED_RADII = 64  # columns of the table the driver logs (its time grows with them: 20,000 took minutes)
+
+
+def printed_radii(radii: tuple[float, ...]) -> list[float]:
+    """The radii of the logged table: all of them, or PRINTED_RADII evenly spaced among them
+    (the first and the last included)."""
+    if len(radii) <= PRINTED_RADII:
+        return list(radii)
+    step = (len(radii) - 1) / (PRINTED_RADII - 1)
+    return [radii[round(i * step)] for i in range(PRINTED_RADII)]
 
 
 def print_table(sweep: Sweep, log=print) -> None:
-    """The sweep's best-certified-accuracy table (its own configurations only)."""
+    """The sweep's best-certified-accuracy table (its own configurations only), at most
+    PRINTED_RADII radii wide."""
     from certlib.analysis import ANALYSIS_COLUMNS, format_tables, load_results
 
     filters = {
@@ -33,23 +46,37 @@ def print_table(sweep: Sweep, log=print) -> None:
         log(f"no table: {err}")
         return
     if len(df):
+        radii, radii_linf = printed_radii(sweep.radii), printed_radii(sweep.radii_linf)
         log("best certified accuracy over sigma (and k) (certified % (clean % @ sigma)):")
-        log(format_tables(df, sweep.radii, radii_linf=sweep.radii_linf))
+        if len(radii) < len(sweep.radii) or len(radii_linf) < len(sweep.radii_linf):
+            log(
+                f"(at {len(radii)} of the spec's {len(sweep.radii):,} radii and {len(radii_linf)} of its "
+                f"{len(sweep.radii_linf):,} radii_linf, evenly spaced; `certify table {sweep.output} --radii ...` "
+                "for others)"
+            )
+        log(format_tables(df, radii, radii_linf=radii_linf))
+
+
+def _spec_text(args: argparse.Namespace) -> str:
+    """The sweep's JSON from where the command line says (the package: at most MAX_SPEC_JSON bytes)."""
+    if args.spec_sha256:
+        return read_spec_package(args.spec_sha256, MAX_SPEC_JSON)
+    return base64.b64decode(args.spec_b64).decode()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="certify: run a sweep as a Ray job's driver")
     parser.add_argument("--job-id", required=True)
-    parser.add_argument(
-        "--spec-b64",
-        default=os.environ.get(SPEC_VARIABLE),
-        help=f"the validated sweep as base64 JSON (default: ${SPEC_VARIABLE})",
-    )
+    spec = parser.add_mutually_exclusive_group(required=True)
+    spec.add_argument("--spec-sha256", help="the SHA-256 of the validated sweep shipped with the job (its package)")
+    spec.add_argument("--spec-b64", help="the validated sweep as base64 JSON (a small one: it is a command line)")
     args = parser.parse_args(argv)
-    if not args.spec_b64:
-        parser.error(f"no sweep: pass --spec-b64 or set {SPEC_VARIABLE}")
     try:
-        sweep = Sweep.from_json(base64.b64decode(args.spec_b64).decode())
+        sweep = Sweep.from_json(_spec_text(args))
+    except (OSError, ValueError) as err:  # SpecError among them; a missing or altered spec package
+        print(f"error: {err}", flush=True)
+        return 2
+    try:
         progress = run_sweep(sweep, args.job_id, log=lambda line: print(line, flush=True))
     except (SpecError, SweepConflict, FileNotFoundError) as err:
         print(f"error: {err}", flush=True)

@@ -4,6 +4,7 @@ output directory against the files here; and the spec's paths made absolute for 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from certlib.atomic import lock_holder
@@ -87,4 +88,23 @@ def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
     data["output"] = absolute(data["output"])
     data["models"]["path"] = absolute(data["models"]["path"])
     data["dataset"]["root"] = absolute(data["dataset"]["root"])
+    own_directory(Path(data["output"]), base)
     return parse_spec(data)
+
+
+def own_directory(output: Path, here: Path) -> None:
+    """Refuse an ``output`` that is not a results directory of its own on this machine: ``here``
+    or a directory above it (``~``, a symbolic link to ``/``), the root of a filesystem, an
+    existing file, or a path under a file."""
+    own = "give the results a directory of their own"
+    try:
+        resolved, here = output.resolve(), here.resolve()  # symbolic links followed
+    except (OSError, RuntimeError) as err:
+        raise SpecError(f"output: {output}: cannot be resolved ({err.__class__.__name__})") from None
+    if resolved == here or resolved in here.parents:
+        raise SpecError(f"output: {output} is the current directory or one above it; {own}")
+    if os.path.ismount(resolved):
+        raise SpecError(f"output: {output} is the root of a filesystem; {own}")
+    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
+    if not existing.is_dir():
+        raise SpecError(f"output: {existing} is a file, not a directory; {own}")

@@ -15,14 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from certlib.analysis.tables import LINF_RADII, RADII
 from certlib.checkpoints.trust import module_problem
 from certlib.data import DATASETS
 from certlib.engine.cascade import PRECISIONS, EngineOptions
 from certlib.families import FAMILIES, SAMPLINGS, CertifySettings, SmoothingNoise, family, make_noise
 from certlib.training.config import DATA_PLACEMENTS, PAPER_DEFAULTS, TRAINING_MODES, TrainSettings
+from cluster.spec import bounds
 from cluster.spec.fields import (
     SpecError,
     auto_or_boolean,
@@ -32,13 +31,15 @@ from cluster.spec.fields import (
     number,
     optional_integer,
     seed_value,
+    shown,
     string,
     unique_list,
 )
+from cluster.spec.loading import load_yaml, read_spec_text
 from cluster.spec.sampling import check_sampling
+from cluster.spec.templates import check_template, check_template_text
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-MODEL_FIELDS = ("method", "training", "sigma", "seed")
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # whole names only (re.fullmatch): "rev\n" is not one
 
 
 # --------------------------------------------------------------------------- schema
@@ -177,15 +178,16 @@ def _dataset(data, path="dataset") -> DatasetSpec:
         name,
         split,
         root,
-        integer(data.get("every", 1), f"{path}.every", 1),
-        integer(data.get("start", 0), f"{path}.start", 0),
-        optional_integer(data.get("limit"), f"{path}.limit", 1),
+        bounds.image_count(data.get("every", 1), f"{path}.every", 1),
+        bounds.image_count(data.get("start", 0), f"{path}.start", 0),
+        optional_integer(data.get("limit"), f"{path}.limit", 1, bounds.MAX_IMAGES),
     )
 
 
-def _train(data, path="models.train") -> TrainSettings:
+def _train(data, dataset: str, path="models.train") -> TrainSettings:
     data = check_keys({} if data is None else data, TrainSettings, path)
     d = TrainSettings()
+    side = max(DATASETS[dataset].input_shape[1:])  # padding beyond it: a random crop may hold no image
     arch = data.get("architecture")
     if arch is not None:
         from certlib.models import ARCHITECTURES
@@ -193,24 +195,33 @@ def _train(data, path="models.train") -> TrainSettings:
         arch = string(arch, f"{path}.architecture", sorted(ARCHITECTURES))
     return TrainSettings(
         architecture=arch,
-        epochs=optional_integer(data.get("epochs"), f"{path}.epochs", 1),
-        batch_size=integer(data.get("batch_size", d.batch_size), f"{path}.batch_size", 1),
-        lr=number(data.get("lr", d.lr), f"{path}.lr", positive=True),
+        epochs=optional_integer(data.get("epochs"), f"{path}.epochs", 1, bounds.MAX_EPOCHS),
+        batch_size=bounds.batch_size(data.get("batch_size", d.batch_size), f"{path}.batch_size", dataset),
+        lr=number(data.get("lr", d.lr), f"{path}.lr", positive=True, maximum=bounds.FLOAT32_MAX),
         momentum=number(data.get("momentum", d.momentum), f"{path}.momentum", minimum=0, below=1),
         nesterov=boolean(data.get("nesterov", d.nesterov), f"{path}.nesterov"),
-        weight_decay=number(data.get("weight_decay", d.weight_decay), f"{path}.weight_decay", minimum=0),
-        stability_weight=number(
-            data.get("stability_weight", d.stability_weight), f"{path}.stability_weight", minimum=0
+        weight_decay=number(
+            data.get("weight_decay", d.weight_decay), f"{path}.weight_decay", minimum=0, maximum=bounds.FLOAT32_MAX
         ),
-        crop_padding=optional_integer(data.get("crop_padding"), f"{path}.crop_padding", 0),
+        stability_weight=number(
+            data.get("stability_weight", d.stability_weight),
+            f"{path}.stability_weight",
+            minimum=0,
+            maximum=bounds.FLOAT32_MAX,
+        ),
+        crop_padding=optional_integer(data.get("crop_padding"), f"{path}.crop_padding", 0, side),
         flip=None if data.get("flip") is None else boolean(data["flip"], f"{path}.flip"),
         amp=boolean(data.get("amp", d.amp), f"{path}.amp"),
         channels_last=boolean(data.get("channels_last", d.channels_last), f"{path}.channels_last"),
-        heldout_limit=optional_integer(data.get("heldout_limit", d.heldout_limit), f"{path}.heldout_limit", 1),
+        heldout_limit=optional_integer(
+            data.get("heldout_limit", d.heldout_limit), f"{path}.heldout_limit", 1, bounds.MAX_IMAGES
+        ),
         deterministic=boolean(data.get("deterministic", d.deterministic), f"{path}.deterministic"),
         cuda_graph=auto_or_boolean(data.get("cuda_graph", d.cuda_graph), f"{path}.cuda_graph"),
         data=string(data.get("data", d.data), f"{path}.data", DATA_PLACEMENTS),
-        loader_workers=optional_integer(data.get("loader_workers", d.loader_workers), f"{path}.loader_workers", 0),
+        loader_workers=optional_integer(
+            data.get("loader_workers", d.loader_workers), f"{path}.loader_workers", 0, bounds.MAX_CPUS
+        ),
     )
 
 
@@ -223,54 +234,29 @@ def _trusted_module(value: Any, where: str) -> str:
     return value
 
 
-def _models(data, path="models") -> ModelsSpec:
+def _models(data, dataset: str, path="models") -> ModelsSpec:
     data = check_keys(data, ModelsSpec, path)
     template = string(data.get("path"), f"{path}.path")
-    try:
-        template.format(method="m", training="t", sigma=1.0, seed=0, dataset="d")
-    except Exception as err:  # noqa: BLE001 - any formatting failure is a bad template
-        raise SpecError(
-            f"{path}.path: bad template ({err}); use the fields {{method}} {{training}} {{sigma}} {{seed}} {{dataset}}"
-        ) from None
-    train = _train(data["train"]) if "train" in data else None
+    check_template_text(template, f"{path}.path")
+    train = _train(data["train"], dataset) if "train" in data else None
     noise = None if data.get("noise") is None else string(data["noise"], f"{path}.noise", sorted(FAMILIES))
-    sigmas = (
-        None
-        if data.get("sigmas") is None
-        else unique_list(data["sigmas"], f"{path}.sigmas", lambda v, w: number(v, w, positive=True))
-    )
+    sigmas = None if data.get("sigmas") is None else unique_list(data["sigmas"], f"{path}.sigmas", bounds.sigma_value)
     trust_code = unique_list(data.get("trust_code", []), f"{path}.trust_code", _trusted_module, allow_empty=True)
     return ModelsSpec(
         template, train, boolean(data.get("override_card", False), f"{path}.override_card"), noise, sigmas, trust_code
     )
 
 
-def _check_template(sweep: Sweep) -> None:
-    """models.path must name each field that varies across the sweep's models, so that every
-    model has its own file; a field with one value may be left out (one imported model)."""
-    values = {
-        "method": (sweep.models.noise,) if sweep.models.noise else sweep.methods,
-        "training": sweep.training,
-        "sigma": sweep.models.sigmas or sweep.sigmas,
-        "seed": sweep.seeds,
-    }
-    for name in MODEL_FIELDS:
-        if len(values[name]) > 1 and "{" + name + "}" not in sweep.models.path:
-            raise SpecError(
-                f"models.path: the template must contain {{{name}}}: the sweep's models differ in it "
-                "and each needs its own file"
-            )
-
-
-def _certify(data, path="certify") -> CertifySpec:
+def _certify(data, dataset: str, path="certify") -> CertifySpec:
     data = check_keys({} if data is None else data, CertifySpec, path)
     d = CertifySpec()
+    batch = data.get("batch_size")
     return CertifySpec(
-        n0=integer(data.get("n0", d.n0), f"{path}.n0", 1),
-        n=integer(data.get("n", d.n), f"{path}.n", 1),
+        n0=integer(data.get("n0", d.n0), f"{path}.n0", 1, bounds.MAX_SAMPLES),
+        n=integer(data.get("n", d.n), f"{path}.n", 1, bounds.MAX_SAMPLES),
         alpha=number(data.get("alpha", d.alpha), f"{path}.alpha", positive=True, below=0.5),
         multiclass=boolean(data.get("multiclass", d.multiclass), f"{path}.multiclass"),
-        batch_size=optional_integer(data.get("batch_size"), f"{path}.batch_size", 1),
+        batch_size=None if batch is None else bounds.batch_size(batch, f"{path}.batch_size", dataset),
         precision=string(data.get("precision", d.precision), f"{path}.precision", PRECISIONS),
         deterministic=boolean(data.get("deterministic", d.deterministic), f"{path}.deterministic"),
         compile=auto_or_boolean(data.get("compile", d.compile), f"{path}.compile"),
@@ -284,24 +270,29 @@ def _resources(data, path="resources") -> ResourcesSpec:
     d = ResourcesSpec()
     workers = data.get("workers", d.workers)
     if workers != "auto":
-        workers = integer(workers, f"{path}.workers", 1)
+        workers = integer(workers, f"{path}.workers", 1, bounds.MAX_WORKERS)
     gpus = data.get("gpus_per_worker", d.gpus_per_worker)
     if gpus != "auto":
-        gpus = number(gpus, f"{path}.gpus_per_worker", minimum=0)
+        gpus = number(gpus, f"{path}.gpus_per_worker", minimum=0, maximum=bounds.MAX_GPUS)
     train_gpus = data.get("gpus_per_train_worker", d.gpus_per_train_worker)
     if train_gpus != "auto":  # a training run uses one device: a GPU or a share of one
-        train_gpus = number(train_gpus, f"{path}.gpus_per_train_worker", minimum=0)
+        train_gpus = number(train_gpus, f"{path}.gpus_per_train_worker", minimum=0, maximum=bounds.MAX_GPUS)
         if train_gpus > 1:
             raise SpecError(f"{path}.gpus_per_train_worker: a training run uses one GPU at most, got {train_gpus}")
     return ResourcesSpec(
         workers,
         gpus,
         train_gpus,
-        number(data.get("cpus_per_worker", d.cpus_per_worker), f"{path}.cpus_per_worker", positive=True),
-        integer(shard_size, f"{path}.shard_size", 1)
+        number(
+            data.get("cpus_per_worker", d.cpus_per_worker),
+            f"{path}.cpus_per_worker",
+            positive=True,
+            maximum=bounds.MAX_CPUS,
+        ),
+        bounds.image_count(shard_size, f"{path}.shard_size", 1)
         if (shard_size := data.get("shard_size", d.shard_size)) != "auto"
         else "auto",
-        integer(data.get("max_retries", d.max_retries), f"{path}.max_retries", 0),
+        integer(data.get("max_retries", d.max_retries), f"{path}.max_retries", 0, bounds.MAX_RETRIES),
     )
 
 
@@ -312,21 +303,10 @@ def _ks(data: dict, methods: tuple[str, ...]) -> tuple[float, ...]:
     return unique_list(data.get("ks", [0.0]), "ks", lambda v, w: number(v, w, minimum=0))
 
 
-def parse_spec(data: Any) -> Sweep:
-    """Validate a spec given as plain data (parsed YAML) and return the Sweep."""
-    data = check_keys(data, Sweep, "")
-    for key in ("name", "output", "dataset", "models", "methods", "sigmas"):
-        if key not in data:
-            raise SpecError(f"{key}: missing")
-    name = string(data["name"], "name")
-    if not NAME.match(name):
-        raise SpecError(f"name: use lower-case letters, digits, '-' and '_' (at most 63), got {name!r}")
-    dataset = _dataset(data["dataset"])
-    methods = unique_list(data["methods"], "methods", lambda v, w: string(v, w, sorted(FAMILIES)))
-    sigmas = unique_list(data["sigmas"], "sigmas", lambda v, w: number(v, w, positive=True))
-    ks = _ks(data, methods)
-    info = DATASETS[dataset.name]
-    for method, (i, sigma) in itertools.product(methods, enumerate(sigmas)):  # each family checks its own
+def _check_noises(methods: tuple[str, ...], sigmas: tuple[float, ...], ks: tuple[float, ...], dataset: str) -> None:
+    """Each family checks its own sigmas and shapes k on ``dataset``."""
+    info = DATASETS[dataset]
+    for method, (i, sigma) in itertools.product(methods, enumerate(sigmas)):
         try:
             make_noise(method, sigma, q=info.q)
         except ValueError as err:
@@ -336,8 +316,27 @@ def parse_spec(data: Any) -> Sweep:
             make_noise(method, sigmas[0], q=info.q, k=k, dim=math.prod(info.input_shape))
         except ValueError as err:
             raise SpecError(f"ks[{j}]: {err}") from None
+
+
+def parse_spec(data: Any) -> Sweep:
+    """Validate a spec given as plain data (parsed YAML) and return the Sweep."""
+    data = check_keys(data, Sweep, "")
+    for key in ("name", "output", "dataset", "models", "methods", "sigmas"):
+        if key not in data:
+            raise SpecError(f"{key}: missing")
+    name = string(data["name"], "name")
+    if not NAME.fullmatch(name):
+        raise SpecError(f"name: use lower-case letters, digits, '-' and '_' (at most 63), got {shown(name)}")
+    dataset = _dataset(data["dataset"])
+    methods = unique_list(data["methods"], "methods", lambda v, w: string(v, w, sorted(FAMILIES)))
+    sigmas = unique_list(data["sigmas"], "sigmas", bounds.sigma_value)
+    ks = _ks(data, methods)
     training = unique_list(data.get("training", ["standard"]), "training", lambda v, w: string(v, w, TRAINING_MODES))
-    certify = _certify(data.get("certify"))
+    seeds = unique_list(data.get("seeds", [0]), "seeds", seed_value)
+    models = _models(data["models"], dataset.name)
+    bounds.check_grid(methods, sigmas, ks, seeds, training, models.sigmas)
+    _check_noises(methods, sigmas, ks, dataset.name)
+    certify = _certify(data.get("certify"), dataset.name)
     binary_only = [m for m in methods if family(m).multiclass_refusal]
     if certify.multiclass and binary_only:
         raise SpecError(
@@ -350,20 +349,20 @@ def parse_spec(data: Any) -> Sweep:
     )
     sweep = Sweep(
         name=name,
-        output=string(data["output"], "output"),
+        output=bounds.output_path(data["output"]),
         dataset=dataset,
-        models=_models(data["models"]),
+        models=models,
         methods=methods,
         sigmas=sigmas,
         ks=ks,
-        seeds=unique_list(data.get("seeds", [0]), "seeds", seed_value),
+        seeds=seeds,
         training=training,
         certify=certify,
         radii=tuple(sorted(radii)),
         radii_linf=tuple(sorted(radii_linf)),
         resources=_resources(data.get("resources")),
     )
-    _check_template(sweep)
+    check_template(sweep)
     check_sampling(sweep)
     if (
         sweep.models.train is not None
@@ -371,22 +370,16 @@ def parse_spec(data: Any) -> Sweep:
         and dataset.name not in PAPER_DEFAULTS
     ):
         raise SpecError("models.train.architecture: missing")
+    bounds.check_json_size(sweep.to_json())
     return sweep
 
 
 def load_spec(path: str | Path) -> Sweep:
-    """Read and validate a YAML spec; every error is a one-line SpecError naming the field."""
+    """Read and validate a YAML spec; every error is a one-line SpecError naming the field. The
+    file is read within the limits of ``cluster.spec.loading`` (size, values, nesting, aliases,
+    duplicate keys)."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpecError(f"{path}: cannot read the spec ({err.__class__.__name__})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}: not valid YAML{where}") from None
+    data = load_yaml(read_spec_text(path), str(path))
     try:
         return parse_spec(data)
     except SpecError as err:
