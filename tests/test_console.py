@@ -67,3 +67,22 @@ def test_a_record_cut_by_the_log_tail_is_skipped():
     console(PROGRESS_PREFIX + '{"images_do')
     console("done: 4320 of 4320 rows")
     assert out.getvalue() == "done: 4320 of 4320 rows\n"
+
+
+def test_rays_own_info_records_stay_out_of_sight_and_its_warnings_do_not():
+    """The quickstart's --wait printed Ray's bookkeeping between the job's lines (lines as they
+    appear in a job's log, copied from one)."""
+    out = io.StringIO()
+    console = JobConsole(out, interactive=False)
+    console(
+        "2026-12-04 17:08:50,644\tINFO job_manager.py:581 -- Runtime env is setting up.\n"
+        "Running entrypoint for job certify-quickstart-ffd0fc1110: python -m cluster.job.driver --job-id x\n"
+        "2026-12-04 17:08:56,240\tINFO worker.py:1841 -- Connecting to existing Ray cluster...\n"
+        "sweep quickstart: 360 images x 12 configurations = 4320 rows\n"
+        "2026-12-04 17:08:57,001\tWARNING worker.py:2000 -- A worker died or was killed\n"
+    )
+    console.close()
+    assert out.getvalue().splitlines() == [
+        "sweep quickstart: 360 images x 12 configurations = 4320 rows",
+        "2026-12-04 17:08:57,001\tWARNING worker.py:2000 -- A worker died or was killed",
+    ]

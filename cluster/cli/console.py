@@ -8,6 +8,7 @@ is."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -18,6 +19,10 @@ from cluster.progress import format_seconds
 from cluster.record import PROGRESS_PREFIX
 
 HUMAN_PROGRESS = "progress: "  # the driver's periodic line (``cluster.progress.describe_progress``)
+# Ray's own INFO records in a job's log (its logger's format: time, level, file:line --) and the
+# job manager's line naming the entry point: Ray's bookkeeping, not the job's. Warnings and
+# errors stay; ``--raw`` shows everything.
+RAY_BOOKKEEPING = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+INFO \S+:\d+ -- |^Running entrypoint for job ")
 INTERVAL = 30.0  # seconds between progress lines off a terminal
 
 
@@ -62,7 +67,7 @@ class JobConsole:
                     pass  # a line cut by the log tail: the next one will do
             elif line.startswith(HUMAN_PROGRESS):
                 self._progress(line.removeprefix(HUMAN_PROGRESS))
-            else:
+            elif not RAY_BOOKKEEPING.match(line):
                 self._print(line)
 
     def _progress(self, text: str) -> None:

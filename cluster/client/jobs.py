@@ -131,7 +131,12 @@ def connect(url: str) -> JobSubmissionClient:
 
     if urlparse(url).hostname in ("127.0.0.1", "localhost", "::1"):
         _knock(url)
+    import logging
+
     from ray.job_submission import JobSubmissionClient
+
+    # Ray's client logs each package upload and closed stream at INFO: its bookkeeping, not ours.
+    logging.getLogger("ray").setLevel(logging.WARNING)
 
     try:
         return JobSubmissionClient(url)
