@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import torch
 
+import cluster  # noqa: F401 - before any Ray import: it sets RAY_AUTH_MODE, which Ray reads once
 from certlib import CUBLAS_WORKSPACE
 from certlib.checkpoints.checkpoint import ModelCard
 from tests.helpers import CIFAR10_DIR, DSSN_PAPER_FILE, TrainedModel, quiet, simulated_cluster

@@ -47,7 +47,8 @@ def print_table(sweep: Sweep, log=print) -> None:
         return
     if len(df):
         radii, radii_linf = printed_radii(sweep.radii), printed_radii(sweep.radii_linf)
-        log("best certified accuracy over sigma (and k) (certified % (clean % @ sigma)):")
+        over = "sigma and k" if len(sweep.ks) > 1 else "sigma"
+        log(f"best certified accuracy over {over}: certified % (clean % of the best configuration)")
         if len(radii) < len(sweep.radii) or len(radii_linf) < len(sweep.radii_linf):
             log(
                 f"(at {len(radii)} of the spec's {len(sweep.radii):,} radii and {len(radii_linf)} of its "
