@@ -1,9 +1,10 @@
 """Fixtures, and the markers they give the tests that use them.
 
 A test is marked by what it uses, never by hand: ``ray`` if it uses a Ray instance, ``training``
-if it trains models, ``data`` if it reads ../shared/data, ``gpu`` if it needs CUDA (MARKED_BY).
-The fast lane, ``pytest -m "not ray and not training and not data"``, relies on the marks, so
-they are enforced: a test without ``ray`` that starts or connects to Ray, or one without
+if it trains models, ``data`` if it reads ../shared/data, ``subprocess`` if it starts Python
+interpreters of its own, ``gpu`` if it needs CUDA (MARKED_BY). The fast lane, ``pytest -m
+"not ray and not training and not data and not subprocess"``, relies on the marks, so the
+costliest are enforced: a test without ``ray`` that starts or connects to Ray, or one without
 ``training`` that runs the training loop, fails naming the fixture it lacks."""
 
 from __future__ import annotations
@@ -15,16 +16,22 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import pandas as pd
 import pytest
-import torch
 
 import cluster  # noqa: F401 - before any Ray import: it sets RAY_AUTH_MODE, which Ray reads once
 from certlib import CUBLAS_WORKSPACE
-from certlib.checkpoints.checkpoint import ModelCard
-from tests.helpers import CIFAR10_DIR, DSSN_PAPER_FILE, TrainedModel, quiet, simulated_cluster
+
+# What the fixtures need is imported where they run: pytest-xdist's controller process loads this
+# file too and runs no test (torch alone takes seconds to import).
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from certlib.checkpoints.checkpoint import ModelCard
+    from tests.helpers import FreshPython, TrainedModel
 
 # Before any CUDA work: cuBLAS reads it once, and the deterministic-training tests need it.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
@@ -42,6 +49,7 @@ MARKED_BY = {
     "trains_in_ray_job": "training",
     "cifar10_dir": "data",
     "dssn_paper": "data",
+    "fresh_python": "subprocess",
     "cuda": "gpu",
 }
 
@@ -112,6 +120,8 @@ def _enforce_markers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
 
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
+    from tests.helpers import CIFAR10_DIR
+
     if not (CIFAR10_DIR / "test_batch.bin").is_file():
         pytest.skip(f"CIFAR-10 binary version not found at {CIFAR10_DIR}")
     return CIFAR10_DIR
@@ -119,6 +129,10 @@ def cifar10_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def dssn_paper() -> pd.DataFrame:
+    import pandas as pd
+
+    from tests.helpers import DSSN_PAPER_FILE
+
     if not DSSN_PAPER_FILE.is_file():
         pytest.skip(f"the DSSN paper's per-image results are not at {DSSN_PAPER_FILE}")
     return pd.read_parquet(DSSN_PAPER_FILE)
@@ -126,6 +140,8 @@ def dssn_paper() -> pd.DataFrame:
 
 @pytest.fixture(scope="session")
 def cuda() -> torch.device:
+    import torch
+
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     return torch.device("cuda")
@@ -140,6 +156,16 @@ def coarse_zhang_curves(monkeypatch: pytest.MonkeyPatch) -> None:
     import certlib.families.zhang
 
     monkeypatch.setattr(certlib.families.zhang, "CURVE_SAMPLES", 10_000)
+
+
+@pytest.fixture(scope="session")
+def fresh_python() -> FreshPython:
+    """Python interpreters of the test's own, for what only a fresh process shows (what an
+    import pulls in, what is set at import) and for harnesses that fork per case: seconds each,
+    as most import torch."""
+    from tests.helpers import FreshPython
+
+    return FreshPython()
 
 
 # --------------------------------------------------------------------------- training
@@ -186,6 +212,7 @@ def trained_digits_dssn(
     that need a trained model but not a training run of their own. Copy it to change it."""
     from certlib.data import load_digits
     from certlib.training.config import TrainConfig
+    from tests.helpers import TrainedModel, quiet
 
     path = tmp_path_factory.mktemp("trained") / "dssn-standard-0.5-0.pt"
     config = TrainConfig("digits", "dssn", 0.5, seed=0)
@@ -244,6 +271,8 @@ def ray_cluster() -> Iterator[Callable[..., tuple[object, list[object]]]]:
     process to it; its connection to the session's Ray, if any, is set aside meanwhile and
     restored afterwards, so the tests after it find the session's Ray as they expect."""
     import ray
+
+    from tests.helpers import simulated_cluster
 
     previous = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
     with contextlib.ExitStack() as stack:

@@ -9,6 +9,8 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch
 if TYPE_CHECKING:
     from certlib.checkpoints.checkpoint import ModelCard
 
+ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # bench/gpu_check.py points it at the CIFAR-10 subset staged on the GPU machine (no ../shared there).
 CIFAR10_DIR = Path(os.environ.get("CERTIFY_TEST_CIFAR10") or SHARED_DATA / "cifar-10-batches-bin")
@@ -71,6 +74,29 @@ TABLE_1 = {
         (36.46, 54.96, 3.5),
     ],
 }
+
+
+class FreshPython:
+    """This interpreter's executable, started from the checkout (``tests/`` importable)."""
+
+    def run(self, code: str, *, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        """``python -c code``, its output captured as text."""
+        return subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """``python *args``, its output piped as text."""
+        environment = dict(os.environ if env is None else env)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
 
 class TrainedModel(NamedTuple):

@@ -8,8 +8,6 @@ import io
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -488,7 +486,7 @@ def test_table_filter_json_and_plot_formats(own_results, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["table", "plot"])
-def test_table_and_plot_import_neither_torch_nor_ray(own_results, tmp_path, command):
+def test_table_and_plot_import_neither_torch_nor_ray(own_results, tmp_path, command, fresh_python):
     """A fast start: `certify table` and `plot` of stored results read rows and draw, so they
     import neither torch (the families' implementations, re-certification) nor Ray, nor the
     certificates' scipy and statsmodels; matplotlib only for a plot."""
@@ -499,8 +497,7 @@ def test_table_and_plot_import_neither_torch_nor_ray(own_results, tmp_path, comm
         "    assert not end.code, end.code\n"
         "print(sorted(m for m in ('torch', 'ray', 'scipy', 'statsmodels', 'matplotlib') if m in sys.modules))"
     )
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=300)
+    done = fresh_python.run(script)
     expected = "['matplotlib']" if command == "plot" else "[]"
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == expected, done.stdout + done.stderr
 

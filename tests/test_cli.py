@@ -4,8 +4,6 @@ specs, and a whole job through the Ray Job Submission API."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -272,7 +270,7 @@ def test_status_commands_never_start_a_cluster(monkeypatch):
 
 
 @pytest.mark.parametrize("command", [["status", "a-job"], ["list"]])
-def test_status_and_list_import_neither_torch_nor_ray_nor_the_job(command):
+def test_status_and_list_import_neither_torch_nor_ray_nor_the_job(command, fresh_python):
     """The client/job boundary and a fast start: ``certify status`` and ``list`` against a
     dashboard address on this machine where nothing answers import the client side only: not
     torch, not the job's executor, pool and workers, and not Ray (its job client is imported
@@ -282,6 +280,6 @@ def test_status_and_list_import_neither_torch_nor_ray_nor_the_job(command):
         "except SystemExit:\n    pass\n"
         "print(sorted(m for m in sys.modules if m in ('torch', 'ray') or m.startswith('cluster.job')))"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    done = fresh_python.run(script, timeout=120)
     assert "cannot reach the Ray cluster" in done.stdout + done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr

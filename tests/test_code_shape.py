@@ -4,8 +4,6 @@ own module and the registry, and functions and modules stay small enough to read
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 from certlib.families import FAMILIES
@@ -132,15 +130,15 @@ def test_no_import_circle():
     assert cycles == []
 
 
-def test_the_math_floor_imports_no_torch_and_no_registry():
+def test_the_math_floor_imports_no_torch_and_no_registry(fresh_python):
     """``certlib.certificates`` is numpy and the papers only: importing it (and computing a
     radius) loads neither torch nor the family registry."""
     script = (
         "import sys; from certlib import certificates; certificates.l1_laplace_radius(0.9, 0.5); "
         "print(sorted(m for m in ('torch', 'certlib.families', 'ray') if m in sys.modules))"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert done.stdout.strip() == "[]"
+    done = fresh_python.run(script)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 
 
 def test_no_package_folder_holds_more_than_ten_modules():

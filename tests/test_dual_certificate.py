@@ -73,10 +73,11 @@ def exact_threshold(norm: str, r: float, scale: float) -> float:
 
 @pytest.mark.parametrize("norm", ["l2", "l1"])
 def test_the_threshold_fails_at_most_at_rate_delta(norm):
-    """10,000 independent curves of 400 samples at delta = 0.2, at three radii: the fraction of
+    """4,000 independent curves of 400 samples at delta = 0.2, at three radii: the fraction of
     thresholds below the exact one is at most delta plus three standard errors (Laplace's R has
-    atoms: the bounds hold for any distribution)."""
-    delta, curves, samples = 0.2, 10_000, 400
+    atoms: the bounds hold for any distribution). No threshold of 10,000 curves per radius fell
+    below the exact one when this was written: 4,000 leave a wide margin."""
+    delta, curves, samples = 0.2, 4_000, 400
     rng = np.random.default_rng(11)
     for r in (0.2, 1.0, 2.5):
         exact = exact_threshold(norm, r, 1.0)

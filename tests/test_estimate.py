@@ -6,8 +6,6 @@ given rates, JSON numbers, the command line, a real calibration, and nothing wri
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -265,7 +263,7 @@ def test_a_real_calibration_on_the_quickstart(tmp_path, monkeypatch):
     assert any(line.startswith("Calibration on cpu") for line in lines)
 
 
-def test_the_dry_run_and_the_worker_calibration_import_no_ray(tmp_path):
+def test_the_dry_run_and_the_worker_calibration_import_no_ray(tmp_path, fresh_python):
     code = (
         "import sys; from cluster.cli.plan import dry_run; import cluster.plan.estimate, certlib.engine.throughput; "
         "from cluster.job.worker import UnitRunner; "
@@ -274,6 +272,6 @@ def test_the_dry_run_and_the_worker_calibration_import_no_ray(tmp_path):
         ".calibrate('small_cnn', seconds=0.1) > 0; "
         "assert 'ray' not in sys.modules, 'ray was imported'"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    done = fresh_python.run(code)
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "models").exists()

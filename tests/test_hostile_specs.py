@@ -2,11 +2,11 @@
 ``certify submit-job`` and ``certify plan`` with one line and exit code 2, in bounded time and
 memory, writing nothing and starting no Ray.
 
-Each case runs in a child forked from one harness process (``python tests/test_hostile_specs.py``,
-which imports the command line once), under a memory limit (RLIMIT_AS) and a wall-clock
-timeout, in a directory of its own with a home directory of its own; the Ray connections are
-replaced by an exit with code 99, so a spec that validates is seen as accepted and never
-reaches a cluster. The same harness prints the table "tried / refused with one line /
+Each case runs in a child forked from a harness process (``python tests/test_hostile_specs.py``,
+which imports the command line once; two side by side share the cases), under a memory limit
+(RLIMIT_AS) and a wall-clock timeout, in a directory of its own with a home directory of its
+own; the Ray connections are replaced by an exit with code 99, so a spec that validates is
+seen as accepted and never reaches a cluster. The same harness prints the table "tried / refused with one line /
 accepted / traceback / resources used" (``python tests/test_hostile_specs.py --table``): run it
 with ``PYTHONPATH`` at another checkout to count another version.
 """
@@ -20,7 +20,6 @@ import random
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,11 +28,12 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
 import cluster  # noqa: F401 - before Ray's: it sets RAY_AUTH_MODE, which Ray's client reads once
-from tests.helpers import StubDashboard
+from tests.helpers import FreshPython, StubDashboard
 
 ROOT = Path(__file__).resolve().parents[1]
 REACHED_RAY = 99  # the exit code of a child whose spec validated: it asked for a Ray connection
@@ -429,8 +429,9 @@ def run_case(name: str, build: Builder, command: str, scratch: Path, seconds: fl
     }
 
 
-def harness(command: str, names: list[str], seconds: float, memory: int) -> list[dict]:
-    """Run the cases ``names`` of ``certify <command>``, each in a forked child (see the module)."""
+def harness(pairs: list[tuple[str, str]], seconds: float, memory: int) -> list[dict]:
+    """Run the cases ``pairs`` (``certify <command>`` on case ``name``), each in a forked child
+    (see the module)."""
     import importlib
 
     from certlib.data import load_dataset
@@ -445,32 +446,23 @@ def harness(command: str, names: list[str], seconds: float, memory: int) -> list
     cases = {**BROKEN, **ACCEPTED}
     results = []
     with tempfile.TemporaryDirectory(prefix="certify-hostile-") as scratch:
-        for name in names:
-            results.append(run_case(name, cases[name], command, Path(scratch), seconds, memory))
+        for index, (command, name) in enumerate(pairs):
+            result = run_case(name, cases[name], command, Path(scratch) / str(index), seconds, memory)
+            results.append(result)
     return results
 
 
-def run_harness(command: str, names: list[str], seconds: float = CASE_SECONDS, memory: int = CASE_MEMORY, env=None):
+def run_harness(pairs: list[tuple[str, str]], python: FreshPython) -> list[dict]:
     """The harness in fresh interpreters (this file as a script), ``HARNESSES`` of them side by
-    side on shares of ``names`` (each case still alone in its own child): the results of
-    ``names``."""
-    shares = [names[i::HARNESSES] for i in range(HARNESSES) if names[i::HARNESSES]]
-    running = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--command", command, "--seconds", str(seconds), "--memory", str(memory)]
-            + ["--cases", ",".join(share)],
-            env=env or dict(os.environ, PYTHONPATH=str(ROOT)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for share in shares
-    ]
+    side on shares of ``pairs`` (each case still alone in its own child): their results."""
+    shares = [pairs[i::HARNESSES] for i in range(HARNESSES) if pairs[i::HARNESSES]]
+    running = [python.start(__file__, "--pairs", json.dumps(share)) for share in shares]
     results = []
     for share, harness_process in zip(shares, running):
-        out, err = harness_process.communicate(timeout=len(share) * (seconds + 5) + 120)
+        out, err = harness_process.communicate(timeout=len(share) * (CASE_SECONDS + 5) + 120)
         assert harness_process.returncode == 0, err[-3000:]
         results += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(results) == len(pairs), "a harness lost cases"
     return results
 
 
@@ -501,16 +493,30 @@ def _check(results: list[dict], expected: str) -> None:
     assert not heavy, heavy
 
 
-def test_every_broken_spec_is_refused_by_submit_job_with_one_line():
-    _check(run_harness("submit-job", list(BROKEN)), "refused")
+@pytest.fixture(scope="module")
+def corpus(fresh_python: FreshPython) -> list[dict]:
+    """Every broken spec through both commands and every good one through ``submit-job``: one
+    run of the harnesses for the three tests below."""
+    pairs = [(command, name) for command in ("submit-job", "plan") for name in BROKEN]
+    return run_harness(pairs + [("submit-job", name) for name in ACCEPTED], fresh_python)
 
 
-def test_every_broken_spec_is_refused_by_plan_with_one_line():
-    _check(run_harness("plan", list(BROKEN)), "refused")
+def _of(corpus: list[dict], command: str, cases: dict[str, Builder]) -> list[dict]:
+    found = [r for r in corpus if r["command"] == command and r["name"] in cases]
+    assert len(found) == len(cases)
+    return found
 
 
-def test_good_specs_are_accepted_within_the_same_bounds():
-    results = run_harness("submit-job", list(ACCEPTED))
+def test_every_broken_spec_is_refused_by_submit_job_with_one_line(corpus):
+    _check(_of(corpus, "submit-job", BROKEN), "refused")
+
+
+def test_every_broken_spec_is_refused_by_plan_with_one_line(corpus):
+    _check(_of(corpus, "plan", BROKEN), "refused")
+
+
+def test_good_specs_are_accepted_within_the_same_bounds(corpus):
+    results = _of(corpus, "submit-job", ACCEPTED)
     _check(results, "accepted")
     assert all(r["first_line"] == "reached Ray" for r in results), results
 
@@ -630,17 +636,18 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--command", choices=["submit-job", "plan"], action="append")
     parser.add_argument("--cases", help="comma-separated case names (default: every broken spec)")
+    parser.add_argument("--pairs", help="JSON list of [command, case name] (instead of --command, --cases)")
     parser.add_argument("--seconds", type=float, default=CASE_SECONDS)
     parser.add_argument("--memory", type=int, default=CASE_MEMORY)
     parser.add_argument("--table", action="store_true", help="print the table (and every case) instead of JSON")
     options = parser.parse_args()
     names = options.cases.split(",") if options.cases else list(BROKEN)
+    pairs = [(command, name) for command in options.command or ["submit-job", "plan"] for name in names]
     results = []
-    for command in options.command or ["submit-job", "plan"]:
-        for result in harness(command, names, options.seconds, options.memory):
-            results.append(result)
-            if not options.table:
-                print(json.dumps(result), flush=True)
+    for result in harness(json.loads(options.pairs) if options.pairs else pairs, options.seconds, options.memory):
+        results.append(result)
+        if not options.table:
+            print(json.dumps(result), flush=True)
     if options.table:
         for r in results:
             print(

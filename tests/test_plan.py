@@ -3,8 +3,6 @@ already done, the output directories it refuses, the initial progress and the sh
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -58,12 +56,12 @@ def checkpoint(sweep, key, digits):
     random_checkpoint(key.checkpoint(sweep), digits, key.method, key.sigma, key.seed, key.training)
 
 
-def test_the_plan_imports_no_ray():
+def test_the_plan_imports_no_ray(fresh_python):
     code = (
         "import cluster.plan, certlib.families, certlib.rows, certlib.analysis; import sys; "
         "assert 'ray' not in sys.modules, 'ray was imported'"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    done = fresh_python.run(code)
     assert done.returncode == 0, done.stderr
 
 

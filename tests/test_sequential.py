@@ -33,11 +33,11 @@ def uniform_radius(lam: float):
 
 @pytest.mark.parametrize("p_star, cap", [(0.8, 100_000), (0.99, 100_000)])
 def test_the_stopping_rule_certifies_a_threshold_at_most_at_rate_alpha(p_star, cap):
-    """20,000 Bernoulli streams per case with p exactly at the threshold of a table radius and
+    """8,000 Bernoulli streams per case with p exactly at the threshold of a table radius and
     just below it, stopped by the real rule (checked at every block of MC_BLOCK samples, up to
     the cap): the fraction that ends certified at that radius is at most alpha plus three
     standard errors. With p above the threshold the power is reported (printed), not asserted."""
-    alpha, streams, lam = 0.01, 20_000, 1.0
+    alpha, streams, lam = 0.01, 8_000, 1.0
     radius = uniform_radius(lam)
     target = 2 * lam * (p_star - 0.5)  # the uniform radius at p_star
     table = reachable_radii([target], cap, alpha, False, 2, radius)

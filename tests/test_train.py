@@ -6,8 +6,6 @@ import dataclasses
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -371,18 +369,19 @@ def test_a_cuda_graph_replays_only_noise_drawn_on_the_device(method):
         train_module.runs_as_graph(True, "cpu", True, noise)
 
 
-def test_importing_certlib_fixes_the_cublas_workspace_before_any_cuda_work(tmp_path):
+def test_importing_certlib_fixes_the_cublas_workspace_before_any_cuda_work(fresh_python):
     """torch reads CUBLAS_WORKSPACE_CONFIG at a process's first cuBLAS call, so deterministic
     training after a model was timed (as `certify plan` does) needs it set at import; a value
     torch's deterministic cuBLAS does not accept is refused in one line."""
     env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
     check = "import os, certlib; print(os.environ['CUBLAS_WORKSPACE_CONFIG'])"
-    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == ":4096:8"
+    done = fresh_python.run(check, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == ":4096:8", done.stderr
     refuse = (
         "from certlib.determinism import enable_deterministic_kernels\n"
         "try:\n    enable_deterministic_kernels()\nexcept ValueError as err:\n    print(err)"
     )
     env["CUBLAS_WORKSPACE_CONFIG"] = ":1:1"
-    done = subprocess.run([sys.executable, "-c", refuse], env=env, capture_output=True, text=True, check=True)
+    done = fresh_python.run(refuse, env=env)
+    assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith("deterministic kernels need CUBLAS_WORKSPACE_CONFIG=:4096:8")
