@@ -115,7 +115,8 @@ def tests_step(ctx: Context) -> list[Row]:
     if not ctx.gpu:
         command += ["-m", "gpu"]
     elif importlib.util.find_spec("xdist") is not None:  # whole modules per process: module fixtures built once
-        command += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2))), "--dist", "loadfile"]
+        workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
+        command += ["-n", workers, "--maxprocesses", workers, "--dist", "loadfile"]  # past pyproject's cap
     env = dict(os.environ)
     if not ctx.synthetic:  # the CIFAR-10 tests read the staged images there (tests/helpers.py)
         env["CERTIFY_TEST_CIFAR10"] = str(ctx.cifar)

@@ -118,6 +118,8 @@ def test_wait_reports_the_true_end_when_an_agent_dies_mid_job(own_ray, tmp_path,
     progress = progress_file(tmp_path / "out")
     deadline = time.time() + 180
     while time.time() < deadline and not (progress.is_file() and json.loads(progress.read_text())["units_done"] >= 1):
+        if waiting.poll() is not None:  # the command ended before the job got going: say why at once
+            pytest.fail("submit-job ended early:\n" + waiting.communicate()[0][-3000:])
         time.sleep(0.2)
     assert progress.is_file(), "the job never reported progress"
     victims = [p for p in instance.processes() if agent in " ".join(p.cmdline())]

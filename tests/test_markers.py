@@ -11,7 +11,7 @@ import pytest
 pytest_plugins = ["pytester"]
 
 CONFTEST = Path(__file__).with_name("conftest.py")
-MARKERS = ("ray", "training", "data", "gpu")
+MARKERS = ("ray", "training", "data", "subprocess", "gpu")
 
 
 @pytest.fixture
@@ -44,6 +44,7 @@ def test_markers_follow_the_fixtures_a_test_uses(inner: pytest.Pytester):
         def test_in_job(ray_session, trains_in_ray_job): pass
         def test_through_a_fixture(cifar_images): pass
         def test_paper(dssn_paper): pass
+        def test_interpreters(fresh_python): pass
         def test_cuda(cuda): pass
         """
     )
@@ -54,6 +55,7 @@ def test_markers_follow_the_fixtures_a_test_uses(inner: pytest.Pytester):
         "ray": {"test_session_ray", "test_own_ray", "test_cluster", "test_in_job"},
         "training": {"test_trains", "test_trained", "test_in_job"},
         "data": {"test_through_a_fixture", "test_paper"},
+        "subprocess": {"test_interpreters"},
         "gpu": {"test_cuda"},
     }
     assert {item.name for item in items if not any(item.get_closest_marker(m) for m in MARKERS)} == {"test_plain"}
