@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from certlib.checkpoints.checkpoint import ModelCard
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = ROOT.parent / "shared" / "data"
 # bench/gpu_check.py points it at the CIFAR-10 subset staged on the GPU machine (no ../shared there).
 CIFAR10_DIR = Path(os.environ.get("CERTIFY_TEST_CIFAR10") or SHARED_DATA / "cifar-10-batches-bin")
 DSSN_PAPER_FILE = SHARED_DATA / "dssn-paper-cifar10" / "certificates.parquet"

@@ -18,8 +18,6 @@ from cluster.client import submission
 from cluster.record import progress_file
 from tests.helpers import random_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-
 GOOD = {
     "name": "cli-test",
     "output": "out",

@@ -23,8 +23,6 @@ from cluster.record import sweep_file
 from cluster.spec import SpecError, parse_spec
 from tests.helpers import random_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def digits_sweep(
     tmp_path: Path, *, train: bool = True, shard_size: int | str = 8, limit: int = 20, every: int = 1, start: int = 0
