@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torchvision
 from torch import nn
 
 
@@ -154,6 +153,8 @@ class SmallCNN(nn.Module):
 def _resnet50(num_classes: int, in_channels: int) -> nn.Module:
     if in_channels != 3:
         raise ValueError("resnet50 expects 3 input channels")
+    import torchvision  # here: its import costs a second or two in every process that builds no resnet50
+
     model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
     model.avgpool = GlobalAvgPool()
     return model

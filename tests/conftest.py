@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,11 +55,22 @@ MARKED_BY = {
 }
 
 
+# What a test's marks say of its cost, roughly in CPU-seconds on 2 cores: the order files are run in.
+MARK_COST = {"ray": 10, "training": 3, "subprocess": 3, "data": 1}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # fixturenames is the closure: a fixture built on cifar10_dir marks its users `data` too.
     for item in items:
         for marker in sorted({MARKED_BY[name] for name in getattr(item, "fixturenames", ()) if name in MARKED_BY}):
             item.add_marker(marker)
+    # The costliest files first: pytest-xdist hands out whole files in this order (--dist loadfile
+    # --no-loadscope-reorder), so the quick ones fill the end of the run and no worker is left
+    # alone with a long file while the others have finished.
+    cost: Counter[Path] = Counter()
+    for item in items:
+        cost[item.path] += sum(MARK_COST.get(mark.name, 0) for mark in item.iter_markers())
+    items.sort(key=lambda item: -cost[item.path])  # stable: a file's tests keep their order
 
 
 def _refuse(request: pytest.FixtureRequest, what: str, marker: str) -> Callable[..., None]:

@@ -28,6 +28,8 @@ BLOCK = re.compile(r"(?:<!-- not run: (?P<why>[^>]*) -->\n)?^```(?P<lang>\w*)\n(
 LANGUAGES = {"bash", "python", "yaml", "text"}
 # A shell block runs as bash with `certify` being this checkout's CLI in this interpreter.
 SHELL_PRELUDE = 'set -euo pipefail\ncertify() { "$CERTIFY_PYTHON" -m cluster.cli "$@"; }\n'
+# The README's first block: the scratch fixture runs it, and the README's test does not run it again.
+QUICKSTART_RUN = "certify submit-job jobs/quickstart.yaml --wait\n"
 
 
 def blocks(document: Path) -> list[tuple[str, str, str | None]]:
@@ -77,7 +79,7 @@ def scratch(ray_session, trains_in_ray_job, tmp_path_factory) -> tuple[Path, dic
     scratch_quickstart(directory)
     env = {**os.environ, "RAY_ADDRESS": ray_session.dashboard_url, "CERTIFY_PYTHON": sys.executable}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    done = run_shell("certify submit-job jobs/quickstart.yaml --wait", directory, env)
+    done = run_shell(QUICKSTART_RUN, directory, env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return directory, env
 
@@ -91,7 +93,7 @@ def test_the_documents_code_runs(document, scratch, train_model, monkeypatch):
         monkeypatch.setenv(name, value)
     namespace: dict[str, object] = {"__name__": "__docs__"}
     for language, code, why in blocks(document):
-        if why is not None or language == "text":
+        if why is not None or language == "text" or code == QUICKSTART_RUN:
             continue
         if language == "bash":
             done = run_shell(code, directory, env)
@@ -107,6 +109,11 @@ def _within(shown: object, actual: object) -> bool:
     if isinstance(shown, dict):
         return isinstance(actual, dict) and all(k in actual and _within(v, actual[k]) for k, v in shown.items())
     return shown == actual
+
+
+def test_the_scratch_fixture_runs_the_readmes_first_block():
+    runs = [code for language, code, why in blocks(ROOT / "README.md") if language == "bash" and why is None]
+    assert runs[0] == QUICKSTART_RUN
 
 
 def test_the_readme_shows_the_quickstarts_own_spec():

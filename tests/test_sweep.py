@@ -178,7 +178,7 @@ def _alive_worker_pids(dashboard_url: str):
 
 
 def test_a_killed_worker_is_replaced_and_its_unit_retried(ray_session, tmp_path, cifar10_dir, cifar_test):
-    sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=3000, workers=1)
+    sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=1000, workers=1)
     make_models(sweep, cifar_test)
     lines, outcome = [], {}
     thread = threading.Thread(
@@ -200,7 +200,7 @@ def test_a_killed_worker_is_replaced_and_its_unit_retried(ray_session, tmp_path,
 
 
 def test_a_killed_driver_resumes_with_only_the_missing_units(ray_session, tmp_path, cifar10_dir, cifar_test):
-    sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=2000, workers=1)
+    sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=1000, workers=1)
     make_models(sweep, cifar_test)
     address = ray_session.gcs_address
     spec = base64.b64encode(sweep.to_json().encode()).decode()

@@ -6,23 +6,32 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from statsmodels.stats.proportion import proportion_confint
 
 from certlib.certificates.inputs import counts, level
+
+
+def _two_sided_beta(k: np.ndarray, n: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """statsmodels' two-sided Clopper-Pearson interval at level 1 - 2*alpha: each end is a
+    one-sided (1 - alpha) bound."""
+    # Imported here: statsmodels takes a second to import, and processes that certify only DSSN
+    # (job drivers, their workers) never need it.
+    from statsmodels.stats.proportion import proportion_confint
+
+    return proportion_confint(k, n, alpha=2 * level(alpha), method="beta")
 
 
 def clopper_pearson_lower(k, n, alpha: float) -> np.ndarray:
     """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion from k of n
     (Cohen et al. 2019, Appendix C: ``proportion_confint(k, n, alpha=2*alpha, method="beta")[0]``)."""
     k, n = counts(k, n)
-    low = proportion_confint(k, n, alpha=2 * level(alpha), method="beta")[0]
+    low = _two_sided_beta(k, n, alpha)[0]
     return np.where(k == 0, 0.0, low)
 
 
 def clopper_pearson_upper(k, n, alpha: float) -> np.ndarray:
     """One-sided (1 - alpha) Clopper-Pearson upper bound on a binomial proportion from k of n."""
     k, n = counts(k, n)
-    high = proportion_confint(k, n, alpha=2 * level(alpha), method="beta")[1]
+    high = _two_sided_beta(k, n, alpha)[1]
     return np.where(k == n, 1.0, high)
 
 

@@ -18,8 +18,7 @@ once from n samples drawn here (exactly: the statistics R depends on are sampled
 laws, no MCMC) and every image costs a search in it. ``threshold`` bounds D from those samples
 with exact binomial bounds in the tails and an empirical Bernstein bound near p_A = 1/2, valid
 with probability >= 1 - delta at each radius; ``radius_curve`` says why that suffices for every
-image. Failure probabilities add: alpha for p_A's Clopper-Pearson bound and ``delta`` for the
-curve. (The DKW band this replaced capped p_A at 1 - eps and halved radii near p_A = 1.)
+image. Failure probabilities add: alpha for p_A's Clopper-Pearson bound, ``delta`` for the curve.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import functools
 import math
 
 import numpy as np
-from scipy import special, stats
+from scipy import special  # not scipy.stats (half a second to import): norm.sf(x) is ndtr(-x), isf(q) -ndtri(q)
 
 NORMS = ("l1", "l2", "linf")
 # k may come this close to d: the radial law's shape d - k (l2: (d - k) / 2) stays large enough
@@ -155,8 +154,8 @@ def _linf_radii(k: float, sigma: float, d: int, n: int, rng: np.random.Generator
         lo, hi = edges[cell[body]], edges[cell[body] + 1]
         t[body] = lo + u[body] * (hi - lo)
         log_envelope[body] = log_env[cell[body] - 1]
-        tail_u = stats.norm.sf(t_max / sigma) * u[tail]
-        t[tail] = sigma * stats.norm.isf(tail_u)
+        tail_u = special.ndtr(-t_max / sigma) * u[tail]
+        t[tail] = -sigma * special.ndtri(tail_u)
         log_envelope[tail] = -k * math.log(t_max) - t[tail] ** 2 / (2 * sigma**2)
         accept = np.log(rng.random(want)) < _linf_log_density(t, k, sigma, d) - log_envelope
         out = np.concatenate([out, t[accept & (t > 0)]])
@@ -169,11 +168,16 @@ def truncated_normal(u: np.ndarray, t: np.ndarray, sigma: float) -> np.ndarray:
     tail form's 1 - 2 Phi(-t / sigma) cancels to nothing below t ~ 1e-8 sigma); farther out
     through ndtri of the lower tail's mass, which keeps it in the tails."""
     s = sigma * math.sqrt(2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        central = s * special.erfinv((2 * u - 1) * special.erf(t / s))
-        edge = special.ndtr(-t / sigma)
-        tails = sigma * special.ndtri(edge + u * (1 - 2 * edge))
-    return np.where(t < sigma, central, tails)
+    # What depends on t alone is computed on t's shape (once a row where t is a column), and each
+    # element evaluates only its own branch: half the special functions of both everywhere.
+    shape, t = np.broadcast_shapes(np.shape(u), np.shape(t)), np.asarray(t, dtype=float)
+    near, width, edge, u = (
+        np.broadcast_to(x, shape) for x in (t < sigma, special.erf(t / s), special.ndtr(-t / sigma), u)
+    )
+    out = np.empty(shape)
+    out[near] = s * special.erfinv((2 * u[near] - 1) * width[near])
+    out[~near] = sigma * special.ndtri(edge[~near] + u[~near] * (1 - 2 * edge[~near]))
+    return out
 
 
 def _linf_statistics(k: float, sigma: float, d: int, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -282,8 +286,7 @@ def threshold(log_ratios: np.ndarray, delta: float) -> float:
 
     * tail form: lambda (p_A - U(F(lambda))) + 1 - U(F((1/lambda)^-)), with exact one-sided
       Clopper-Pearson upper bounds U on the two probabilities. It tightens in the tails: large
-      p_A needs lambda near R's upper quantiles, where a binomial bound's width shrinks with
-      the count (the additive DKW band capped p_A at 1 - eps there);
+      p_A needs lambda near R's upper quantiles, where a binomial bound's width shrinks;
     * mean form: lambda p_A - lambda (mean + width) of Y = (lambda - R)_+ / lambda in [0, 1],
       with the empirical Bernstein width (Maurer & Pontil 2009, Theorem 4), tight near
       p_A = 1/2 where Y varies little (the paper's Hoeffding term does not use that).
