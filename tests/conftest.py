@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 
 # Before any CUDA work: cuBLAS reads it once, and the deterministic-training tests need it.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+# pytest-xdist runs a worker per core (at most 4): threads of torch's beyond a worker's share of
+# the cores only contend, and spin while they wait (on 2 cores an eighth of the fast lane's CPU
+# time). Set before torch is imported; the processes the tests start inherit it.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 # A test's Ray holds nothing worth a clean exit: its processes get this long after SIGTERM (where
 # `certify stop` waits 5 s, which a Ray whose node died mid-job used up every time).

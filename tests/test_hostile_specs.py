@@ -3,7 +3,7 @@
 memory, writing nothing and starting no Ray.
 
 Each case runs in a child forked from a harness process (``python tests/test_hostile_specs.py``,
-which imports the command line once; two side by side share the cases), under a memory limit
+which imports the command line once; ``HARNESSES`` side by side share the cases), under a memory limit
 (RLIMIT_AS) and a wall-clock timeout, in a directory of its own with a home directory of its
 own; the Ray connections are replaced by an exit with code 99, so a spec that validates is
 seen as accepted and never reaches a cluster. The same harness prints the table "tried / refused with one line /
@@ -60,7 +60,10 @@ BASE_TEXT = yaml.safe_dump(BASE, sort_keys=False)
 Builder = Callable[[Path], Path]  # writes a case's spec into its directory; returns the spec's path
 
 
-HARNESSES = 2  # harness processes side by side: the cases take a minute one after the other
+# Harness processes side by side (the cases take half a minute one after the other): two where this
+# pytest has the cores to itself, one where pytest-xdist's workers share them (each harness spends
+# seconds importing before its first case).
+HARNESSES = 2 if (os.cpu_count() or 1) >= 2 * int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) else 1
 
 
 def text(content: str | bytes, name: str = "spec.yaml") -> Builder:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 import yaml
 from click.testing import CliRunner
 from torch import nn
@@ -209,6 +208,8 @@ def test_cohen_cifar_resnet110_with_optimizer_state(tmp_path):
 
 
 def test_cohen_imagenet_resnet50_dataparallel(tmp_path):
+    import torchvision  # here: every pytest worker collects this module, and few need it
+
     torch.manual_seed(0)
     net = _randomize_bn(torchvision.models.resnet50())
     wrapped = nn.Sequential(_Normalize(*IMAGENET), nn.DataParallel(net))
@@ -246,6 +247,8 @@ def test_levine_feizi_wrn_dssn(tmp_path):
 
 
 def test_torchvision_resnet18_and_resnet50_keys(tmp_path):
+    import torchvision
+
     torch.manual_seed(0)
     for name in ("resnet18", "resnet50"):
         net = _randomize_bn(torchvision.models.get_model(name, num_classes=10))

@@ -39,7 +39,7 @@ def test_a_worker_node_dies_mid_job_and_only_its_units_are_recomputed(ray_cluste
             "models": {"path": str(tmp_path / "models" / "{method}-{training}-{sigma}-{seed}.pt")},
             "methods": ["uniform"],
             "sigmas": [0.5],
-            "certify": {"n0": 16, "n": 20_000},
+            "certify": {"n0": 16, "n": 10_000},
             "resources": {"cpus_per_worker": 1, "shard_size": SHARD, "max_retries": 2},
         }
     )

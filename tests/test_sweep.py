@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -413,6 +414,44 @@ def test_training_units_share_a_gpu_when_a_step_does_not_fill_it(tmp_path, datas
     }
     assert training_gpu_share(parse_spec(spec)) == share
     assert training_gpu_share(parse_spec({**spec, "resources": {"gpus_per_train_worker": 0.5}})) == 0.5
+
+
+@pytest.mark.parametrize("gpus", [0.0, 1.0])
+def test_an_idle_worker_of_the_other_kind_takes_a_task_where_both_kinds_need_the_same(monkeypatch, tmp_path, gpus):
+    """On CPUs a training worker and a certifying one need the same resources: the model a
+    worker trained is certified by it, without starting another process. With a GPU (a whole
+    one to certify, a share to train) the training worker is retired for a certifying one."""
+    from cluster.job import pool as pools
+
+    sweep = parse_spec(
+        {
+            "name": "kinds",
+            "output": str(tmp_path / "out"),
+            "dataset": {"name": "digits", "limit": 8},
+            "models": {"path": "m/{method}-{training}-{sigma}-{seed}.pt", "train": {"epochs": 1}},
+            "methods": ["dssn"],
+            "sigmas": [0.5],
+            "resources": {"workers": 1, "shard_size": 8},
+        }
+    )
+    monkeypatch.setattr(pools.Pool, "_totals", staticmethod(lambda: (gpus, 2.0)))
+    killed = []
+    monkeypatch.setattr(pools.ray, "kill", lambda actor, no_restart: killed.append(actor))
+    pool = pools.Pool(sweep, "job-kinds")
+    started = []
+    pool.factory = {
+        kind: types.SimpleNamespace(remote=lambda *args: started.append(args) or object()) for kind in pool.factory
+    }
+    (key,) = model_keys(sweep)
+    trainer = pool.assign(pools.Task("train", key), {"train"})
+    trainer.tasks.append("training")
+    trainer.model = key
+    assert pool.assign(pools.Task("train", key), {"train"}) is None  # one worker a kind: it waits
+    trainer.tasks.clear()
+    certifier = pool.assign(pools.Task("certify", key, expand(sweep, 8)[0]), {"certify"})
+    assert certifier.kind == "certify" and pool.slots == [certifier]
+    assert (certifier is trainer) == (gpus == 0.0) and len(started) == (1 if gpus == 0.0 else 2)
+    assert killed == ([] if gpus == 0.0 else [trainer.actor])
 
 
 def test_an_automatic_shard_size_is_measured_once_and_kept_by_the_resume(ray_session, tmp_path):

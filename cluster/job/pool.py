@@ -80,9 +80,10 @@ class Slot:
 
 class Pool:
     """Workers of two kinds within the cluster's resources. A task goes to an idle worker of its
-    kind (one holding its model first), else to a new worker where resources allow (after
-    retiring idle workers of a kind with nothing queued), else behind a busy worker's current
-    call."""
+    kind (one holding its model first), or of the other kind where both kinds need the same
+    resources (one actor class runs both: on CPUs it saves starting a process), else to a new
+    worker where resources allow (after retiring idle workers of a kind with nothing queued),
+    else behind a busy worker's current call."""
 
     def __init__(self, sweep: Sweep, job_id: str):
         self.gpus, self.cpus = self._totals()
@@ -129,10 +130,12 @@ class Pool:
 
     def assign(self, task: Task, queued_kinds: set[str]) -> Slot | None:
         """A worker for ``task`` (see the class), or None: it waits."""
-        mine = [s for s in self.slots if s.kind == task.kind]
-        idle = [s for s in mine if not s.tasks]
+        same_needs = {kind for kind, need in self.need.items() if need == self.need[task.kind]}
+        idle = [s for s in self.slots if not s.tasks and s.kind in same_needs]
         if idle:
-            return next((s for s in idle if s.model == task.key), idle[0])
+            slot = min(idle, key=lambda s: (s.model != task.key, s.kind != task.kind))
+            slot.kind = task.kind
+            return slot
         if not self._fits(task.kind):
             for spare in [s for s in self.slots if not s.tasks and s.kind not in queued_kinds]:
                 self.retire(spare)
@@ -140,7 +143,7 @@ class Pool:
                     break
         if self._fits(task.kind) or not self.slots:
             return self._new(task.kind)
-        busy = [s for s in mine if s.room]
+        busy = [s for s in self.slots if s.kind == task.kind and s.room]
         return next((s for s in busy if s.model == task.key), busy[0] if busy else None)
 
     def submit(self, slot: Slot, task: Task) -> ray.ObjectRef:
