@@ -10,6 +10,7 @@ costliest are enforced: a test without ``ray`` that starts or connects to Ray, o
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import socket
@@ -76,6 +77,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         cost[item.path] += sum(MARK_COST.get(mark.name, 0) for mark in item.iter_markers())
     items.sort(key=lambda item: -cost[item.path])  # stable: a file's tests keep their order
+
+
+# What pytest's plugins and then the test modules import (torch, scipy, pandas, Ray: millions of
+# objects) lives as long as the process: out of the garbage collector's way, whose full passes
+# would scan it all again (a seventh of the fast lane's CPU time).
+def pytest_configure(config: pytest.Config) -> None:
+    gc.freeze()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    gc.freeze()
 
 
 def _refuse(request: pytest.FixtureRequest, what: str, marker: str) -> Callable[..., None]:

@@ -186,6 +186,12 @@ def test_submit_status_list_logs_cancel_and_resume(ray_session, tmp_path, monkey
     big_id = next(
         line.split()[1].rstrip(":") for line in submitted.output.splitlines() if line.startswith("submitted ")
     )
+    # Cancelled once Ray runs it: a stop that reached a job still PENDING was seen to miss its
+    # driver, which then ran the whole job under a STOPPED status (Ray 2.60).
+    deadline = time.time() + 60
+    while "RUNNING" not in runner.invoke(main, ["status", big_id, "--address", address]).output:
+        assert time.time() < deadline, "the job never ran"
+        time.sleep(0.2)
     cancelled = runner.invoke(main, ["cancel", big_id, "--address", address])
     assert cancelled.exit_code == 0 and "stopping" in cancelled.output
     deadline = time.time() + 60
