@@ -61,7 +61,7 @@ MARKED_BY = {
 }
 
 
-# What a test's marks say of its cost, roughly in CPU-seconds on 2 cores: the order files are run in.
+# Rough weights of what a test's marks say of its cost, summed per file: the order files run in.
 MARK_COST = {"ray": 10, "training": 3, "subprocess": 3, "data": 1}
 
 
