@@ -13,8 +13,8 @@ from certlib.certificates.inputs import counts, level
 def _two_sided_beta(k: np.ndarray, n: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """statsmodels' two-sided Clopper-Pearson interval at level 1 - 2*alpha: each end is a
     one-sided (1 - alpha) bound."""
-    # Imported here: statsmodels takes a second to import, and processes that certify only DSSN
-    # (job drivers, their workers) never need it.
+    # Imported here: statsmodels takes a second to import, and most processes never compute a
+    # Clopper-Pearson bound (job drivers, `certify` commands, workers certifying DSSN).
     from statsmodels.stats.proportion import proportion_confint
 
     return proportion_confint(k, n, alpha=2 * level(alpha), method="beta")
