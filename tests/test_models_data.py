@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,40 @@ def test_digits_on_their_grid():
     assert load_dataset("digits", "test").num_classes == 10
     with pytest.raises(ValueError, match="root"):
         load_dataset("cifar10")
+
+
+def test_digits_are_scikit_learns_whether_read_from_its_file_or_through_it(tmp_path, monkeypatch):
+    """The CSV read without importing scikit-learn gives load_digits' arrays; a file whose
+    numbers differ (or that is missing) is not used: scikit-learn's loader is."""
+    import importlib.machinery
+    import importlib.util
+
+    import sklearn.datasets
+
+    import certlib.data
+
+    bunch = sklearn.datasets.load_digits()
+    expected = (bunch.images.astype(np.uint8), bunch.target.astype(np.int64))
+
+    def refused() -> None:
+        raise AssertionError("scikit-learn's loader ran")
+
+    with monkeypatch.context() as patch:  # scikit-learn's own file: its loader is not needed
+        patch.setattr(sklearn.datasets, "load_digits", refused)
+        values, labels = certlib.data._digits_arrays()
+    assert np.array_equal(values, expected[0]) and np.array_equal(labels, expected[1])
+
+    original = Path(importlib.util.find_spec("sklearn").submodule_search_locations[0]) / "datasets" / "data"
+    (tmp_path / "datasets" / "data").mkdir(parents=True)
+    table = np.loadtxt(original / "digits.csv.gz", delimiter=",")
+    table[7, 3] += 1  # one pixel off
+    np.savetxt(tmp_path / "datasets" / "data" / "digits.csv.gz", table, delimiter=",")
+    for folder in (tmp_path, tmp_path / "elsewhere"):
+        spec = importlib.machinery.ModuleSpec("sklearn", None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, spec=spec: spec)
+        values, labels = certlib.data._digits_arrays()
+        assert np.array_equal(values, expected[0]) and np.array_equal(labels, expected[1])
 
 
 def test_every_kth_subset():
