@@ -31,8 +31,9 @@ fails or runs out of time is reported in one line and the others still run:
                the best ceiling; samples per cascade level; votes against float64 (0 differences)
   monte-carlo  Gaussian CERTIFY n = 100,000 s/image (<= 0.5 s); zhang-l2/zhang-linf vs Gaussian (<= 1.2x)
   training     CUDA-graph step images/s (>= 15,000, batch 256) vs eager; deterministic resume bit-equal
-  pipeline     `certify submit-job --wait`, 2,000 test images on a private local Ray vs the bare
-               engine: end-to-end and driver-only ratios (driver >= 0.95), votes bit for bit
+  pipeline     `certify submit-job --wait`, 2,000 test images on a private local Ray (or the one at
+               --address) vs the bare engine: end-to-end and driver-only ratios (driver >= 0.95),
+               votes bit for bit
   sequential   sequential vs fixed-n certification: samples per image, samples/s
   tests        pytest over GPU_TEST_MODULES (pytest-xdist where installed): all pass
 Without CIFAR-10 (``--cifar`` lacks the binary files) the run writes random CIFAR-shaped images
@@ -228,7 +229,8 @@ class StepResult:
 def one_step(args: argparse.Namespace) -> None:
     """``--step NAME``: run one step in this process and write its rows as JSON."""
     device = torch.device(args.device)
-    ctx = Context(device, QUICK if args.quick else FULL, args.cifar, args.synthetic, args.work, args.limit)
+    sizes = QUICK if args.quick else FULL
+    ctx = Context(device, sizes, args.cifar, args.synthetic, args.work, args.limit, args.address)
     rows = STEPS[args.step](ctx)
     name = torch.cuda.get_device_name(device) if ctx.gpu else f"CPU ({torch.get_num_threads()} threads)"
     result = {"device": name, "rows": [dataclasses.asdict(row) for row in rows]}
@@ -259,6 +261,7 @@ def run_steps(args: argparse.Namespace, names: list[str], sizes, budget: float) 
         command = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--device", args.device]
         command += ["--cifar", str(args.cifar), "--work", str(args.work), "--limit", f"{limit:.0f}"]
         command += ["--quick"] * args.quick + ["--synthetic"] * args.synthetic
+        command += ["--address", args.address] if args.address else []
         status, seconds = run_bounded(command, limit, log, env=env, cwd=ROOT)
         if status == 0 and out.is_file():
             found = json.loads(out.read_text())
@@ -311,6 +314,9 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(STEP_ORDER), help="which steps, in this order")
     parser.add_argument("--budget", type=float, help="seconds for all steps (default 465; quick 280)")
     parser.add_argument("--work", type=Path, help="work folder (default: a new temporary one)")
+    parser.add_argument(
+        "--address", help="dashboard of a running Ray for the pipeline step's job (default: a private one it starts)"
+    )
     parser.add_argument("--step", choices=STEP_ORDER, help=argparse.SUPPRESS)  # one step, in a child process
     parser.add_argument("--limit", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)

@@ -109,15 +109,16 @@ def bare_engine(
     return first, rest / max(1, images - min(shard, images)), np.concatenate(votes)
 
 
-def job(instance, spec: dict, work: Path, name: str) -> tuple[float, float, np.ndarray]:
-    """(end-to-end seconds, driver seconds, votes in image order) of one submitted job."""
+def job(dashboard_url: str, spec: dict, work: Path, name: str) -> tuple[float, float, np.ndarray]:
+    """(end-to-end seconds, driver seconds, votes in image order) of one job submitted to the Ray
+    whose dashboard is at ``dashboard_url``."""
     spec = {**spec, "name": name, "output": str(work / name)}
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     began = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "submit-job", str(path), "--address", instance.dashboard_url, "--wait"],
+        [sys.executable, "-m", "cluster.cli", "submit-job", str(path), "--address", dashboard_url, "--wait"],
         capture_output=True,
         text=True,
         env=env,
@@ -229,7 +230,7 @@ def main() -> None:
     try:
         for i, (label, resources) in enumerate(configs):
             wall, driver, votes = job(
-                instance, {**spec, "resources": {**resources, "shard_size": shard}}, work, f"job{i}"
+                instance.dashboard_url, {**spec, "resources": {**resources, "shard_size": shard}}, work, f"job{i}"
             )
             differ = int((votes != bare_votes).any(axis=1).sum())
             rows.append(

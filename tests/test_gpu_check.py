@@ -39,13 +39,15 @@ def test_every_gpu_test_is_in_the_gpu_selection():
     assert all((ROOT / module).is_file() for module in GPU_TEST_MODULES)
 
 
-def test_the_gpu_check_runs_every_step_on_a_cpu(own_ray, train_model, tmp_path):
+def test_the_gpu_check_runs_every_step_on_a_cpu(ray_session, train_model, tmp_path):
     """``--device cpu --quick`` without CIFAR-10 (random images): every step ends in its time
     limit, and what holds at any size holds (votes against float64 and the bare engine,
     deterministic resume, the GPU tests' outcome). Its rates are not asserted on. The check
-    trains and starts a private Ray in its own processes (hence own_ray and train_model)."""
+    trains in its own processes (hence train_model), and its pipeline's job runs on the
+    session's Ray (``--address``; its private start is test_local_ray_safety's subject)."""
     out = tmp_path / "out"
     command = [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick", "--out", str(out)]
+    command += ["--address", ray_session.dashboard_url]
     command += ["--cifar", str(tmp_path / "no-cifar"), "--work", str(tmp_path / "work")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
