@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import sys
 
 from cluster.job.executor import run_sweep
@@ -94,5 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End the driver, and with it the job, once Ray is told: without the interpreter's
+    teardown, which spent a second freeing what torch, pandas and Ray built before Ray could
+    see the job end. Every file the driver writes is complete and closed by then (atomic
+    writes, the writer lock released), and its output flushed here."""
+    import ray
+
+    ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
