@@ -63,8 +63,7 @@ def _l2_radii(k: float, sigma: float, d: int, n: int, rng: np.random.Generator) 
 
 
 def _shares(a: float, rest: float, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """n draws of (B, 1 - B) for B ~ Beta(a, rest), each as a ratio of Gamma draws, so that
-    1 - B keeps its relative accuracy where B is near 1 (rest = 0: B = 1)."""
+    """n draws of (B, 1 - B), B ~ Beta(a, rest) (rest 0: B = 1), as ratios of Gamma draws (1 - B keeps its accuracy)."""
     if rest == 0:
         return np.ones(n), np.zeros(n)
     first, second = rng.gamma(a, 1.0, n), rng.gamma(rest, 1.0, n)
@@ -125,11 +124,8 @@ def _linf_envelope(k: float, sigma: float, d: int) -> tuple[np.ndarray, np.ndarr
     lo, hi = edges[1:-1], edges[2:]
     log_env = -k * np.log(lo) - lo**2 / (2 * sigma**2) + (d - 1) * np.log(special.erf(hi / (sigma * math.sqrt(2))))
     log_first = (d - 1) * math.log(c) + (d - k) * math.log(t1) - math.log(d - k)  # integral of c^(d-1) t^(d-1-k)
-    log_tail = (
-        -k * math.log(t_max)
-        + math.log(sigma * math.sqrt(math.pi / 2))
-        + math.log(special.erfc(t_max / (sigma * math.sqrt(2))))
-    )
+    log_tail = -k * math.log(t_max) + math.log(sigma * math.sqrt(math.pi / 2))
+    log_tail += math.log(special.erfc(t_max / (sigma * math.sqrt(2))))
     log_mass = np.concatenate([[log_first], log_env + np.log(hi - lo), [log_tail]])
     weights = np.exp(log_mass - log_mass.max())
     return edges, log_env, weights / weights.sum()
@@ -168,12 +164,16 @@ def truncated_normal(u: np.ndarray, t: np.ndarray, sigma: float) -> np.ndarray:
     tail form's 1 - 2 Phi(-t / sigma) cancels to nothing below t ~ 1e-8 sigma); farther out
     through ndtri of the lower tail's mass, which keeps it in the tails."""
     s = sigma * math.sqrt(2)
-    # What depends on t alone is computed on t's shape (once a row where t is a column), and each
-    # element evaluates only its own branch: half the special functions of both everywhere.
+    # What depends on t alone is computed on t's shape; each element takes its own branch, all at
+    # once where they share one (d = 3072: all far), else through masks (their gathers cost 4x).
     shape, t = np.broadcast_shapes(np.shape(u), np.shape(t)), np.asarray(t, dtype=float)
-    near, width, edge, u = (
-        np.broadcast_to(x, shape) for x in (t < sigma, special.erf(t / s), special.ndtr(-t / sigma), u)
-    )
+    near, width, edge = t < sigma, special.erf(t / s), special.ndtr(-t / sigma)
+    if near.all() or not near.any():
+        out = (
+            s * special.erfinv((2 * u - 1) * width) if near.all() else sigma * special.ndtri(edge + u * (1 - 2 * edge))
+        )
+        return out if out.shape == shape else np.array(np.broadcast_to(out, shape))
+    near, width, edge, u = (np.broadcast_to(x, shape) for x in (near, width, edge, u))
     out = np.empty(shape)
     out[near] = s * special.erfinv((2 * u[near] - 1) * width[near])
     out[~near] = sigma * special.ndtri(edge[~near] + u[~near] * (1 - 2 * edge[~near]))
