@@ -99,12 +99,12 @@ def expected_indices(limit):
 
 @pytest.fixture(scope="module")
 def swept(ray_session, cifar10_dir, cifar_test, tmp_path_factory):
-    """One sweep on the session's Ray (DSSN and uniform at two sigmas, 20 images in units of 8,
+    """One sweep on the session's Ray (DSSN and uniform at two sigmas, 12 images in units of 8,
     one worker, batches of 64): the rows test's subject and the invariance test's reference.
     Returns the sweep, its progress and each model's finished calls before it ran (this session's
     earlier tests ran calls of the same names)."""
     tmp = tmp_path_factory.mktemp("swept")
-    sweep = cifar_sweep(tmp, cifar10_dir, sigmas=(0.25, 0.5), limit=20, workers=1, batch_size=64)
+    sweep = cifar_sweep(tmp, cifar10_dir, sigmas=(0.25, 0.5), limit=12, workers=1, batch_size=64)
     make_models(sweep, cifar_test)
     before = {key: finished_calls(ray_session.dashboard_url, key) for key in model_keys(sweep)}
     return sweep, run_sweep(sweep, "job-rows", log=quiet), before
@@ -112,12 +112,12 @@ def swept(ray_session, cifar10_dir, cifar_test, tmp_path_factory):
 
 def test_one_row_per_image_and_configuration(swept, ray_session, cifar_test):
     sweep, progress, before = swept
-    assert not progress.failures and progress.done == progress.total == 20 * 4
+    assert not progress.failures and progress.done == progress.total == 12 * 4
     df = load_results(sweep.output)
-    assert len(df) == 80
+    assert len(df) == 48
     assert not df.duplicated(["method", "training", "sigma", "seed", "image_index"]).any()
     for _, group in df.groupby(["method", "sigma"]):
-        assert sorted(group["image_index"]) == expected_indices(20)
+        assert sorted(group["image_index"]) == expected_indices(12)
     labels = cifar_test.labels.numpy()
     assert (df["label"].to_numpy() == labels[df["image_index"].to_numpy()]).all()
     dssn = df[df.method == "dssn"]
@@ -135,18 +135,18 @@ def test_one_row_per_image_and_configuration(swept, ray_session, cifar_test):
         "seconds",
     }
     # plain pandas reads the Hive layout too, partition columns included
-    assert len(pd.read_parquet(sweep.output)) == 80
-    # the dashboard's job page counts the calls by name: 3 more finished units per model
+    assert len(pd.read_parquet(sweep.output)) == 48
+    # the dashboard's job page counts the calls by name: 2 more finished units per model (8 + 4 images)
     for key in model_keys(sweep):
         deadline = time.time() + 30
-        while time.time() < deadline and finished_calls(ray_session.dashboard_url, key) < before[key] + 3:
+        while time.time() < deadline and finished_calls(ray_session.dashboard_url, key) < before[key] + 2:
             time.sleep(0.5)
-        assert finished_calls(ray_session.dashboard_url, key) == before[key] + 3, key.label
+        assert finished_calls(ray_session.dashboard_url, key) == before[key] + 2, key.label
     assert sweep_file(sweep.output).read_text() == sweep.to_json()
 
 
 def test_results_do_not_depend_on_shards_batches_workers_or_compilation(swept, tmp_path, cifar10_dir, cifar_test):
-    """The first 12 images at sigma 0.25 of the swept fixture (units of 8, batches of 64, one
+    """The 12 images at sigma 0.25 of the swept fixture (units of 8, batches of 64, one
     worker) against a sweep of units of 12, batches of 1000, two workers and compilation."""
     a = swept[0]
     b = cifar_sweep(
