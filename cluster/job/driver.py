@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gc
 import os
 import sys
 
-from cluster.job.executor import run_sweep
-from cluster.plan import SweepConflict
-from cluster.record import read_spec_package
-from cluster.spec import SpecError, Sweep
-from cluster.spec.bounds import MAX_SPEC_JSON
+from cluster import collector_paused
+
+with collector_paused():  # the job's first seconds: cluster.collector_paused says why
+    from cluster.job.executor import run_sweep
+    from cluster.plan import SweepConflict
+    from cluster.record import read_spec_package
+    from cluster.spec import SpecError, Sweep
+    from cluster.spec.bounds import MAX_SPEC_JSON
 
 PRINTED_RADII = 64  # columns of the table the driver logs (its time grows with them: 20,000 took minutes)
 
@@ -109,4 +113,5 @@ def exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
+    gc.freeze()  # the job's process: what its imports built lives as long (cluster.collector_paused)
     exit_now(main())

@@ -9,28 +9,32 @@ certlib's.
 from __future__ import annotations
 
 import asyncio
+import gc
 import platform
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import torch
+from cluster import collector_paused
 
-import certlib
-from certlib.checkpoints.checkpoint import ModelCard, load_checkpoint
-from certlib.data import QuantizedDataset
-from certlib.determinism import enable_deterministic_kernels
-from certlib.engine.cascade import Cascade
-from certlib.engine.throughput import forward_throughput
-from certlib.engine.voting import make_cascade
-from certlib.rows import certification_rows, write_shard
-from certlib.smooth import Smooth
-from cluster.job.training import ModelTrainer
-from cluster.plan import ModelKey, Unit, select_images, unit_parameters
-from cluster.spec import Sweep
+with collector_paused():  # a worker process imports all this first: cluster.collector_paused says why
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    import certlib
+    from certlib.checkpoints.checkpoint import ModelCard, load_checkpoint
+    from certlib.data import QuantizedDataset
+    from certlib.determinism import enable_deterministic_kernels
+    from certlib.engine.cascade import Cascade
+    from certlib.engine.throughput import forward_throughput
+    from certlib.engine.voting import make_cascade
+    from certlib.rows import certification_rows, write_shard
+    from certlib.smooth import Smooth
+    from cluster.job.training import ModelTrainer
+    from cluster.plan import ModelKey, Unit, select_images, unit_parameters
+    from cluster.spec import Sweep
 
 
 def device_name(device: torch.device) -> str:
@@ -157,6 +161,7 @@ class Worker:
     never counts a unit whose rows a crash could lose."""
 
     def __init__(self, sweep_json: str, job_id: str, threads: int = 1):
+        gc.freeze()  # the actor's process: what its imports built lives as long (cluster.collector_paused)
         self.runner = UnitRunner(sweep_json, job_id, threads)
         self.device = ThreadPoolExecutor(1, thread_name_prefix="device")
         self.io = ThreadPoolExecutor(1, thread_name_prefix="io")
