@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import stat
 import subprocess
 import sys
@@ -438,3 +439,17 @@ def test_rays_token_is_left_readable_by_its_owner_alone(tmp_path, monkeypatch):
     custom.chmod(0o640)
     local_ray.secure_token({**os.environ, "RAY_AUTH_TOKEN_PATH": str(custom)}, notices.append)
     assert mode(custom) == 0o600 and len(notices) == 1 and f"{custom} was readable by others" in notices[0]
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_are_not_taken(monkeypatch):
+    """Below the range the kernel gives outgoing connections (which once took a port of Ray's
+    before its raylet bound it), and never one something holds."""
+    floor = local_ray._ephemeral_floor()
+    assert all(local_ray.PORT_FLOOR <= local_ray.free_port() < floor for _ in range(50))
+    with socket.socket() as held:
+        taken = local_ray.free_port()
+        held.bind(("127.0.0.1", taken))
+        held.listen()
+        draws = iter([taken - local_ray.PORT_FLOOR, taken - local_ray.PORT_FLOOR + 1])
+        monkeypatch.setattr(local_ray.secrets, "randbelow", lambda _: next(draws))
+        assert local_ray.free_port() == taken + 1
