@@ -228,7 +228,7 @@ def simulated_cluster(nodes: int, prefix: str, **head_args: Any) -> Iterator[tup
     import ray._private.utils
     from ray.cluster_utils import Cluster
 
-    from cluster.client.local_ray import free_port
+    from cluster.client.ports import free_port
 
     write_ray_address = ray._private.utils.write_ray_address
     ray._private.utils.write_ray_address = lambda *args, **kwargs: None  # leave /tmp/ray's pointer alone

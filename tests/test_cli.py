@@ -129,7 +129,7 @@ def test_relative_paths_are_refused_for_a_remote_cluster(tmp_path, monkeypatch):
 
 
 def test_an_unreachable_cluster_is_one_line(tmp_path, monkeypatch):
-    from cluster.client.local_ray import free_port
+    from cluster.client.ports import free_port
 
     monkeypatch.chdir(tmp_path)
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens: whether it is remote cannot be asked

@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from cluster.cli import main
-from cluster.client import jobs, local_ray, processes
+from cluster.client import jobs, local_ray, ports, processes
 
 SLEEP = "import time; time.sleep(600)"
 
@@ -444,12 +444,12 @@ def test_rays_token_is_left_readable_by_its_owner_alone(tmp_path, monkeypatch):
 def test_free_ports_lie_below_the_ephemeral_range_and_are_not_taken(monkeypatch):
     """Below the range the kernel gives outgoing connections (which once took a port of Ray's
     before its raylet bound it), and never one something holds."""
-    floor = local_ray._ephemeral_floor()
-    assert all(local_ray.PORT_FLOOR <= local_ray.free_port() < floor for _ in range(50))
+    floor = ports._ephemeral_floor()
+    assert all(ports.PORT_FLOOR <= ports.free_port() < floor for _ in range(50))
     with socket.socket() as held:
-        taken = local_ray.free_port()
+        taken = ports.free_port()
         held.bind(("127.0.0.1", taken))
         held.listen()
-        draws = iter([taken - local_ray.PORT_FLOOR, taken - local_ray.PORT_FLOOR + 1])
-        monkeypatch.setattr(local_ray.secrets, "randbelow", lambda _: next(draws))
-        assert local_ray.free_port() == taken + 1
+        draws = iter([taken - ports.PORT_FLOOR, taken - ports.PORT_FLOOR + 1])
+        monkeypatch.setattr(ports.secrets, "randbelow", lambda _: next(draws))
+        assert ports.free_port() == taken + 1

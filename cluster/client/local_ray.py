@@ -28,7 +28,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 import psutil
 
 from cluster.client import processes
+from cluster.client.ports import free_port
 from cluster.client.processes import Launch
 
 RECORD = Path.home() / ".certify" / "local-ray.json"  # the embedded instance certify started
@@ -79,37 +79,6 @@ def ray_cli() -> list[str]:
     system Python), whose workers would import another install of this product (seen: a job
     from a virtual environment whose workers ran another checkout's code)."""
     return [sys.executable, "-m", "ray.scripts.scripts"]
-
-
-# Ports chosen for an instance lie below the kernel's ephemeral range (Linux: 32768-60999 by
-# default): a port the kernel hands out (bind to 0) is free only until it gives the same number to
-# the next outgoing connection of any process, and one of Ray's own connections taking a port
-# before Ray binds it stops its raylet ("The current node timed out during startup").
-PORT_FLOOR = 10_000
-
-
-def _ephemeral_floor() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # elsewhere at least this high (macOS: 49152)
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing holds now, drawn below the ephemeral range
-    (PORT_FLOOR); the kernel's choice where that range leaves no room or all draws are taken."""
-    top = _ephemeral_floor()
-    for _ in range(100 if top - PORT_FLOOR >= 1000 else 0):
-        port = PORT_FLOOR + secrets.randbelow(top - PORT_FLOOR)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stderr(line: str) -> None:
