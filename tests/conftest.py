@@ -81,13 +81,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # What pytest's plugins and then the test modules import (torch, scipy, pandas, Ray: millions of
 # objects) lives as long as the process: out of the garbage collector's way, whose full passes
-# would scan it all again (a seventh of the fast lane's CPU time).
+# would scan it all again (a seventh of the fast lane's CPU time), and collected with it paused,
+# as a job's processes import (cluster.collector_paused).
 def pytest_configure(config: pytest.Config) -> None:
     gc.freeze()
+    gc.disable()
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> None:
+    """After collection, before the tests, in every process (pytest-xdist's controller collects
+    nothing, and a worker's collection errors end it here too): the collector back on."""
     gc.freeze()
+    gc.enable()
 
 
 def _refuse(request: pytest.FixtureRequest, what: str, marker: str) -> Callable[..., None]:
