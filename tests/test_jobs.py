@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -91,6 +92,14 @@ def _spec(tmp_path: Path, name: str, limit: int, n: int) -> Path:
     return path
 
 
+def _command_line(process: psutil.Process) -> str:
+    """Its command line; empty for one that ended meanwhile (a zombie has none to read)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 @pytest.mark.parametrize("agent", ["DashboardAgent", "RuntimeEnvAgent"])
 def test_wait_reports_the_true_end_when_an_agent_dies_mid_job(own_ray, tmp_path, agent):
     """Ray's agents fate-share with their raylet: the job's driver dies with the node, while the
@@ -122,7 +131,7 @@ def test_wait_reports_the_true_end_when_an_agent_dies_mid_job(own_ray, tmp_path,
             pytest.fail("submit-job ended early:\n" + waiting.communicate()[0][-3000:])
         time.sleep(0.2)
     assert progress.is_file(), "the job never reported progress"
-    victims = [p for p in instance.processes() if agent in " ".join(p.cmdline())]
+    victims = [p for p in instance.processes() if agent in _command_line(p)]
     assert victims, f"no {agent} process"
     for proc in victims:
         proc.kill()
