@@ -14,10 +14,9 @@ import pytest
 from scipy import special, stats
 from statsmodels.stats.proportion import proportion_confint
 
+from certlib.certificates.bounds import clopper_pearson_upper_table, empirical_bernstein_width
 from certlib.certificates.dual import (
     RADIUS_RATIO,
-    clopper_pearson_upper_table,
-    empirical_bernstein_width,
     log_ratio,
     radius_curve,
     sample_statistics,
@@ -154,6 +153,20 @@ def test_log_ratio_keeps_its_digits_where_z_nears_the_shift(norm):
         else:
             exact = -k / 2 * mpmath.log((z - rr) ** 2 / z**2) - (rr**2 - 2 * rr * z) / (2 * scale**2)
         assert abs(value - float(exact)) < 1e-12, (norm, float(z), value, float(exact))
+
+
+def test_at_k_zero_log_ratio_is_the_closed_form_even_at_the_shift():
+    """Laplace and Gaussian (k = 0): log R is the exponent's change alone, also where z is
+    delta* or 0 (a norm factor there would be 0 * inf)."""
+    r, scale = 0.3, 0.8
+    z1 = np.array([r, 0.0, -0.7, 1.9])
+    statistics = {"z1": z1, "rest": np.zeros(4), "norm": np.abs(z1), "square": z1**2, "sum": z1}
+    laplace = log_ratio(statistics, r, norm="l1", k=0.0, scale=scale, dim=1)
+    gauss = log_ratio(statistics, r, norm="l2", k=0.0, scale=scale, dim=1)
+    gauss_linf = log_ratio(statistics, r, norm="linf", k=0.0, scale=scale, dim=1)
+    assert np.allclose(laplace, -(np.abs(z1 - r) - np.abs(z1)) / scale, rtol=0, atol=1e-15)
+    assert np.allclose(gauss, -((z1 - r) ** 2 - z1**2) / (2 * scale**2), rtol=0, atol=1e-15)
+    assert np.array_equal(gauss_linf, gauss) and np.isfinite(laplace).all()
 
 
 @pytest.mark.parametrize("norm, k", [("l2", 0.0), ("l1", 0.0), ("linf", 0.0)])

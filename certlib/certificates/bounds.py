@@ -1,11 +1,14 @@
 """Confidence bounds from counts: one-sided Clopper-Pearson bounds on a binomial proportion
-(fixed n) and Cohen et al.'s Theorem 5 bound on a test set's certified accuracy."""
+(fixed n), Cohen et al.'s Theorem 5 bound on a test set's certified accuracy, and the empirical
+Bernstein bound on a mean that the dual certificate (``dual.threshold``) uses."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
+from scipy import special
 
 from certlib.certificates.inputs import counts, level
 
@@ -52,3 +55,22 @@ def certified_accuracy_lower_bound(y_count, m: int, alpha: float, rho: float) ->
     log_term = math.log(1 / rho)
     bound = (y / m - alpha - math.sqrt(2 * alpha * (1 - alpha) * log_term / m) - log_term / (3 * m)) / (1 - alpha)
     return np.maximum(bound, 0.0)
+
+
+@functools.lru_cache(maxsize=8)
+def clopper_pearson_upper_table(n: int, level: float) -> np.ndarray:
+    """U[c]: the one-sided (1 - level) Clopper-Pearson upper bound on a proportion after c
+    successes in n trials, for c = 0..n (Clopper & Pearson 1934: the (1 - level) quantile of
+    Beta(c + 1, n - c); 1 at c = n). Read-only."""
+    successes = np.arange(n)
+    table = np.append(special.betaincinv(successes + 1.0, n - successes, 1.0 - level), 1.0)
+    table.flags.writeable = False
+    return table
+
+
+def empirical_bernstein_width(variance: np.ndarray, n: int, level: float) -> np.ndarray:
+    """How far the mean of n i.i.d. variables in [0, 1] may lie above their sample mean with
+    probability <= level, given their unbiased sample variance (Maurer & Pontil 2009, Theorem 4):
+    sqrt(2 V ln(2/level) / n) + 7 ln(2/level) / (3 (n - 1))."""
+    log_term = math.log(2 / level)
+    return np.sqrt(2 * variance * log_term / n) + 7 * log_term / (3 * (n - 1))

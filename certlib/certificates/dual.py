@@ -29,6 +29,8 @@ import math
 import numpy as np
 from scipy import special  # not scipy.stats (half a second to import): norm.sf(x) is ndtr(-x), isf(q) -ndtri(q)
 
+from certlib.certificates.bounds import clopper_pearson_upper_table, empirical_bernstein_width
+
 NORMS = ("l1", "l2", "linf")
 # k may come this close to d: the radial law's shape d - k (l2: (d - k) / 2) stays large enough
 # that a float64 draw underflows to 0 with probability < 1e-7; closer, most draws would.
@@ -141,8 +143,7 @@ def _linf_radii(k: float, sigma: float, d: int, n: int, rng: np.random.Generator
         want = 2 * (n - len(out)) + 64  # acceptance is at least e^-1.25 (the envelope's doc)
         cell = rng.choice(len(weights), want, p=weights)
         u = rng.random(want)
-        t = np.empty(want)
-        log_envelope = np.empty(want)
+        t, log_envelope = np.empty(want), np.empty(want)
         first, tail = cell == 0, cell == len(weights) - 1
         body = ~(first | tail)
         t[first] = t1 * u[first] ** (1 / (d - k))
@@ -217,19 +218,24 @@ def log_ratio(
 ) -> np.ndarray:
     """log R = log pi0(z - delta*) - log pi0(z) for delta* of Theorem 2 (r e1) or 3 (r 1). The
     shifted norm is summed from its parts (|z_1 - r| and the other coordinates' share), not as
-    the norm plus its change, which would cancel where z nears delta* and pi0 is singular."""
+    the norm plus its change, which would cancel where z nears delta* and pi0 is singular. At
+    k = 0 (Laplace, Gaussian) log R is the exponent's change alone: exact, and no log is taken."""
+    if norm == "l1":
+        z1 = statistics["z1"]
+        exponent = (np.abs(z1 - r) - np.abs(z1)) / scale  # (||z - r e1||_1 - ||z||_1) / b
+    else:  # (||z - r e1||^2 or ||z - r 1||^2) - ||z||^2, over 2 sigma^2
+        change = r * r - 2 * r * statistics["z1"] if norm == "l2" else dim * r * r - 2 * r * statistics["sum"]
+        exponent = change / (2 * scale**2)
+    if k == 0:
+        return -exponent
     with np.errstate(divide="ignore"):  # z = delta* exactly: R = inf where k > 0
         if norm == "l1":
-            s, z1 = statistics["norm"], statistics["z1"]
-            change = np.abs(z1 - r) - np.abs(z1)  # ||z - r e1||_1 - ||z||_1
-            return -k * (np.log(np.abs(z1 - r) + statistics["rest"]) - np.log(s)) - change / scale
-        if norm == "l2":
-            s, z1 = statistics["square"], statistics["z1"]
-            change = r * r - 2 * r * z1  # ||z - r e1||^2 - ||z||^2
-            return -k / 2 * (np.log((z1 - r) ** 2 + statistics["rest"]) - np.log(s)) - change / (2 * scale**2)
-    shifted = np.maximum(statistics["max"] - r, r - statistics["min"])  # ||z - r 1||_inf
-    change = dim * r * r - 2 * r * statistics["sum"]
-    return -k * (np.log(shifted) - np.log(statistics["t"])) - change / (2 * scale**2)
+            log_norms = np.log(np.abs(z1 - r) + statistics["rest"]) - np.log(statistics["norm"])
+        elif norm == "l2":  # of squared norms: half of it
+            log_norms = np.log((statistics["z1"] - r) ** 2 + statistics["rest"]) - np.log(statistics["square"])
+        else:  # ||z - r 1||_inf
+            log_norms = np.log(np.maximum(statistics["max"] - r, r - statistics["min"])) - np.log(statistics["t"])
+    return -(k / 2 if norm == "l2" else k) * log_norms - exponent
 
 
 # --------------------------------------------------------------------------- the bound and the curve
@@ -253,25 +259,6 @@ def _lattice() -> tuple[np.ndarray, np.ndarray]:
     """(m, lambda_m) for the lattice points lambda_m > 1/2."""
     m = np.arange(math.floor(math.log(0.5) / LAMBDA_STEP) + 1, LAMBDA_POINTS + 1)
     return m, np.exp(m * LAMBDA_STEP)
-
-
-@functools.lru_cache(maxsize=8)
-def clopper_pearson_upper_table(n: int, level: float) -> np.ndarray:
-    """U[c]: the one-sided (1 - level) Clopper-Pearson upper bound on a proportion after c
-    successes in n trials, for c = 0..n (Clopper & Pearson 1934: the (1 - level) quantile of
-    Beta(c + 1, n - c); 1 at c = n). Read-only."""
-    counts = np.arange(n)
-    table = np.append(special.betaincinv(counts + 1.0, n - counts, 1.0 - level), 1.0)
-    table.flags.writeable = False
-    return table
-
-
-def empirical_bernstein_width(variance: np.ndarray, n: int, level: float) -> np.ndarray:
-    """How far the mean of n i.i.d. variables in [0, 1] may lie above their sample mean with
-    probability <= level, given their unbiased sample variance (Maurer & Pontil 2009, Theorem 4):
-    sqrt(2 V ln(2/level) / n) + 7 ln(2/level) / (3 (n - 1))."""
-    log_term = math.log(2 / level)
-    return np.sqrt(2 * variance * log_term / n) + 7 * log_term / (3 * (n - 1))
 
 
 def threshold(log_ratios: np.ndarray, delta: float) -> float:
