@@ -141,3 +141,34 @@ def test_shards_of_certify_0_2_read_with_their_certificate_split(results):
     rows = df[(df.method == "uniform") & (df.sigma == 0.25)]
     assert set(rows["certificate"]) == {"box"} and rows["multiclass"].tolist() == [True] * 3
     assert set(df.loc[df.method == "dssn", "certificate"]) == {"standard"}
+
+
+def test_column_digests_are_those_earlier_versions_wrote():
+    """A shard's digests are in its footer: a change to how they are computed would read every
+    existing results directory as damaged. Pinned for each kind of column, with and without
+    nulls (computed by certify before the no-null fast path)."""
+    from certlib.rows.shards import column_digest
+
+    columns = {
+        "radius": (
+            pa.array([0.5, None, 1.25], pa.float64()),
+            "a888acb1c925322674a9ac22965afcb07064d881a844dc8d190a6379c013ea99",
+        ),
+        "label": (pa.array([3, 1, 4], pa.int64()), "02be8925f1a27a4e7006dbcaf4213d21450a9d231bb5a0a9eb0ea5eeb14f5f44"),
+        "correct": (pa.array([True, False, None]), "d842bcedd868e88dcd38ba22e2279b703eb4dfaedfd527c87724546734413cf2"),
+        "method": (
+            pa.array(["dssn", "uniform", "dssn"]),
+            "82b0ba18816a102179dcc1e42d3830e8a481495c3f084395521080154d774553",
+        ),
+        "votes": (
+            pa.array([[1, 2], None, []], pa.list_(pa.int64())),
+            "70e82618e934004c8c45039ca68675d262208ea8d256b10ce81e45215ee436bc",
+        ),
+        "counts": (
+            pa.array([[0.25], [0.5, None], [1.0]]),
+            "245bd044327891daf493eabdc0cc95ce925bb757b01eb89c0adea62d0bd0c2a8",
+        ),
+    }
+    assert {name: column_digest(array) for name, (array, _) in columns.items()} == {
+        name: digest for name, (_, digest) in columns.items()
+    }
