@@ -10,7 +10,10 @@ costliest are enforced: a test without ``ray`` that starts or connects to Ray, o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import gc
+import json
 import os
 import shutil
 import socket
@@ -86,6 +89,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     gc.freeze()
     gc.disable()
+    if not hasattr(config, "workerinput"):
+        config.stash[_SHARED_RAY] = _share_ray()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):
+        _unshare_ray(config.stash[_SHARED_RAY])
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -206,29 +216,6 @@ def fresh_python() -> FreshPython:
 # --------------------------------------------------------------------------- training
 
 
-@pytest.fixture(scope="session", autouse=True)
-def ray_token_of_the_tests():
-    """Ray's token for every Ray the tests start or reach: a file of the session's own
-    (RAY_AUTH_TOKEN_PATH), so that ``local_ray.start``, which makes the token file 0600, never
-    touches the user's ~/.ray."""
-    import secrets
-
-    folder = Path(tempfile.mkdtemp(prefix="certify-test-token-"))
-    token = folder / "auth_token"
-    with os.fdopen(os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
-        file.write(secrets.token_hex(32))
-    previous = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
-    try:
-        yield token
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-        else:
-            os.environ["RAY_AUTH_TOKEN_PATH"] = previous
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
 def train_model() -> Callable[..., ModelCard]:
     """The training loop (``certlib.training.train.train_model``), for tests that train in
@@ -264,22 +251,80 @@ def trains_in_ray_job() -> None:
 # --------------------------------------------------------------------------- Ray
 
 
+# One private Ray instance serves the whole run: the first process to need it starts it, the
+# others (pytest-xdist's workers) attach to it, and the process that ran pytest (the controller,
+# or the only process) stops it once every test has ended. Each instance costs seconds of CPU to
+# start and a twentieth of a core while it runs. Its folder, made before the workers start (they
+# inherit its name), holds Ray's token for every Ray the tests start or reach (so that
+# ``local_ray.start``, which makes the token file 0600, never touches the user's ~/.ray), the
+# lock and the instance's record.
+SHARED_RAY = "CERTIFY_TEST_RAY"
+_SHARED_RAY = pytest.StashKey[tuple[Path, dict[str, str | None]]]()
+
+
+def _share_ray() -> tuple[Path, dict[str, str | None]]:
+    """The run's folder and token, named in the environment; returns what it replaced."""
+    import secrets
+
+    folder = Path(tempfile.mkdtemp(prefix="certify-test-ray-"))
+    token = folder / "auth_token"
+    with os.fdopen(os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        file.write(secrets.token_hex(32))
+    replaced = {name: os.environ.get(name) for name in (SHARED_RAY, "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update({SHARED_RAY: str(folder), "RAY_AUTH_TOKEN_PATH": str(token)})
+    return folder, replaced
+
+
+def _unshare_ray(shared: tuple[Path, dict[str, str | None]]) -> None:
+    """Stop the run's instance if one was started, and put the environment back."""
+    folder, replaced = shared
+    instance = _recorded_ray(folder)
+    if instance is not None:
+        from cluster.client import local_ray
+
+        local_ray.stop(instance, grace_seconds=STOP_GRACE_SECONDS)
+    shutil.rmtree(folder, ignore_errors=True)
+    for name, value in replaced.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _recorded_ray(folder: Path) -> object | None:
+    """The instance recorded in the run's folder (a ``LocalRay``), or None."""
+    record = folder / "instance.json"
+    if not record.is_file():
+        return None
+    from cluster.client.local_ray import LocalRay
+
+    data = json.loads(record.read_text())
+    return LocalRay(**{**data, "roots": tuple(tuple(root) for root in data["roots"])})
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[object]:
-    """One private local Ray instance for the whole test session (2 CPUs, dashboard on
-    127.0.0.1 for the Job Submission API), on ports and in a directory of its own: a Ray the
-    user already runs (the quickstart leaves one up) is neither attached to nor disturbed.
-    Yields its ``LocalRay`` (gcs_address, dashboard_url); this process is connected to it."""
+    """The run's private local Ray instance (2 CPUs per pytest process, dashboard on 127.0.0.1
+    for the Job Submission API), on ports and in a directory of its own: a Ray the user already
+    runs (the quickstart leaves one up) is neither attached to nor disturbed. Yields its
+    ``LocalRay`` (gcs_address, dashboard_url); this process is connected to it. Shared by the
+    run's processes: a test finds the Ray's jobs, actors and tasks of other tests beside its own."""
     ray = pytest.importorskip("ray")
     from cluster.client import local_ray
 
-    instance = local_ray.start(num_cpus=2, private=True, object_store_bytes=1 << 30)
+    folder = Path(os.environ[SHARED_RAY])
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        instance = _recorded_ray(folder)
+        if instance is None:
+            processes = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+            instance = local_ray.start(num_cpus=2 * processes, private=True, object_store_bytes=1 << 30)
+            (folder / "instance.json").write_text(json.dumps(dataclasses.asdict(instance)))
     try:
         ray.init(address=instance.gcs_address, log_to_driver=False)
         yield instance
     finally:
         ray.shutdown()
-        local_ray.stop(instance, grace_seconds=STOP_GRACE_SECONDS)
 
 
 @pytest.fixture

@@ -19,8 +19,10 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml"
 
 def small_quickstart(tmp_path: Path) -> dict:
     """The quickstart with its files in ``tmp_path``, shrunk to seconds on 2 CPUs: 2 models
-    (DSSN and uniform at one sigma and seed) of 2 epochs, 20 images."""
+    (DSSN and uniform at one sigma and seed) of 2 epochs, 20 images. Named apart from the
+    documents' quickstart, whose `certify status quickstart` runs on the same Ray."""
     spec = yaml.safe_load(QUICKSTART.read_text())
+    spec["name"] = "notebook-quickstart"
     spec["output"] = str(tmp_path / "results")
     spec["models"]["path"] = str(tmp_path / "models" / Path(spec["models"]["path"]).name)
     spec["models"]["train"]["epochs"] = 2
@@ -40,7 +42,7 @@ def no_ray_address(monkeypatch, tmp_path):
 def test_the_quickstart_from_a_notebook(ray_session, trains_in_ray_job, tmp_path, no_ray_address, capsys):
     spec = small_quickstart(tmp_path)
     job = submit(spec, address=ray_session.dashboard_url)
-    assert f"submitted {job.job_id}: quickstart -> {tmp_path / 'results'}" in capsys.readouterr().out
+    assert f"submitted {job.job_id}: notebook-quickstart -> {tmp_path / 'results'}" in capsys.readouterr().out
 
     assert job.wait() is job
     assert "40/40" in capsys.readouterr().err  # the bar reached the total: 20 images x 2 configurations

@@ -78,11 +78,19 @@ def cifar_test(cifar10_dir):
     return load_cifar10(cifar10_dir, "test")
 
 
+def _this_job() -> tuple[str, str, str]:
+    """The filter on this process's Ray job: the session's Ray also runs other test processes'."""
+    import ray
+
+    return ("job_id", "=", ray.get_runtime_context().get_job_id())
+
+
 def finished_calls(dashboard_url: str, key) -> int:
     """Finished calls named after ``key``'s model, as the dashboard's job page counts them."""
     from ray.util.state import list_tasks
 
-    calls = list_tasks(address=dashboard_url, filters=[("name", "=", f"certify {key.label}")], limit=10_000)
+    named = [("name", "=", f"certify {key.label}"), _this_job()]
+    calls = list_tasks(address=dashboard_url, filters=named, limit=10_000)
     return sum(1 for t in calls if t.state == "FINISHED")
 
 
@@ -174,7 +182,9 @@ def _alive_worker_pids(dashboard_url: str):
 
     return [
         a.pid
-        for a in list_actors(address=dashboard_url, filters=[("class_name", "=", "Worker"), ("state", "=", "ALIVE")])
+        for a in list_actors(
+            address=dashboard_url, filters=[("class_name", "=", "Worker"), ("state", "=", "ALIVE"), _this_job()]
+        )
     ]
 
 
