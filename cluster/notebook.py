@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ClusterError", "Job", "JobFailed", "SpecError", "attach", "submit"]
 
-PROGRESS_EVERY = 5.0  # seconds between progress reads while waiting: the driver writes every 5 s
+PROGRESS_EVERY = 5.0  # seconds between progress reads while waiting: the bar moves at the log's pace
 
 
 class JobFailed(RuntimeError):

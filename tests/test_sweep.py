@@ -237,6 +237,31 @@ def test_a_killed_driver_resumes_with_only_the_missing_units(ray_session, tmp_pa
     assert len(df) == 16 and not df.duplicated(["image_index"]).any()
 
 
+def test_the_progress_file_follows_each_finished_unit(ray_session, tmp_path, cifar10_dir, cifar_test, monkeypatch):
+    """Between the log's progress lines (here: none but the first and the last), the progress
+    file is rewritten as units land, so `certify status` never lags a finished unit by 5 s."""
+    import cluster.job.executor as executor
+
+    written = []
+
+    def recording(output, job_id, snap, state):
+        written.append((state, snap["units_done"]))
+        write(output, job_id, snap, state)
+
+    write = executor.write_progress
+    monkeypatch.setattr(executor, "write_progress", recording)
+    monkeypatch.setattr(executor, "PROGRESS_EVERY", 10**6)
+    monkeypatch.setattr(executor, "PROGRESS_FILE_EVERY", 0.0)
+    sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("dssn",), limit=8, shard_size=2, workers=1)
+    make_models(sweep, cifar_test)
+    lines = []
+    run_sweep(sweep, "job-progress-file", log=lines.append)
+    assert sum(line.startswith("progress:") for line in lines) == 2, lines
+    assert written[-1] == ("finished", 4)
+    running = [done for state, done in written if state == "running"]
+    assert running == sorted(set(running)) and set(running) >= {1, 2, 3}, written
+
+
 def test_a_failing_unit_fails_alone(ray_session, tmp_path, cifar10_dir, cifar_test):
     sweep = cifar_sweep(tmp_path, cifar10_dir, limit=8, shard_size=4, workers=1)
     make_models(sweep, cifar_test, poison=("uniform",))  # NaN weights: NaN logits
