@@ -10,10 +10,8 @@ costliest are enforced: a test without ``ray`` that starts or connects to Ray, o
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import gc
-import json
 import os
 import shutil
 import socket
@@ -276,12 +274,12 @@ def _share_ray() -> tuple[Path, dict[str, str | None]]:
 
 
 def _unshare_ray(shared: tuple[Path, dict[str, str | None]]) -> None:
-    """Stop the run's instance if one was started, and put the environment back."""
-    folder, replaced = shared
-    instance = _recorded_ray(folder)
-    if instance is not None:
-        from cluster.client import local_ray
+    """Stop the run's instance if one runs, and put the environment back."""
+    from cluster.client import local_ray
 
+    folder, replaced = shared
+    instance = local_ray.load_record(folder / "instance.json")
+    if instance is not None:
         local_ray.stop(instance, grace_seconds=STOP_GRACE_SECONDS)
     shutil.rmtree(folder, ignore_errors=True)
     for name, value in replaced.items():
@@ -289,17 +287,6 @@ def _unshare_ray(shared: tuple[Path, dict[str, str | None]]) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-
-
-def _recorded_ray(folder: Path) -> object | None:
-    """The instance recorded in the run's folder (a ``LocalRay``), or None."""
-    record = folder / "instance.json"
-    if not record.is_file():
-        return None
-    from cluster.client.local_ray import LocalRay
-
-    data = json.loads(record.read_text())
-    return LocalRay(**{**data, "roots": tuple(tuple(root) for root in data["roots"])})
 
 
 @pytest.fixture(scope="session")
@@ -315,11 +302,11 @@ def ray_session() -> Iterator[object]:
     folder = Path(os.environ[SHARED_RAY])
     with open(folder / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        instance = _recorded_ray(folder)
+        instance = local_ray.load_record(folder / "instance.json")
         if instance is None:
             processes = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
             instance = local_ray.start(num_cpus=2 * processes, private=True, object_store_bytes=1 << 30)
-            (folder / "instance.json").write_text(json.dumps(dataclasses.asdict(instance)))
+            local_ray.save_record(instance, folder / "instance.json")
     try:
         ray.init(address=instance.gcs_address, log_to_driver=False)
         yield instance

@@ -300,33 +300,36 @@ def _remove_temp_dir(temp_dir: str | None, marker: str | None) -> None:
 # --------------------------------------------------------------------------- the record
 
 
-def save_record(instance: LocalRay) -> None:
-    """Write RECORD (0600, atomically) in a directory of the user's alone."""
-    RECORD.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder = RECORD.parent.stat()
+def save_record(instance: LocalRay, path: Path | None = None) -> None:
+    """Write RECORD (or ``path``: 0600, atomically) in a directory of the user's alone."""
+    path = path or RECORD
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder = path.parent.stat()
     if folder.st_uid == os.getuid() and folder.st_mode & 0o022:
-        RECORD.parent.chmod(folder.st_mode & 0o755)
-    staging = RECORD.with_name(f".{RECORD.name}.{secrets.token_hex(4)}")
+        path.parent.chmod(folder.st_mode & 0o755)
+    staging = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "w") as file:
         file.write(json.dumps(asdict(instance)))
-    os.replace(staging, RECORD)
+    os.replace(staging, path)
 
 
-def load_record() -> LocalRay | None:
-    """The embedded instance certify started, if it still runs; None if there is no record or
-    its instance is gone. RecordError (one line) for a record not to act on (module docstring)."""
+def load_record(path: Path | None = None) -> LocalRay | None:
+    """The embedded instance certify started (or the one recorded at ``path``), if it still
+    runs; None if there is no record or its instance is gone. RecordError (one line) for a
+    record not to act on (module docstring)."""
+    path = path or RECORD
     try:
-        info = os.lstat(RECORD)
+        info = os.lstat(path)
     except FileNotFoundError:
         return None
     except OSError as err:
-        raise RecordError(f"cannot read {RECORD}: {err.strerror}") from None
-    problem = _file_problem(info, RECORD.parent.lstat())
+        raise RecordError(f"cannot read {path}: {err.strerror}") from None
+    problem = _file_problem(info, path.parent.lstat())
     instance = None
     if problem is None:
-        instance, problem = _parse_record()
+        instance, problem = _parse_record(path)
     if problem is not None:
-        raise RecordError(f"refusing {RECORD}: it {problem}; nothing was signalled or removed")
+        raise RecordError(f"refusing {path}: it {problem}; nothing was signalled or removed")
     return instance if instance is not None and instance.alive() else None
 
 
@@ -343,10 +346,10 @@ def _file_problem(info: os.stat_result, folder: os.stat_result) -> str | None:
     return None
 
 
-def _parse_record() -> tuple[LocalRay | None, str | None]:
+def _parse_record(path: Path) -> tuple[LocalRay | None, str | None]:
     """The record's instance, or what is wrong with its content."""
     try:
-        with os.fdopen(os.open(RECORD, os.O_RDONLY | os.O_NOFOLLOW)) as file:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)) as file:
             data = json.loads(file.read(1 << 16))
         if isinstance(data, dict) and "pgid" in data:
             return None, "was written by an older certify, which named a process group: stop that Ray yourself"
