@@ -185,7 +185,7 @@ class _Run:
             if now - self.last_report >= PROGRESS_EVERY or finished:
                 self.report(now, finished)
             elif ready and now - self.last_file >= PROGRESS_FILE_EVERY:
-                # `certify status` and the notebook's bar see a unit as it lands, not up to 5 s later.
+                # `certify status` (and whatever reads the file) sees a unit as it lands, not up to 5 s later.
                 write_progress(self.sweep.output, self.job_id, self.progress.snapshot(), "running")
                 self.last_file = now
 
