@@ -255,10 +255,16 @@ LOG_SLACK = 1e-9
 BOUND_SLACK = 1e-9
 
 
-def _lattice() -> tuple[np.ndarray, np.ndarray]:
-    """(m, lambda_m) for the lattice points lambda_m > 1/2."""
+@functools.lru_cache(maxsize=1)
+def _lattice() -> tuple[np.ndarray, ...]:
+    """(lambda_m, lambda_m^2, bin of m, bin of -m) over the lattice points lambda_m > 1/2 (bin of
+    m: the samples with log R <= m step). Read-only; cached, as a curve asks at every radius."""
     m = np.arange(math.floor(math.log(0.5) / LAMBDA_STEP) + 1, LAMBDA_POINTS + 1)
-    return m, np.exp(m * LAMBDA_STEP)
+    lam = np.exp(m * LAMBDA_STEP)
+    arrays = (lam, lam**2, m + LAMBDA_POINTS + 1, -m + LAMBDA_POINTS + 1)
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
 
 
 def threshold(log_ratios: np.ndarray, delta: float) -> float:
@@ -282,27 +288,30 @@ def threshold(log_ratios: np.ndarray, delta: float) -> float:
     Returns +inf where nothing below 1 certifies.
     """
     n = len(log_ratios)
-    m, lam = _lattice()
+    lam, lam_squared, at, mirror = _lattice()
     level = delta / (3 * len(lam))
     # Counts at every lattice point in one pass: bin b holds log R in ((b-1) step, b step]
     # (shifted by the slack, which only over-counts: conservative for upper bounds on F).
     # NaN (0 * inf at a draw of norm 0) is read as R = 0: counted below every lambda, which only
     # raises the bounds on F and on E[(lambda - R)_+].
+    # (In place where it can: at n = 100,000 fresh arrays cost a quarter of the time.)
     logs = np.where(np.isnan(log_ratios), -np.inf, log_ratios)
-    scaled = (logs - LOG_SLACK) / LAMBDA_STEP
-    bins = np.clip(np.ceil(scaled), -LAMBDA_POINTS - 1, LAMBDA_POINTS + 1).astype(np.int64) + LAMBDA_POINTS + 1
+    scaled = np.subtract(logs, LOG_SLACK)
+    scaled /= LAMBDA_STEP
+    bins = np.clip(np.ceil(scaled, out=scaled), -LAMBDA_POINTS - 1, LAMBDA_POINTS + 1, out=scaled).astype(np.int64)
+    bins += LAMBDA_POINTS + 1
     size = 2 * LAMBDA_POINTS + 3
     # Past the lattice's last point no lambda reads a sample's value: weigh it 0 (no overflow).
-    ratios = np.exp(np.where(bins < size - 1, logs, -np.inf))
+    np.copyto(logs, -np.inf, where=bins == size - 1)
+    ratios = np.exp(logs, out=logs)
     counts = np.cumsum(np.bincount(bins, minlength=size))
     sums = np.cumsum(np.bincount(bins, weights=ratios, minlength=size))
-    squares = np.cumsum(np.bincount(bins, weights=ratios**2, minlength=size))
-    at = m + LAMBDA_POINTS + 1  # lattice point m: samples with log R <= m step
+    squares = np.cumsum(np.bincount(bins, weights=np.square(ratios, out=ratios), minlength=size))
     upper = clopper_pearson_upper_table(n, level)
-    tail = upper[counts[at]] + (upper[counts[-m + LAMBDA_POINTS + 1]] - 0.5) / lam
     c, s1, s2 = counts[at], sums[at], squares[at]
+    tail = upper[c] + (upper[counts[mirror]] - 0.5) / lam
     mean = (c - s1 / lam) / n  # Y = 1 - R / lambda on R <= lambda, 0 above
-    second = (c - 2 * s1 / lam + s2 / lam**2) / n
+    second = (c - 2 * s1 / lam + s2 / lam_squared) / n
     variance = np.maximum(second - mean**2, 0.0) * n / (n - 1)
     discrepancy = mean + BOUND_SLACK + empirical_bernstein_width(variance + BOUND_SLACK, n, level)
     by_mean = (0.5 + lam * discrepancy) / lam

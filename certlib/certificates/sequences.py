@@ -60,11 +60,19 @@ def _log_evidence(s: np.ndarray, t: np.ndarray) -> np.ndarray:
     return logsumexp(np.stack(terms), axis=0)
 
 
-def _rejected(p0: np.ndarray, s: np.ndarray, t: np.ndarray, threshold: np.ndarray) -> np.ndarray:
-    """Whether M_t(p0) >= 1/alpha (with the rounding margin)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_likelihood = np.where(s > 0, s * np.log(p0), 0.0) + np.where(t > s, (t - s) * np.log1p(-p0), 0.0)
-    return threshold - log_likelihood >= _LOG_MARGIN
+def _rejection(s: np.ndarray, t: np.ndarray, threshold: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Whether M_t(p0) >= 1/alpha (with the rounding margin), as a function of p0; what does not
+    depend on p0 is computed once for the bisection's 2 x 64 calls."""
+    has_successes, has_failures, failures = s > 0, t > s, t - s
+
+    def rejected(p0: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_likelihood = np.where(has_successes, s * np.log(p0), 0.0) + np.where(
+                has_failures, failures * np.log1p(-p0), 0.0
+            )
+        return threshold - log_likelihood >= _LOG_MARGIN
+
+    return rejected
 
 
 def confidence_sequence(successes, trials, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -74,16 +82,16 @@ def confidence_sequence(successes, trials, alpha: float) -> tuple[np.ndarray, np
     P(exists t: p > U_t) <= alpha, whatever the stopping time. Vectorised; each end is
     rounded outward (the bisection keeps the end that was rejected)."""
     s, t = _counts(successes, trials)
-    threshold = _log_evidence(s, t) - math.log(1 / level(alpha))
+    rejected = _rejection(s, t, _log_evidence(s, t) - math.log(1 / level(alpha)))
     estimate = s / t
     low, high = np.zeros_like(s), estimate.copy()  # low rejected (or 0), high not
     up_low, up_high = estimate.copy(), np.ones_like(s)  # up_high rejected (or 1), up_low not
     for _ in range(_BISECTIONS):
         middle = (low + high) / 2
-        below = _rejected(middle, s, t, threshold)
+        below = rejected(middle)
         low, high = np.where(below, middle, low), np.where(below, high, middle)
         middle = (up_low + up_high) / 2
-        above = _rejected(middle, s, t, threshold)
+        above = rejected(middle)
         up_low, up_high = np.where(above, up_low, middle), np.where(above, middle, up_high)
     return low, up_high
 
