@@ -438,11 +438,12 @@ def ground_truth(
     mc_n: int,
     sigmas: tuple[float, ...] = SIGMAS,
     mc_noises: tuple = (UniformNoise(0.5), GaussianNoise(0.5)),
+    levels: tuple[str, ...] | None = None,
 ) -> tuple[dict, dict, str]:
     """Float64 votes of every DSSN copy of the first ``count`` images per sigma and Monte Carlo
     counts of the first image under each of ``mc_noises`` (this file's own loops: the unfolded
-    network in float64, a margin under EXACT_TIE to the lower class), and each level's worst
-    logit error against it."""
+    network in float64, a margin under EXACT_TIE to the lower class), and the worst logit error
+    against it of each of ``levels`` (None: every level the device runs)."""
     model64 = copy.deepcopy(model).to(memory_format=torch.contiguous_format).double()
 
     def exact_votes(x):
@@ -450,7 +451,8 @@ def ground_truth(
         top = logits.max(dim=1, keepdim=True).values
         return (logits >= top - EXACT_TIE * (1 + top.abs())).to(torch.uint8).argmax(dim=1), logits
 
-    levels = [level for level in ("fp16", "bf16", "tf32", "fp32") if device.type == "cuda" or level in ("bf16", "fp32")]
+    if levels is None:
+        levels = ("fp16", "bf16", "tf32", "fp32") if device.type == "cuda" else ("bf16", "fp32")
     worst = {(level, sigma): 0.0 for level in levels for sigma in sigmas}
     truth = {}
     images = cycled(test, count, device)
