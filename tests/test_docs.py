@@ -1,7 +1,7 @@
 """Every code block of README.md and docs/*.md runs, in order, as a user would paste it (issue
 29): shell blocks in bash with ``certify`` on the path, Python blocks in one namespace per
 document, YAML blocks parsed. They run in a scratch directory holding the project's ``jobs/``,
-whose quickstart is cut to 40 images, 2 epochs and n = 200 (same keys, minutes less), against
+whose quickstart is cut to 20 images, 1 epoch and n = 200 (same keys, minutes less), against
 the test session's Ray (RAY_ADDRESS): the tour's job trains, certifies and leaves the results
 the later blocks read.
 
@@ -41,10 +41,10 @@ def scratch_quickstart(directory: Path) -> None:
     """The project's jobs/ under ``directory``, its quickstart cut to minutes of CPU."""
     shutil.copytree(ROOT / "jobs", directory / "jobs")
     spec = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
-    spec["dataset"]["limit"] = 40
-    spec["models"]["train"]["epochs"] = 2
+    spec["dataset"]["limit"] = 20
+    spec["models"]["train"]["epochs"] = 1
     spec["certify"]["n"] = 200
-    spec["resources"]["shard_size"] = 20
+    spec["resources"]["shard_size"] = 10
     (directory / "jobs" / "quickstart.yaml").write_text(yaml.safe_dump(spec))
 
 

@@ -131,8 +131,8 @@ def test_monte_carlo_counts_invariant_to_batching_and_grouping(cifar_images):
         )
         np.testing.assert_array_equal(g, c[3:5])
         np.testing.assert_array_equal(g0, c0[3:5])
-        _, other_seed = monte_carlo_counts(model, cifar_images[:2], indices[:2], noise, 10, n0=64, n=3000, seed=8)
-        assert not np.array_equal(other_seed, c[:2])
+        _, other_seed = monte_carlo_counts(model, cifar_images[:2], indices[:2], noise, 10, n0=64, n=1000, seed=8)
+        assert not np.array_equal(other_seed, c[:2])  # the same n: only the seed differs
 
 
 class Threshold(torch.nn.Module):
