@@ -152,7 +152,8 @@ def test_an_exact_tie_goes_through_every_level_to_the_lower_class():
 
 def test_votes_do_not_depend_on_precision_batch_or_queue_size(monkeypatch):
     """bf16 and fp32 cascades, batch sizes from 1 up, and refinement queues small enough to fill
-    and drain many times: the votes are the pure float64 network's."""
+    and drain many times: the votes are the pure float64 network's. Batches of one sample (a
+    forward pass each: two thirds of the time) run with the smallest queue only."""
     images = load_digits("test").pixels(range(6))
     model = random_cnn(1, seed=6)
     noise = DSSNNoise(0.25, q=16, seed=2)
@@ -163,7 +164,7 @@ def test_votes_do_not_depend_on_precision_batch_or_queue_size(monkeypatch):
     for queue_batches in (1, 2, 4):  # 1: taken as 2, the least that holds a drained queue and a batch
         monkeypatch.setattr(voting, "QUEUE_BATCHES", queue_batches)
         for precision in ("bf16", "fp32"):
-            for batch_size in (1, 5, 64, 333):
+            for batch_size in (1, 5, 64, 333) if queue_batches == 1 else (5, 64, 333):
                 stats = {}
                 votes = dssn_votes(model, images, noise, 10, batch_size=batch_size, precision=precision, stats=stats)
                 np.testing.assert_array_equal(votes, exact)

@@ -38,9 +38,11 @@ def blocks(document: Path) -> list[tuple[str, str, str | None]]:
 
 
 def scratch_quickstart(directory: Path) -> None:
-    """The project's jobs/ under ``directory``, its quickstart cut to minutes of CPU."""
+    """The project's jobs/ under ``directory``, its quickstart cut to minutes of CPU: two of its
+    three sigmas (what the documents filter on: 0.5, and more than one), both seeds (``--seeds``)."""
     shutil.copytree(ROOT / "jobs", directory / "jobs")
     spec = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
+    spec["sigmas"] = [0.25, 0.5]
     spec["dataset"]["limit"] = 20
     spec["models"]["train"]["epochs"] = 1
     spec["certify"]["n"] = 200

@@ -31,12 +31,14 @@ def uniform_radius(lam: float):
     return lambda p_a, p_b: certificates.l1_uniform_radius(p_a, lam, p_b)
 
 
-@pytest.mark.parametrize("p_star, cap", [(0.8, 100_000), (0.99, 100_000)])
+@pytest.mark.parametrize("p_star, cap", [(0.8, 50_000), (0.99, 50_000)])
 def test_the_stopping_rule_certifies_a_threshold_at_most_at_rate_alpha(p_star, cap):
     """8,000 Bernoulli streams per case with p exactly at the threshold of a table radius and
     just below it, stopped by the real rule (checked at every block of MC_BLOCK samples, up to
     the cap): the fraction that ends certified at that radius is at most alpha plus three
-    standard errors. With p above the threshold the power is reported (printed), not asserted."""
+    standard errors. A fixed-n Clopper-Pearson bound read at each of these 49 looks certifies
+    about 7% of the streams at p = p*, five times that limit. With p above the threshold the
+    power is reported (printed), not asserted."""
     alpha, streams, lam = 0.01, 8_000, 1.0
     radius = uniform_radius(lam)
     target = 2 * lam * (p_star - 0.5)  # the uniform radius at p_star
@@ -75,7 +77,7 @@ def mixture_evidence(s: int, t: int, p0: float) -> float:
     the smooth exp(-b y) dy, whose mass spreads over y up to thousands: quadrature in p would
     miss it."""
     mpmath = pytest.importorskip("mpmath")
-    mpmath.mp.dps = 30
+    mpmath.mp.dps = 20  # five guard digits: at 30 the floats it returns are the same, at twice the time
     p0 = mpmath.mpf(p0)
     total = mpmath.mpf(0)
     for weight, a, b in PRIOR:
