@@ -4,6 +4,7 @@ test_local_ray_safety.py), and `RAY_ADDRESS=auto`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -52,6 +53,38 @@ def test_following_a_job_rides_out_dashboard_errors_and_prints_each_line_once():
     printed = [line for line in out if not line.startswith("[certify]")]
     assert printed == ["line 1", "line 2"]
     assert sleeps == [1.0, 2.0] and client.status_calls == 3  # doubling waits, then the real end
+
+
+class SlowClosingClient:
+    """Ray's log stream as it ends: the job has ended (its whole log written) well before the
+    stream delivers the last lines and closes."""
+
+    LOG = "line 1\nline 2\ntable\ndone\n"
+
+    def __init__(self):
+        self.began = time.monotonic()
+
+    async def tail_job_logs(self, job_id):
+        yield "line 1\n"
+        await asyncio.sleep(30)
+        yield self.LOG[len("line 1\n") :]
+
+    def get_job_status(self, job_id):
+        return "SUCCEEDED" if time.monotonic() - self.began > 0.2 else "RUNNING"
+
+    def get_job_logs(self, job_id):
+        return self.LOG
+
+
+def test_following_ends_with_the_job_not_with_rays_stream(monkeypatch):
+    """The rest of the log is read once the job has ended: every line once, in order, without
+    waiting for the stream to close."""
+    monkeypatch.setattr(jobs, "END_POLL_SECONDS", 0.05)
+    out: list[str] = []
+    began = time.monotonic()
+    assert jobs.follow(SlowClosingClient(), "job", out.append) == "SUCCEEDED"
+    assert time.monotonic() - began < 10
+    assert "\n".join(out) == SlowClosingClient.LOG.rstrip("\n")
 
 
 def test_following_gives_up_with_one_line_when_the_dashboard_stays_away():

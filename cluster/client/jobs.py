@@ -27,6 +27,9 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 TAIL_LINES = 2000  # log lines read from the end when the progress file is not readable here
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # seconds between attempts to reach the dashboard: doubling up to this
 GIVE_UP_SECONDS = 900.0  # a dashboard unreachable this long is reported as such
+# How often a log stream asks whether its job ended: Ray's stream closes about 2 s after the
+# end (its tail sleeps a second between reads of the file, and reads once more after the end).
+END_POLL_SECONDS = 0.5
 
 
 class ClusterError(RuntimeError):
@@ -234,17 +237,41 @@ def follow(
 
 
 def _stream(client, job_id: str, printed: list[int], echo: Callable[[str], None]) -> None:
-    """Echo the log beyond its first ``printed[0]`` characters until Ray closes the stream (the
-    job ended) or it breaks; ``printed[0]`` follows what has been shown either way."""
+    """Echo the log beyond its first ``printed[0]`` characters until the job ends or the stream
+    breaks; ``printed[0]`` follows what has been shown either way. The job's status is asked
+    every END_POLL_SECONDS beside the stream: once it has ended, the rest of its log (complete:
+    the driver has exited) is read at once rather than waiting for Ray to close the stream."""
 
-    async def run() -> None:
+    def show(text: str, start: int) -> None:  # ``text`` is the log from character ``start`` on
+        new = text[max(0, printed[0] - start) :]
+        if new:
+            echo(new.rstrip("\n"))
+            printed[0] = start + len(text)
+
+    async def tail() -> None:
         seen = 0
         async for chunk in client.tail_job_logs(job_id):
-            new = chunk[max(0, printed[0] - seen) :]
+            show(chunk, seen)
             seen += len(chunk)
-            if new:
-                echo(new.rstrip("\n"))
-                printed[0] = seen
+
+    async def ended() -> None:
+        while True:
+            await asyncio.sleep(END_POLL_SECONDS)
+            try:
+                if job_status(await asyncio.to_thread(client.get_job_status, job_id)) in TERMINAL:
+                    return
+            except Exception:  # noqa: BLE001 - follow's own status check retries and reports it
+                continue
+
+    async def run() -> None:
+        streaming, ending = asyncio.ensure_future(tail()), asyncio.ensure_future(ended())
+        done, _ = await asyncio.wait({streaming, ending}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (streaming, ending):
+            task.cancel()
+        if streaming in done and (ending not in done or streaming.exception() is None):
+            streaming.result()  # its error, if it broke while the job runs
+            return
+        show(await asyncio.to_thread(client.get_job_logs, job_id), 0)
 
     asyncio.run(run())
 
