@@ -4,6 +4,9 @@ specs, and a whole job through the Ray Job Submission API."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from click.testing import CliRunner
 
 from certlib.analysis import load_results
 from certlib.data import load_digits
+from cluster.cli import __main__ as console_command
 from cluster.cli import main, submission_id
 from cluster.client import submission
 from cluster.record import progress_file
@@ -136,6 +140,31 @@ def test_an_unreachable_cluster_is_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["submit-job", str(write_spec(tmp_path, GOOD)), "--address", address])
     assert result.exit_code == 2 and f"cannot reach the Ray cluster at {address}" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_console_command_ends_with_clicks_code_and_its_output_written(monkeypatch, capsys):
+    """``certify`` skips the interpreter's teardown only where nothing of its own still runs."""
+    monkeypatch.setattr("sys.argv", ["certify", "status", "a-job", "--address", "http://127.0.0.1:9"])
+    monkeypatch.setattr(logging, "shutdown", lambda: None)  # pytest's own log handlers stay open
+    ended: list[int] = []
+    monkeypatch.setattr(os, "_exit", ended.append)
+    monkeypatch.setattr(console_command, "_alone", lambda: True)
+    console_command.run()
+    assert ended == [2] and "cannot reach the Ray cluster at http://127.0.0.1:9" in capsys.readouterr().err
+    monkeypatch.setattr(console_command, "_alone", lambda: False)
+    with pytest.raises(SystemExit) as end:
+        console_command.run()
+    assert end.value.code == 2 and ended == [2]
+
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)
+    worker.start()
+    try:
+        monkeypatch.undo()
+        assert not console_command._alone()  # a thread of its own: the usual ending waits for it
+    finally:
+        release.set()
+        worker.join()
 
 
 def test_submission_ids_are_deterministic():
