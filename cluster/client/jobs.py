@@ -29,7 +29,8 @@ RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # seconds between attempts to reach the dash
 GIVE_UP_SECONDS = 900.0  # a dashboard unreachable this long is reported as such
 # How often a log stream asks whether its job ended: Ray's stream closes about 2 s after the
 # end (its tail sleeps a second between reads of the file, and reads once more after the end).
-END_POLL_SECONDS = 0.5
+# A status request costs the dashboard and this process about 10 ms of CPU.
+END_POLL_SECONDS = 1.0
 
 
 class ClusterError(RuntimeError):
