@@ -144,6 +144,7 @@ def test_an_unreachable_cluster_is_one_line(tmp_path, monkeypatch):
 
 def test_the_console_command_ends_with_clicks_code_and_its_output_written(monkeypatch, capsys):
     """``certify`` skips the interpreter's teardown only where nothing of its own still runs."""
+    alone = console_command._alone
     monkeypatch.setattr("sys.argv", ["certify", "status", "a-job", "--address", "http://127.0.0.1:9"])
     monkeypatch.setattr(logging, "shutdown", lambda: None)  # pytest's own log handlers stay open
     ended: list[int] = []
@@ -160,8 +161,7 @@ def test_the_console_command_ends_with_clicks_code_and_its_output_written(monkey
     worker = threading.Thread(target=release.wait)
     worker.start()
     try:
-        monkeypatch.undo()
-        assert not console_command._alone()  # a thread of its own: the usual ending waits for it
+        assert not alone()  # a thread of its own: the usual ending waits for it
     finally:
         release.set()
         worker.join()
