@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -20,6 +21,25 @@ from certlib import CUBLAS_WORKSPACE
 DETERMINISTIC_WORKSPACES = (":4096:8", ":16:8")
 
 
+def _use_deterministic_algorithms(mode: bool, warn_only: bool = False) -> None:
+    """``torch.use_deterministic_algorithms``, without its import of inductor where inductor is
+    not loaded yet: that call also sets inductor's flag, and imports all of torch._dynamo and
+    inductor to do it (about 2 s of CPU in every worker, most of which never compile). Where
+    it is skipped, ``before_compiling`` sets inductor's flag when something compiles."""
+    if "torch._inductor.config" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
+
+
+def before_compiling() -> None:
+    """Inductor's deterministic flag set to torch's, as ``torch.use_deterministic_algorithms``
+    sets them together: call before ``torch.compile`` (it imports inductor)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()
+
+
 def _set(deterministic: bool) -> None:
     if deterministic:
         workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
@@ -28,7 +48,7 @@ def _set(deterministic: bool) -> None:
                 f"deterministic kernels need CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE} (or :16:8), "
                 f"not {workspace[:40]!r}: set it before starting Python"
             )
-    torch.use_deterministic_algorithms(deterministic)
+    _use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     # cuDNN's autotuner times candidate algorithms and keeps the fastest: faster, not repeatable.
     torch.backends.cudnn.benchmark = not deterministic
@@ -54,5 +74,5 @@ def deterministic_kernels(enabled: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        _use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]

@@ -369,6 +369,31 @@ def test_a_cuda_graph_replays_only_noise_drawn_on_the_device(method):
         train_module.runs_as_graph(True, "cpu", True, noise)
 
 
+def test_deterministic_kernels_load_no_compiler_until_something_compiles(fresh_python):
+    """torch.use_deterministic_algorithms imports torch._dynamo and inductor to set inductor's
+    flag too (about 2 s of CPU in every worker): enabling deterministic kernels sets torch's flag
+    alone, and the engine's compile (``before_compiling``) then sets inductor's to it, so both
+    end as torch's call leaves them, inside and after a ``deterministic_kernels`` block."""
+    code = (
+        "import sys, torch\n"
+        "from certlib.determinism import before_compiling, deterministic_kernels, enable_deterministic_kernels\n"
+        "enable_deterministic_kernels()\n"
+        "assert torch.are_deterministic_algorithms_enabled()\n"
+        "assert 'torch._inductor.config' not in sys.modules and 'torch._dynamo' not in sys.modules\n"
+        "import certlib.engine.cascade, inspect\n"
+        "assert 'before_compiling()' in inspect.getsource(certlib.engine.cascade.Cascade._compiled_logits)\n"
+        "before_compiling()\n"
+        "import torch._inductor.config as inductor\n"
+        "assert inductor.deterministic is True\n"
+        "with deterministic_kernels(False):\n"
+        "    assert not torch.are_deterministic_algorithms_enabled() and inductor.deterministic is False\n"
+        "assert torch.are_deterministic_algorithms_enabled() and inductor.deterministic is True\n"
+        "print('ok')"
+    )
+    done = fresh_python.run(code)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_importing_certlib_fixes_the_cublas_workspace_before_any_cuda_work(fresh_python):
     """torch reads CUBLAS_WORKSPACE_CONFIG at a process's first cuBLAS call, so deterministic
     training after a model was timed (as `certify plan` does) needs it set at import; a value

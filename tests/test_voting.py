@@ -187,19 +187,18 @@ def test_monte_carlo_refuses_dssn_and_bad_counts():
 
 
 def test_votes_are_unchanged_under_deterministic_kernels():
-    from certlib.determinism import enable_deterministic_kernels
+    from certlib.determinism import deterministic_kernels
 
     images = load_digits("test").pixels(range(4))
     model = random_cnn(1, seed=3)
     noise = DSSNNoise(0.25, q=16, seed=1)
     expected = dssn_votes(model, images, noise, 10, batch_size=16)
-    try:
-        enable_deterministic_kernels()
+    with deterministic_kernels(True):  # as a worker runs (enable_deterministic_kernels), then undone
+        assert torch.are_deterministic_algorithms_enabled()
         np.testing.assert_array_equal(dssn_votes(model, images, noise, 10, batch_size=16), expected)
         counts = monte_carlo_counts(model, images, range(4), UniformNoise(0.25), 10, n0=8, n=64, seed=0)
         assert (counts[1].sum(1) == 64).all()
-    finally:
-        torch.use_deterministic_algorithms(False)
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_compiled_engine_gives_the_eager_votes(cifar_images):

@@ -44,6 +44,8 @@ from typing import TypedDict
 
 import torch
 
+from certlib.determinism import before_compiling
+
 # float64 margin (relative) up to which two logits count as tied. Float64 logits can move by
 # ~1e-16 with the batch's make-up, so a margin within that of this cut could still flip: odds
 # of ~1e-7 per sample inside the fp32 band, and none outside it.
@@ -282,6 +284,7 @@ class Cascade:
 
     def _compiled_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled_fast is None:
+            before_compiling()
             self._compiled_fast = torch.compile(self.fast_network(), mode=COMPILE_MODE[self.device.type], dynamic=False)
         size = len(x)
         if size < self.batch_size:  # one static shape: a new one would recompile
