@@ -223,3 +223,14 @@ def test_compiled_engine_gives_the_eager_votes(cifar_images):
     for a, b in zip(compiled, eager):
         np.testing.assert_array_equal(a, b)
     assert counters["frames"]["ok"] > 0  # the network did go through torch.compile
+    # Where torch's deterministic flag was set while inductor was not loaded (certlib.determinism),
+    # the engine's before_compiling gives inductor the same flag.
+    import torch._inductor.config as inductor
+
+    from certlib.determinism import before_compiling, deterministic_kernels
+
+    with deterministic_kernels(True):
+        inductor.deterministic = False  # as setting torch's flag alone leaves it
+        before_compiling()
+        assert inductor.deterministic is True
+    assert inductor.deterministic is torch.are_deterministic_algorithms_enabled() is False
