@@ -371,9 +371,9 @@ def test_a_cuda_graph_replays_only_noise_drawn_on_the_device(method):
 
 def test_deterministic_kernels_load_no_compiler_until_something_compiles(fresh_python):
     """torch.use_deterministic_algorithms imports torch._dynamo and inductor to set inductor's
-    flag too (1.4 to 2 s of CPU where nothing else imports them): enabling deterministic kernels, and a
-    ``deterministic_kernels`` block, set torch's flag alone; the engine sets inductor's where it
-    compiles (``before_compiling``, tested in test_voting.py)."""
+    flag too (1.4 to 2 s of CPU where nothing else imports them): enabling deterministic
+    kernels, and a ``deterministic_kernels`` block, set torch's flag alone; the engine sets
+    inductor's where it compiles (``before_compiling``, tested in test_voting.py)."""
     code = (
         "import sys, inspect, torch\n"
         "from certlib.determinism import deterministic_kernels, enable_deterministic_kernels\n"
