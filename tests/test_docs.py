@@ -39,7 +39,8 @@ def blocks(document: Path) -> list[tuple[str, str, str | None]]:
 
 def scratch_quickstart(directory: Path) -> None:
     """The project's jobs/ under ``directory``, its quickstart cut to minutes of CPU: two of its
-    three sigmas (what the documents filter on: 0.5, and more than one), both seeds (``--seeds``)."""
+    three sigmas (what the documents filter on: 0.5, and more than one), both seeds (``--seeds``),
+    one worker of each kind (each started worker costs seconds of CPU importing torch)."""
     shutil.copytree(ROOT / "jobs", directory / "jobs")
     spec = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
     spec["sigmas"] = [0.25, 0.5]
@@ -47,6 +48,7 @@ def scratch_quickstart(directory: Path) -> None:
     spec["models"]["train"]["epochs"] = 1
     spec["certify"]["n"] = 200
     spec["resources"]["shard_size"] = 10
+    spec["resources"]["workers"] = 1
     (directory / "jobs" / "quickstart.yaml").write_text(yaml.safe_dump(spec))
 
 

@@ -517,7 +517,7 @@ def test_a_users_module_is_imported_and_certified_by_a_ray_job(ray_session, tmp_
         "methods": ["gaussian"],
         "sigmas": [0.25, 0.5],
         "certify": {"n0": 16, "n": 200, "compile": False},
-        "resources": {"shard_size": 5},
+        "resources": {"workers": 1, "shard_size": 5},  # one worker shows it: each costs seconds of CPU
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     result = runner.invoke(main, ["submit-job", "spec.yaml", "--address", ray_session.dashboard_url, "--wait"])
