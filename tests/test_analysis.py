@@ -64,18 +64,23 @@ def paper_as_results(paper: pd.DataFrame, out) -> None:
             "prediction": np.where(certified, selected, -1),
             "radius_l1": np.where(certified, published, np.nan),
             "radius_l2": np.nan,
-            "votes": [list(v) if e else None for v, e in zip(votes, exact)],
-            "selection_votes": [None if e else list(v) for v, e in zip(votes, exact)],
             "p_a_lower": paper["prob_lower_published"],
             "alpha": np.where(exact, np.nan, 0.001),
             "seconds": paper["seconds_per_image_published"],
             "device": "2080 Ti",
         }
     )
-    for config, rows in frame.groupby(list(CONFIG)):
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    # DSSN's votes in `votes`, the Monte Carlo rows' (their n0 counts) in `selection_votes`, each
+    # null in the other: built as Arrow lists at once (900,000 Python lists took seconds).
+    offsets = pa.array(np.arange(0, votes.size + 1, votes.shape[1], dtype=np.int32))
+    for name, present in (("votes", exact), ("selection_votes", ~exact)):
+        column = pa.ListArray.from_arrays(offsets, pa.array(votes.ravel()), mask=pa.array(~present))
+        table = table.append_column(name, column)
+    for config, positions in frame.groupby(list(CONFIG)).indices.items():
         path = shard_path(out, dict(zip(CONFIG, config)), "paper")
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), path)
+        pq.write_table(table.take(positions), path)
 
 
 def test_table_1_reproduced_cell_by_cell(dssn_paper, tmp_path):
