@@ -268,6 +268,8 @@ def test_stop_signals_the_instance_and_its_jobs_and_nothing_else(ray_session, tm
     try:
         local_ray.save_record(embedded)
         assert mode(local_ray.RECORD) == 0o600
+        # its drivers take no worker output: no log monitor re-reads the workers' logs
+        assert set(naming("log_monitor", [])) & set(embedded.members()) == set()
         spawned = [
             decoys(f"redis-server {embedded.gcs_address}"),
             decoys("redis-server 127.0.0.1:6379"),

@@ -164,6 +164,10 @@ def start(
         f"--dashboard-port={dashboard_port}",
         "--include-dashboard=true",
         "--disable-usage-stats",
+        # Its job drivers take no worker output (ray.init(log_to_driver=False)); the log monitor
+        # would only re-read every worker's log file each second. The logs stay in the session
+        # directory, where the dashboard reads them.
+        "--include-log-monitor=false",
     ]
     temp_dir, marker = private_temp_dir() if private else (None, None)
     if temp_dir is not None:
