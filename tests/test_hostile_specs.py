@@ -593,6 +593,7 @@ def test_the_local_or_remote_decision_asks_the_cluster(ray_session, tmp_path, mo
     the entry point is the cluster's python. The Ray here is local under any of its names."""
     from cluster.cli import main
     from cluster.client import jobs, submission
+    from cluster.record import spec_digest
 
     monkeypatch.chdir(tmp_path)
     port = ray_session.dashboard_url.rsplit(":", 1)[1]
@@ -613,7 +614,8 @@ def test_the_local_or_remote_decision_asks_the_cluster(ray_session, tmp_path, mo
         assert result.exit_code == 0, result.output
         (job,) = tunnel.submitted
     assert job["entrypoint"].startswith("python -m cluster.job.driver --job-id certify-route-")
-    assert "--spec-sha256 " in job["entrypoint"] and "env_vars" not in job["runtime_env"]
+    assert "--spec-sha256 " in job["entrypoint"] and not job.get("runtime_env")  # a small spec: in the metadata
+    assert spec_digest(job["metadata"]["spec"]) in job["entrypoint"]
     assert job["metadata"]["output"] == "/shared/results/route"
     # and the same spec on the Ray here is checked against the files here
     local = CliRunner().invoke(main, ["submit-job", "shared.yaml", "--address", ray_session.dashboard_url])
@@ -643,6 +645,13 @@ def test_a_spec_beyond_the_environment_limit_reaches_the_driver(ray_session, tmp
     assert attached.sweep.radii == submitted.sweep.radii
 
 
+def _job_metadata(monkeypatch, metadata: dict) -> None:
+    """This process's environment as Ray's job supervisor sets it for a job's driver."""
+    from cluster.record import JOB_CONFIG_VARIABLE
+
+    monkeypatch.setenv(JOB_CONFIG_VARIABLE, json.dumps({"runtime_env": {}, "metadata": metadata}))
+
+
 def test_the_driver_refuses_a_spec_package_that_is_not_its_own(tmp_path, monkeypatch, capsys):
     from cluster.job.driver import main
     from cluster.record import SPEC_PACKAGE, spec_digest, write_spec_package
@@ -650,10 +659,33 @@ def test_the_driver_refuses_a_spec_package_that_is_not_its_own(tmp_path, monkeyp
     spec_json = '{"name": "x"}'
     monkeypatch.syspath_prepend(str(write_spec_package(spec_json, tmp_path).parent))
     monkeypatch.delitem(sys.modules, SPEC_PACKAGE, raising=False)
+    _job_metadata(monkeypatch, {"spec": '{"name": "y"}'})  # the package is read first
     assert main(["--job-id", "j", "--spec-sha256", spec_digest(spec_json + " ")]) == 2
     assert "not the spec this job was submitted with" in capsys.readouterr().out
     assert main(["--job-id", "j", "--spec-sha256", spec_digest(spec_json)]) == 2  # found, read, then refused
     assert "output: missing" in capsys.readouterr().out
+
+
+def test_the_driver_reads_a_small_spec_from_its_jobs_metadata(monkeypatch, capsys):
+    """No package shipped (a small spec's job has no runtime environment): the copy in the
+    job's metadata, which Ray hands the driver in its environment, checked the same way."""
+    from cluster.job.driver import main
+    from cluster.record import JOB_CONFIG_VARIABLE, SPEC_PACKAGE, spec_digest
+
+    monkeypatch.delitem(sys.modules, SPEC_PACKAGE, raising=False)
+    spec_json = '{"name": "x"}'
+    _job_metadata(monkeypatch, {"spec": spec_json})
+    assert main(["--job-id", "j", "--spec-sha256", spec_digest(spec_json + " ")]) == 2
+    assert "the job's metadata: not the spec this job was submitted with" in capsys.readouterr().out
+    assert main(["--job-id", "j", "--spec-sha256", spec_digest(spec_json)]) == 2  # found, read, then refused
+    assert "output: missing" in capsys.readouterr().out
+    for config in ({"metadata": {}}, {"metadata": {"spec": 7}}, "not json"):
+        monkeypatch.setenv(JOB_CONFIG_VARIABLE, config if isinstance(config, str) else json.dumps(config))
+        assert main(["--job-id", "j", "--spec-sha256", spec_digest(spec_json)]) == 2
+        assert "error: no spec shipped with the job" in capsys.readouterr().out
+    monkeypatch.delenv(JOB_CONFIG_VARIABLE)
+    assert main(["--job-id", "j", "--spec-sha256", spec_digest(spec_json)]) == 2
+    assert "error: no spec shipped with the job" in capsys.readouterr().out
 
 
 if __name__ == "__main__":

@@ -253,12 +253,14 @@ def submit(
     if len(spec_json.encode()) <= METADATA_SPEC_BYTES:  # Ray copies the metadata into an environment variable
         metadata["spec"] = spec_json
     with tempfile.TemporaryDirectory(prefix="certify-job-") as staging:
-        # The spec as a package of its own (cluster.record.write_spec_package), then the models' modules.
-        py_modules = [str(write_spec_package(spec_json, Path(staging) / "spec"))]
-        py_modules += [str(_as_package(Path(m), Path(staging))) for m in modules]
+        # The models' modules, and the spec as a package of its own where the metadata cannot hold
+        # it (cluster.record says why a small spec ships no runtime environment).
+        py_modules = [str(_as_package(Path(m), Path(staging))) for m in modules]
+        if "spec" not in metadata:
+            py_modules.insert(0, str(write_spec_package(spec_json, Path(staging) / "spec")))
         client.submit_job(  # uploads the packages: the staging copies may go once it returns
             entrypoint=f"{python} -m cluster.job.driver --job-id {job_id} --spec-sha256 {digest}",
-            runtime_env={"py_modules": py_modules},
+            runtime_env={"py_modules": py_modules} if py_modules else None,
             submission_id=job_id,
             metadata=metadata,
         )

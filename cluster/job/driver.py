@@ -1,6 +1,7 @@
 """The job's entry point: ``python -m cluster.job.driver --job-id ... --spec-sha256 ...``, run by Ray
-as the driver of a submitted job. It reads the validated sweep from the package shipped with the
-job (``cluster.record.read_spec_package``, checked against its SHA-256), runs it
+as the driver of a submitted job. It reads the validated sweep shipped with the job, in a
+package or in the job's metadata (``cluster.record.read_shipped_spec``, checked against its
+SHA-256), runs it
 (``cluster.job.executor.run_sweep``: the plan of ``cluster.plan`` on Ray actors) and prints the
 sweep's table.
 """
@@ -18,7 +19,7 @@ from cluster import collector_paused
 with collector_paused():  # the job's first seconds: cluster.collector_paused says why
     from cluster.job.executor import run_sweep
     from cluster.plan import SweepConflict
-    from cluster.record import read_spec_package
+    from cluster.record import read_shipped_spec
     from cluster.spec import SpecError, Sweep
     from cluster.spec.bounds import MAX_SPEC_JSON
 
@@ -64,9 +65,9 @@ def print_table(sweep: Sweep, log=print) -> None:
 
 
 def _spec_text(args: argparse.Namespace) -> str:
-    """The sweep's JSON from where the command line says (the package: at most MAX_SPEC_JSON bytes)."""
+    """The sweep's JSON from where the command line says (as shipped: at most MAX_SPEC_JSON bytes)."""
     if args.spec_sha256:
-        return read_spec_package(args.spec_sha256, MAX_SPEC_JSON)
+        return read_shipped_spec(args.spec_sha256, MAX_SPEC_JSON, os.environ)
     return base64.b64decode(args.spec_b64).decode()
 
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="certify: run a sweep as a Ray job's driver")
     parser.add_argument("--job-id", required=True)
     spec = parser.add_mutually_exclusive_group(required=True)
-    spec.add_argument("--spec-sha256", help="the SHA-256 of the validated sweep shipped with the job (its package)")
+    spec.add_argument("--spec-sha256", help="the SHA-256 of the validated sweep shipped with the job")
     spec.add_argument("--spec-b64", help="the validated sweep as base64 JSON (a small one: it is a command line)")
     args = parser.parse_args(argv)
     try:
