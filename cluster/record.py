@@ -84,7 +84,7 @@ def read_shipped_spec(digest: str, limit: int, environ: Mapping[str, str]) -> st
             data = handle.read(limit + 1)
         where = str(path)
     else:
-        data = _metadata_spec(environ).encode()
+        data = _metadata_spec(environ).encode(errors="replace")  # a lone surrogate: no spec of ours
         where = "the job's metadata"
     if len(data) > limit:
         raise ValueError(f"{where}: the spec is larger than {limit:,} bytes")

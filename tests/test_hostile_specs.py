@@ -677,6 +677,10 @@ def test_the_driver_reads_a_small_spec_from_its_jobs_metadata(monkeypatch, capsy
     _job_metadata(monkeypatch, {"spec": spec_json})
     assert main(["--job-id", "j", "--spec-sha256", spec_digest(spec_json + " ")]) == 2
     assert "the job's metadata: not the spec this job was submitted with" in capsys.readouterr().out
+    _job_metadata(monkeypatch, {"spec": spec_json[:-1] + "\ud800}"})  # not UTF-8: another spec
+    assert main(["--job-id", "j", "--spec-sha256", spec_digest(spec_json)]) == 2
+    assert "the job's metadata: not the spec this job was submitted with" in capsys.readouterr().out
+    _job_metadata(monkeypatch, {"spec": spec_json})
     assert main(["--job-id", "j", "--spec-sha256", spec_digest(spec_json)]) == 2  # found, read, then refused
     assert "output: missing" in capsys.readouterr().out
     for config in ({"metadata": {}}, {"metadata": {"spec": 7}}, "not json"):
