@@ -228,20 +228,21 @@ def simulated_cluster(nodes: int, prefix: str, **head_args: Any) -> Iterator[tup
     import ray._private.utils
     from ray.cluster_utils import Cluster
 
-    from cluster.client.ports import free_port
+    from cluster.client.ports import free_ports
 
     write_ray_address = ray._private.utils.write_ray_address
     ray._private.utils.write_ray_address = lambda *args, **kwargs: None  # leave /tmp/ray's pointer alone
     temp_dir = tempfile.mkdtemp(prefix=prefix)  # short: Ray's socket paths must fit 107 bytes
+    gcs, client, *agents = free_ports(2 + 1 + nodes)
     try:
         cluster = Cluster(
             initialize_head=True,
             head_node_args={
                 "num_cpus": 0,
-                "gcs_server_port": free_port(),
+                "gcs_server_port": gcs,
                 "include_dashboard": False,
-                "ray_client_server_port": free_port(),
-                "dashboard_agent_listen_port": free_port(),
+                "ray_client_server_port": client,
+                "dashboard_agent_listen_port": agents[0],
                 "temp_dir": temp_dir,
                 **head_args,
             },
@@ -249,10 +250,7 @@ def simulated_cluster(nodes: int, prefix: str, **head_args: Any) -> Iterator[tup
         try:
             yield (
                 cluster,
-                [
-                    cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_port=free_port())
-                    for _ in range(nodes)
-                ],
+                [cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_port=port) for port in agents[1:]],
             )
         finally:
             ray.shutdown()

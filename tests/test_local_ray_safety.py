@@ -113,12 +113,11 @@ def _decoys_around_start(monkeypatch, decoys) -> tuple[list[Decoy], list[str]]:
     started before `ray start` runs; and Redis on its default address."""
     spawned = [decoys("redis-server 127.0.0.1:6379")]
     temp_dirs: list[str] = []
-    free_port, private_temp_dir = local_ray.free_port, local_ray.private_temp_dir
+    free_ports, private_temp_dir = local_ray.free_ports, local_ray.private_temp_dir
 
-    def port() -> int:
-        chosen = free_port()
-        if len(spawned) == 1:  # the first port `start` chooses is the GCS port
-            spawned.append(decoys(f"redis-server 127.0.0.1:{chosen}"))
+    def ports(count: int) -> list[int]:
+        chosen = free_ports(count)
+        spawned.append(decoys(f"redis-server 127.0.0.1:{chosen[0]}"))  # the first is the GCS port
         return chosen
 
     def temp_dir() -> tuple[str, str]:
@@ -127,7 +126,7 @@ def _decoys_around_start(monkeypatch, decoys) -> tuple[list[Decoy], list[str]]:
         spawned.append(decoys(f"tail -F {made[0]}/session_latest/logs/raylet.out"))
         return made
 
-    monkeypatch.setattr(local_ray, "free_port", port)
+    monkeypatch.setattr(local_ray, "free_ports", ports)
     monkeypatch.setattr(local_ray, "private_temp_dir", temp_dir)
     return spawned, temp_dirs
 
@@ -443,15 +442,42 @@ def test_rays_token_is_left_readable_by_its_owner_alone(tmp_path, monkeypatch):
     assert mode(custom) == 0o600 and len(notices) == 1 and f"{custom} was readable by others" in notices[0]
 
 
-def test_free_ports_lie_below_the_ephemeral_range_and_are_not_taken(monkeypatch):
+def test_free_ports_lie_below_the_ephemeral_range_and_are_not_taken(tmp_path, monkeypatch):
     """Below the range the kernel gives outgoing connections (which once took a port of Ray's
     before its raylet bound it), and never one something holds."""
+    monkeypatch.setattr(ports.tempfile, "gettempdir", lambda: str(tmp_path))
     floor = ports._ephemeral_floor()
     assert all(ports.PORT_FLOOR <= ports.free_port() < floor for _ in range(50))
     with socket.socket() as held:
-        taken = ports.free_port()
-        held.bind(("127.0.0.1", taken))
+        held.bind(("127.0.0.1", 0))
         held.listen()
-        draws = iter([taken - ports.PORT_FLOOR, taken - ports.PORT_FLOOR + 1])
+        taken = held.getsockname()[1]
+        draws = iter([taken - ports.PORT_FLOOR, 1])
+        monkeypatch.setattr(ports, "_ephemeral_floor", lambda: taken + 1000)
         monkeypatch.setattr(ports.secrets, "randbelow", lambda _: next(draws))
-        assert ports.free_port() == taken + 1
+        assert ports.free_port() == ports.PORT_FLOOR + 1
+
+
+def test_free_ports_are_distinct_and_kept_from_other_processes_draws(tmp_path, monkeypatch):
+    """One call never names a port twice (Ray refuses a port given to two components), and a
+    port drawn in the last HOLD_SECONDS, by any process of this user, is not drawn again: two
+    instances starting at once would otherwise both get it, and one time out."""
+    monkeypatch.setattr(ports.tempfile, "gettempdir", lambda: str(tmp_path))
+    draws = iter([7, 7, 8, 7, 8, 9, 7])
+    monkeypatch.setattr(ports.secrets, "randbelow", lambda _: next(draws))
+    assert ports.free_ports(2) == [ports.PORT_FLOOR + 7, ports.PORT_FLOOR + 8]
+    assert ports.free_ports(1) == [ports.PORT_FLOOR + 9]
+    registry = tmp_path / f"certify-ports-{os.getuid()}"
+    kept = {int(line.split()[0]) for line in registry.read_text().splitlines()}
+    assert kept == {ports.PORT_FLOOR + 7, ports.PORT_FLOOR + 8, ports.PORT_FLOOR + 9}
+    now = time.time()
+    registry.write_text(f"garbage\n{ports.PORT_FLOOR + 7} {now - 1:.0f}\n{ports.PORT_FLOOR + 8} {now + 1e6:.0f}\n")
+    draws = iter([7, 8])  # expired, and an expiry past HOLD_SECONDS: neither holds a port back
+    assert ports.free_ports(2) == [ports.PORT_FLOOR + 7, ports.PORT_FLOOR + 8]
+    registry.unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text(f"{ports.PORT_FLOOR + 7} {now + 60:.0f}\n")
+    registry.symlink_to(elsewhere)  # not followed: neither read nor written
+    draws = iter([7])
+    assert ports.free_ports(1) == [ports.PORT_FLOOR + 7]
+    assert elsewhere.read_text() == f"{ports.PORT_FLOOR + 7} {now + 60:.0f}\n"

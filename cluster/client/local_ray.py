@@ -40,7 +40,7 @@ from pathlib import Path
 import psutil
 
 from cluster.client import processes
-from cluster.client.ports import free_port
+from cluster.client.ports import free_ports
 from cluster.client.processes import Launch
 
 RECORD = Path.home() / ".certify" / "local-ray.json"  # the embedded instance certify started
@@ -111,9 +111,11 @@ def secure_token(env: dict, notice: Callable[[str], None] = _stderr) -> None:
         path.parent.chmod(folder.st_mode & 0o755)
 
 
-def _private_args(temp_dir: str) -> list[str]:
-    """`ray start` arguments that keep an instance off every other's ports and files."""
-    ports = (
+def _private_ports() -> dict[str, int]:
+    """`ray start`'s port options for an instance beside any other: each port chosen free."""
+    names = (
+        "port",  # the GCS
+        "dashboard-port",
         "dashboard-agent-listen-port",
         "dashboard-agent-grpc-port",
         "runtime-env-agent-port",
@@ -122,9 +124,8 @@ def _private_args(temp_dir: str) -> list[str]:
         "node-manager-port",
         "object-manager-port",
     )
-    return [f"--temp-dir={temp_dir}", "--min-worker-port=0", "--max-worker-port=0"] + [
-        f"--{name}={free_port()}" for name in ports
-    ]
+    # Distinct: Ray refuses a port named for two components.
+    return dict(zip(names, free_ports(len(names)), strict=True))
 
 
 def private_temp_dir() -> tuple[str, str]:
@@ -154,24 +155,21 @@ def start(
     env = dict(os.environ, RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
     secure_token(env, notice)
-    gcs_port = free_port() if private else 6379
-    dashboard_port = free_port() if private else dashboard_port
+    ports = _private_ports() if private else {"port": 6379, "dashboard-port": dashboard_port}
     args = [
         "start",
         "--head",
-        f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard_port}",
         "--include-dashboard=true",
         "--disable-usage-stats",
         # Its job drivers take no worker output (ray.init(log_to_driver=False)); the log monitor
         # would only re-read every worker's log file each second. The logs stay in the session
         # directory, where the dashboard reads them.
         "--include-log-monitor=false",
-    ]
+    ] + [f"--{name}={port}" for name, port in ports.items()]
     temp_dir, marker = private_temp_dir() if private else (None, None)
     if temp_dir is not None:
-        args += _private_args(temp_dir)
+        args += [f"--temp-dir={temp_dir}", "--min-worker-port=0", "--max-worker-port=0"]
     resources = {"num-cpus": num_cpus, "num-gpus": num_gpus, "object-store-memory": object_store_bytes}
     args += [f"--{name}={value}" for name, value in resources.items() if value is not None]
     try:
@@ -179,14 +177,14 @@ def start(
     except BaseException:
         _remove_temp_dir(temp_dir, marker)
         raise
-    gcs_address = _gcs_address(output, gcs_port)
+    gcs_address = _gcs_address(output, ports["port"])
     if failure is None and gcs_address is None:
         failure = "`ray start` did not print the head's address"
     if failure is not None or gcs_address is None:
         launch.terminate()
         _remove_temp_dir(temp_dir, marker)
         raise RuntimeError(f"could not start a local Ray instance: {failure}")
-    url = f"http://127.0.0.1:{dashboard_port}"
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
     instance = LocalRay(**asdict(launch), gcs_address=gcs_address, dashboard_url=url, temp_dir=temp_dir, marker=marker)
     try:
         _wait_for_dashboard(instance)
