@@ -188,29 +188,12 @@ def _alive_worker_pids(dashboard_url: str):
     ]
 
 
-def test_a_killed_worker_is_replaced_and_its_unit_retried(ray_session, tmp_path, cifar10_dir, cifar_test):
-    sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=1000, workers=1)
-    make_models(sweep, cifar_test)
-    lines, outcome = [], {}
-    thread = threading.Thread(
-        target=lambda: outcome.setdefault("progress", run_sweep(sweep, "job-kill", log=lines.append))
-    )
-    thread.start()
-    deadline = time.time() + 120
-    while not existing_shards(sweep.output) and time.time() < deadline:
-        time.sleep(0.2)
-    pids = _alive_worker_pids(ray_session.dashboard_url)
-    assert pids, "no worker to kill"
-    os.kill(pids[0], signal.SIGKILL)
-    thread.join(timeout=300)
-    progress = outcome["progress"]
-    assert any("worker died" in line for line in lines)
-    assert not progress.failures
-    df = load_results(sweep.output)
-    assert len(df) == 16 and sorted(df["image_index"]) == expected_indices(16)
-
-
-def test_a_killed_driver_resumes_with_only_the_missing_units(ray_session, tmp_path, cifar10_dir, cifar_test):
+def test_a_killed_driver_resumes_with_only_the_missing_units_and_a_killed_worker_is_replaced(
+    ray_session, tmp_path, cifar10_dir, cifar_test
+):
+    """A driver killed after two units: the resumed sweep runs only the missing units and
+    rewrites no finished shard. Its worker, killed once the resume has written a shard, is
+    replaced and its unit retried: every row exactly once, no failure."""
     sweep = cifar_sweep(tmp_path, cifar10_dir, methods=("uniform",), limit=16, shard_size=2, n=1000, workers=1)
     make_models(sweep, cifar_test)
     address = ray_session.gcs_address
@@ -227,14 +210,27 @@ def test_a_killed_driver_resumes_with_only_the_missing_units(ray_session, tmp_pa
     driver.wait()
     time.sleep(1.0)  # the killed driver's workers go with it
     before = {p: p.stat().st_mtime_ns for p in existing_shards(sweep.output)}
-    assert 2 <= len(before) < 8
-    lines = []
-    progress = run_sweep(sweep, "driver-kill", log=lines.append)
+    assert 2 <= len(before) < 7, "too few units left for the resume to lose a worker"
+
+    lines, outcome = [], {}
+    resume = threading.Thread(
+        target=lambda: outcome.setdefault("progress", run_sweep(sweep, "driver-kill", log=lines.append))
+    )
+    resume.start()
+    deadline = time.time() + 120
+    while len(existing_shards(sweep.output)) == len(before) and time.time() < deadline:
+        time.sleep(0.1)
+    pids = _alive_worker_pids(ray_session.dashboard_url)
+    assert pids, "no worker to kill"
+    os.kill(pids[0], signal.SIGKILL)
+    resume.join(timeout=300)
+    progress = outcome["progress"]
     assert f"{len(before)} units already done, {8 - len(before)} to run" in lines[0]
+    assert any("worker died" in line for line in lines), lines
     assert {p: p.stat().st_mtime_ns for p in before} == before  # finished shards were not rewritten
     assert progress.units_done == 8 and not progress.failures
     df = load_results(sweep.output)
-    assert len(df) == 16 and not df.duplicated(["image_index"]).any()
+    assert len(df) == 16 and sorted(df["image_index"]) == expected_indices(16)
 
 
 def test_the_progress_file_follows_each_finished_unit(ray_session, tmp_path, cifar10_dir, cifar_test, monkeypatch):
