@@ -243,6 +243,7 @@ def simulated_cluster(nodes: int, prefix: str, **head_args: Any) -> Iterator[tup
                 "include_dashboard": False,
                 "ray_client_server_port": client,
                 "dashboard_agent_listen_port": agents[0],
+                "include_log_monitor": False,  # its drivers take no worker output (log_to_driver=False)
                 "temp_dir": temp_dir,
                 **head_args,
             },
