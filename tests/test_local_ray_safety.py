@@ -220,6 +220,52 @@ def test_an_instance_is_what_ray_start_left_and_its_descendants(tmp_path, decoys
                 proc.kill()
 
 
+HELD_LAST = """
+import os, signal, subprocess, sys, time
+role, folder = sys.argv[1], sys.argv[2]
+
+def gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+if role == "start":  # leaves both in its session and exits, as `ray start` does
+    other = subprocess.Popen([sys.executable, __file__, "other", folder])
+    subprocess.Popen([sys.executable, __file__, "held", folder, str(other.pid)])
+    while not os.path.exists(os.path.join(folder, "held")):
+        time.sleep(0.05)
+elif role == "held":  # the GCS: says whether the other had ended when its turn came
+    def on_term(*_):
+        with open(os.path.join(folder, "held-saw"), "w") as file:
+            file.write("gone" if gone(int(sys.argv[3])) else "running")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    open(os.path.join(folder, "held"), "w").close()
+    time.sleep(600)
+else:
+    time.sleep(600)
+"""
+
+
+def test_the_process_picked_last_is_signalled_once_the_others_have_ended(tmp_path):
+    """The GCS's turn (``local_ray.stop``): the raylet and agents asked to stop while it goes
+    would wait for it past any grace period."""
+    script = tmp_path / "held_last.py"
+    script.write_text(HELD_LAST)
+    launch, failure, _ = local_ray._launch([sys.executable, str(script), "start", str(tmp_path)], dict(os.environ))
+    try:
+        held = [pid for pid in launch.members() if psutil.Process(pid).cmdline()[2] == "held"]
+        assert failure is None and len(held) == 1 and len(launch.members()) == 2
+        assert launch.terminate(grace_seconds=10, last=lambda pid: pid == held[0]) == 2
+        assert (tmp_path / "held-saw").read_text() == "gone"
+    finally:
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(script) in (proc.info["cmdline"] or []):
+                proc.kill()
+
+
 def _pids(folder: Path) -> dict[str, int]:
     lines = (folder / "pids").read_text().split("\n") if (folder / "pids").exists() else []
     return {role: int(pid) for role, pid in (line.split() for line in lines if line.strip())}
@@ -267,6 +313,7 @@ def test_stop_signals_the_instance_and_its_jobs_and_nothing_else(ray_session, tm
     try:
         local_ray.save_record(embedded)
         assert mode(local_ray.RECORD) == 0o600
+        assert len([pid for pid in embedded.members() if local_ray.is_gcs(pid)]) == 1  # stopped last
         # its drivers take no worker output: no log monitor re-reads the workers' logs
         assert set(naming("log_monitor", [])) & set(embedded.members()) == set()
         spawned = [

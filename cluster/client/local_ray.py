@@ -181,7 +181,7 @@ def start(
     if failure is None and gcs_address is None:
         failure = "`ray start` did not print the head's address"
     if failure is not None or gcs_address is None:
-        launch.terminate()
+        launch.terminate(last=is_gcs)
         _remove_temp_dir(temp_dir, marker)
         raise RuntimeError(f"could not start a local Ray instance: {failure}")
     url = f"http://127.0.0.1:{ports['dashboard-port']}"
@@ -213,7 +213,7 @@ def _launch(command: list[str], env: dict) -> tuple[Launch, str | None, str]:
                 failure = f"`ray start` did not finish within {START_SECONDS:.0f} s"
         except BaseException:  # interrupted (Ctrl-C): leave nothing behind
             _ended(started.pid, 0)
-            left().terminate()
+            left().terminate(last=is_gcs)
             started.wait()
             raise
         launch = left()
@@ -265,11 +265,21 @@ def _wait_for_dashboard(instance: LocalRay) -> None:
     raise RuntimeError(f"the local Ray instance started but its dashboard did not answer within {START_SECONDS:.0f} s")
 
 
+def is_gcs(pid: int) -> bool:
+    """Whether ``pid`` is a GCS server, by the name the kernel gives it: stopped last, as the
+    raylet and Ray's agents asked to stop while the GCS goes wait for it past any grace period
+    (seen: more than 8 s, then killed), and end within a second while it runs."""
+    try:
+        return psutil.Process(pid).name() == "gcs_server"
+    except psutil.Error:
+        return False
+
+
 def stop(instance: LocalRay, grace_seconds: float = 5.0) -> int:
-    """Terminate the instance's processes (SIGTERM, then SIGKILL after ``grace_seconds``) and
-    remove its private temporary directory if it carries its marker; returns how many processes
-    were signalled."""
-    count = instance.terminate(grace_seconds)
+    """Terminate the instance's processes (SIGTERM, then SIGKILL after ``grace_seconds``), its
+    GCS once the others have ended, and remove its private temporary directory if it carries
+    its marker; returns how many processes were signalled."""
+    count = instance.terminate(grace_seconds, last=is_gcs)
     _remove_temp_dir(instance.temp_dir, instance.marker)
     return count
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,27 +137,34 @@ class Launch:
         """Whether a recorded root still runs (rule 1)."""
         return bool(self._roots(table()))
 
-    def terminate(self, grace_seconds: float = 5.0, kill_seconds: float = 5.0) -> int:
+    def terminate(
+        self, grace_seconds: float = 5.0, kill_seconds: float = 5.0, last: Callable[[int], bool] = lambda pid: False
+    ) -> int:
         """SIGTERM to every process of the instance, SIGKILL to those still running after
         ``grace_seconds``, scanning again meanwhile for processes started since; waits up to
-        ``kill_seconds`` more for them to end. Returns how many processes were signalled."""
+        ``kill_seconds`` more for them to end. The processes ``last`` picks (by pid) are
+        signalled the same way once all the others have ended. Returns how many processes were
+        signalled."""
         signalled: dict[int, float] = {}
-        sig, deadline = signal.SIGTERM, time.monotonic() + grace_seconds
-        while True:
-            new = {pid: start for pid, start in self.members(signalled).items() if pid not in signalled}
-            for pid, start in new.items():
-                send(pid, start, sig)
-            signalled.update(new)
-            live = [(pid, start) for pid, start in signalled.items() if running(pid, start)]
-            if not live and not new:
-                return len(signalled)
-            if time.monotonic() >= deadline:
-                if sig == signal.SIGKILL:
-                    return len(signalled)
-                sig, deadline = signal.SIGKILL, time.monotonic() + kill_seconds
-                for pid, start in live:
+        for holding in (True, False):
+            sig, deadline = signal.SIGTERM, time.monotonic() + grace_seconds
+            while True:
+                found = self.members(signalled).items()
+                new = {pid: start for pid, start in found if pid not in signalled and not (holding and last(pid))}
+                for pid, start in new.items():
                     send(pid, start, sig)
-            time.sleep(0.1)
+                signalled.update(new)
+                live = [(pid, start) for pid, start in signalled.items() if running(pid, start)]
+                if not live and not new:
+                    break
+                if time.monotonic() >= deadline:
+                    if sig == signal.SIGKILL:
+                        break
+                    sig, deadline = signal.SIGKILL, time.monotonic() + kill_seconds
+                    for pid, start in live:
+                        send(pid, start, sig)
+                time.sleep(0.1)
+        return len(signalled)
 
 
 def running(pid: int, start: float) -> bool:
