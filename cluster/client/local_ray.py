@@ -266,9 +266,10 @@ def _wait_for_dashboard(instance: LocalRay) -> None:
 
 
 def is_gcs(pid: int) -> bool:
-    """Whether ``pid`` is a GCS server, by the name the kernel gives it: stopped last, as the
-    raylet and Ray's agents asked to stop while the GCS goes wait for it past any grace period
-    (seen: more than 8 s, then killed), and end within a second while it runs."""
+    """Whether ``pid`` is a GCS server, by the name the kernel gives it: stopped last, as
+    ``ray stop`` does too. The raylet and Ray's agents asked to stop while the GCS goes wait for
+    it past any grace period (seen: more than 8 s, then killed); while it runs they end within
+    a second."""
     try:
         return psutil.Process(pid).name() == "gcs_server"
     except psutil.Error:
