@@ -519,7 +519,8 @@ def test_free_ports_are_distinct_and_kept_from_other_processes_draws(tmp_path, m
     kept = {int(line.split()[0]) for line in registry.read_text().splitlines()}
     assert kept == {ports.PORT_FLOOR + 7, ports.PORT_FLOOR + 8, ports.PORT_FLOOR + 9}
     now = time.time()
-    registry.write_text(f"garbage\n{ports.PORT_FLOOR + 7} {now - 1:.0f}\n{ports.PORT_FLOOR + 8} {now + 1e6:.0f}\n")
+    lines = f"{ports.PORT_FLOOR + 7} {now - 1:.0f}\n{ports.PORT_FLOOR + 8} {now + 1e6:.0f}\n"
+    registry.write_bytes(b"\xff\xfe garbage\n" + lines.encode())
     draws = iter([7, 8])  # expired, and an expiry past HOLD_SECONDS: neither holds a port back
     assert ports.free_ports(2) == [ports.PORT_FLOOR + 7, ports.PORT_FLOOR + 8]
     registry.unlink()
@@ -529,3 +530,7 @@ def test_free_ports_are_distinct_and_kept_from_other_processes_draws(tmp_path, m
     draws = iter([7])
     assert ports.free_ports(1) == [ports.PORT_FLOOR + 7]
     assert elsewhere.read_text() == f"{ports.PORT_FLOOR + 7} {now + 60:.0f}\n"
+    registry.unlink()
+    os.mkfifo(registry)  # not a regular file: not read (a read would wait for a writer forever)
+    draws = iter([7])
+    assert ports.free_ports(1) == [ports.PORT_FLOOR + 7]

@@ -7,6 +7,7 @@ import fcntl
 import os
 import secrets
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -74,17 +75,19 @@ def _bind(held: contextlib.ExitStack, port: int) -> int:
 def _registry() -> Iterator[dict[int, float]]:
     """The ports this user's processes drew recently ({port: expiry, epoch seconds}), locked
     against other processes; what the caller adds is written back. Empty, and not written,
-    where the file cannot be used as this user's own."""
+    where the file is not this user's own regular file (a link is not followed)."""
     path = Path(tempfile.gettempdir()) / f"certify-ports-{os.getuid()}"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:  # non-blocking: a FIFO put there must not hold the open
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     except OSError:
         yield {}
         return
-    with os.fdopen(fd, "r+") as file:
-        if os.fstat(fd).st_uid != os.getuid():
-            yield {}
-            return
+    info = os.fstat(fd)
+    if info.st_uid != os.getuid() or not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        yield {}
+        return
+    with os.fdopen(fd, "r+", encoding="ascii", errors="replace") as file:
         fcntl.flock(file, fcntl.LOCK_EX)  # released when the file closes
         now, recent = time.time(), {}
         for line in file.read(_REGISTRY_BYTES).splitlines():
