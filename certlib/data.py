@@ -7,6 +7,7 @@ certifies on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,14 +235,24 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return bunch.images.astype(np.uint8), bunch.target.astype(np.int64)
 
 
+@functools.lru_cache(maxsize=1)
+def _digits_read_once() -> tuple[np.ndarray, np.ndarray]:
+    """``_digits_arrays`` once per process, read-only: parsing the CSV takes 20 ms, and a job's
+    worker, the plan and the tests ask for the digits many times."""
+    values, labels = _digits_arrays()
+    for array in (values, labels):
+        array.flags.writeable = False
+    return values, labels
+
+
 def load_digits(split: str = "test") -> QuantizedDataset:
     """scikit-learn's 8x8 handwritten digits (1,797 images, values 0..16, so q = 16); it ships
     with scikit-learn and works offline. The test split is every 5th image (index % 5 == 0),
     the train split the rest; indices refer to scikit-learn's order."""
     if split not in SPLITS:
         raise ValueError(f"digits split must be one of {SPLITS}, got {split!r}")
-    images, labels = _digits_arrays()
-    values = images[:, None, :, :]
+    images, labels = _digits_read_once()
+    values = images[:, None, :, :]  # rows are taken below: copies, which the caller may change
     all_rows = np.arange(len(labels))
     rows = all_rows[all_rows % 5 == 0] if split == "test" else all_rows[all_rows % 5 != 0]
     info = DATASETS["digits"]

@@ -15,6 +15,8 @@ it for the code before and after).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
 import json
 import os
 import random
@@ -217,17 +219,22 @@ def _bytes(data: bytes) -> Callable[[Path, Path], Path]:
 ZIP_BOMB_BYTES = 64 * 2**20  # what the deflated .pt below unpacks to; its file is ~70 KB
 
 
-def _zip_bomb(directory: Path, path: Path) -> Path:
+@functools.cache  # deflating 64 MB takes a third of a second, and several tests take the bomb
+def _zip_bomb_bytes() -> bytes:
     """A checkpoint whose zip entries are deflated: torch's loader inflates them (a 70 KB file
     holding 64 MB of zeros; the ratio is the attacker's)."""
     payload = _checkpoint_pt()()
     payload["padding"] = torch.zeros(ZIP_BOMB_BYTES // 4)
-    plain = directory / "plain-for-bomb.pt"
+    plain, bomb = io.BytesIO(), io.BytesIO()
     torch.save(payload, plain)
-    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as out:
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as out:
         for info in source.infolist():
             out.writestr(info.filename, source.read(info.filename))
-    plain.unlink()
+    return bomb.getvalue()
+
+
+def _zip_bomb(directory: Path, path: Path) -> Path:
+    path.write_bytes(_zip_bomb_bytes())
     return path
 
 

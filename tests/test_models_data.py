@@ -105,6 +105,26 @@ def test_digits_are_scikit_learns_whether_read_from_its_file_or_through_it(tmp_p
         assert np.array_equal(values, expected[0]) and np.array_equal(labels, expected[1])
 
 
+def test_digits_are_read_once_and_each_caller_gets_its_own_copy(monkeypatch):
+    """The CSV is parsed once per process; a caller that changes its dataset in place changes
+    nobody else's (the cached arrays are read-only)."""
+    import certlib.data
+
+    certlib.data._digits_read_once.cache_clear()
+    reads = []
+    original = certlib.data._digits_arrays
+    monkeypatch.setattr(certlib.data, "_digits_arrays", lambda: reads.append(1) or original())
+    first = load_digits("test")
+    first.values += 1
+    first.labels[:] = 0
+    again, train = load_digits("test"), load_digits("train")
+    assert len(reads) == 1
+    assert not torch.equal(first.values, again.values) and int(again.labels.max()) == 9
+    assert int(again.values.max()) == 16 and len(again) + len(train) == 1797
+    with pytest.raises(ValueError, match="read-only"):
+        certlib.data._digits_read_once()[0][0, 0, 0] = 1
+
+
 def test_every_kth_subset():
     assert every_kth(1000, 100).tolist() == list(range(0, 1000, 100))
     assert every_kth(10, 3, 1, limit=2).tolist() == [1, 4]

@@ -305,6 +305,23 @@ def test_bad_training_configs_are_refused(digits, tmp_path):
         train_module.train_model(TrainConfig("digits", "dssn", -1.0, epochs=1), tmp_path / "m.pt", *digits)
 
 
+def test_a_training_steps_flops_are_counted_once_per_architecture_and_dataset(monkeypatch):
+    """3x the forward pass (counted on the meta device) for each noisy copy of each image: the
+    WRN-40-2 CIFAR-10 step at batch 256 that the pool's packing rule was measured with, doubled
+    by stability training; the model is built once whatever the method, sigma or batch."""
+    import certlib.training.config as config_module
+
+    config_module.forward_flops.cache_clear()
+    built = []
+    monkeypatch.setattr(config_module, "build_model", lambda *a: built.append(a[0]) or build_model(*a))
+    wrn = TrainConfig("cifar10", "dssn", 0.25, batch_size=256)
+    assert config_module.step_flops(wrn) == pytest.approx(5.032e11, rel=1e-3)
+    stability = dataclasses.replace(wrn, method="gaussian", sigma=0.5, training="stability", batch_size=64)
+    assert config_module.step_flops(stability) == config_module.step_flops(wrn) / 2
+    assert built == ["wrn40_2"]
+    assert config_module.step_flops(TrainConfig("digits", "dssn", 0.5)) < 1e9 and built == ["wrn40_2", "small_cnn"]
+
+
 def test_dssn_digits_model_certifies_above_80_percent(trained_digits_dssn, digits):
     """Acceptance: a small CNN trained with DSSN noise at sigma 0.5 on digits (CPU, well under a
     minute) reaches a DSSN-certified clean accuracy (radius 0) above 80% on the test split."""

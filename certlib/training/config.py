@@ -9,6 +9,7 @@ and horizontal flip; ImageNet: ResNet-50, 30 epochs. Every knob can be overridde
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -101,20 +102,25 @@ class ResolvedConfig(TrainConfig):
 
 def step_flops(config: TrainConfig) -> float:
     """Floating-point operations of one training step of ``config`` (forward and backward, about
-    3x the forward, for every noisy copy of every image of a batch), counted by torch's
-    FlopCounterMode on a model built on the meta device (no memory, no data)."""
+    3x the forward, for every noisy copy of every image of a batch)."""
+    cfg = config.resolved()
+    copies = 2 if cfg.training == "stability" else 1
+    return 3.0 * forward_flops(cfg.architecture, cfg.dataset) * copies * cfg.batch_size
+
+
+@functools.lru_cache(maxsize=64)
+def forward_flops(architecture: str, dataset: str) -> float:
+    """Floating-point operations of one image's forward pass through a built-in architecture,
+    counted by torch's FlopCounterMode on a model built on the meta device (no memory, no
+    data). Cached: a plan asks for every configuration of a sweep."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = config.resolved()
-    shape = DATASETS[cfg.dataset].input_shape
+    shape = DATASETS[dataset].input_shape
     with torch.device("meta"):
-        model = build_model(
-            cfg.architecture, DATASETS[cfg.dataset].num_classes, [0.5] * shape[0], [0.25] * shape[0], shape
-        )
+        model = build_model(architecture, DATASETS[dataset].num_classes, [0.5] * shape[0], [0.25] * shape[0], shape)
         with FlopCounterMode(display=False) as counter:
             model(torch.empty(1, *shape))
-    copies = 2 if cfg.training == "stability" else 1
-    return 3.0 * counter.get_total_flops() * copies * cfg.batch_size
+    return float(counter.get_total_flops())
 
 
 def json_config(cfg: TrainConfig) -> str:
