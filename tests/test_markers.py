@@ -14,8 +14,17 @@ CONFTEST = Path(__file__).with_name("conftest.py")
 MARKERS = ("ray", "training", "data", "subprocess", "gpu")
 
 
+@pytest.fixture(scope="module")
+def _compiler_imported() -> None:
+    """torch._dynamo imported before pytester's snapshot of ``sys.modules``: pytester removes
+    what an inner run imported, and an inner test that trains imports torch._dynamo (its
+    optimizer does), whose operator libraries torch registers once per process: imported again
+    by a later test of this process, it would fail."""
+    import torch._dynamo  # noqa: F401
+
+
 @pytest.fixture
-def inner(pytester: pytest.Pytester) -> pytest.Pytester:
+def inner(_compiler_imported: None, pytester: pytest.Pytester) -> pytest.Pytester:
     """A pytester directory with this suite's conftest and markers (and no plugins it does not
     need: hypothesis's alone takes seconds to summarize a run)."""
     pytester.makeconftest(CONFTEST.read_text())
