@@ -45,6 +45,9 @@ from cluster.client.processes import Launch
 
 RECORD = Path.home() / ".certify" / "local-ray.json"  # the embedded instance certify started
 START_SECONDS = 90.0
+# What a start that failed left (no job has run on it yet) gets this long after SIGTERM: a raylet
+# caught mid-start ignores it until its start ends, which the default 5 s waited out in full.
+FAILED_START_GRACE_SECONDS = 1.0
 TEMP_PREFIX = "certify-ray-"  # a private instance's temporary directory
 MARKER = ".certify-instance"  # in it: the token its LocalRay names
 
@@ -181,7 +184,7 @@ def start(
     if failure is None and gcs_address is None:
         failure = "`ray start` did not print the head's address"
     if failure is not None or gcs_address is None:
-        launch.terminate(last=is_gcs)
+        launch.terminate(FAILED_START_GRACE_SECONDS, last=is_gcs)
         _remove_temp_dir(temp_dir, marker)
         raise RuntimeError(f"could not start a local Ray instance: {failure}")
     url = f"http://127.0.0.1:{ports['dashboard-port']}"
@@ -189,7 +192,7 @@ def start(
     try:
         _wait_for_dashboard(instance)
     except BaseException:  # it did not answer, or Ctrl-C: no instance is left without a record
-        stop(instance)
+        stop(instance, grace_seconds=FAILED_START_GRACE_SECONDS)
         raise
     return instance
 
@@ -213,7 +216,7 @@ def _launch(command: list[str], env: dict) -> tuple[Launch, str | None, str]:
                 failure = f"`ray start` did not finish within {START_SECONDS:.0f} s"
         except BaseException:  # interrupted (Ctrl-C): leave nothing behind
             _ended(started.pid, 0)
-            left().terminate(last=is_gcs)
+            left().terminate(FAILED_START_GRACE_SECONDS, last=is_gcs)
             started.wait()
             raise
         launch = left()
