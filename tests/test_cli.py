@@ -227,7 +227,7 @@ def test_submit_status_list_logs_cancel_and_resume(ray_session, tmp_path, monkey
     while (
         "STOPPED" not in runner.invoke(main, ["status", big_id, "--address", address]).output and time.time() < deadline
     ):
-        time.sleep(1)
+        time.sleep(0.2)
     resumed = runner.invoke(main, ["submit-job", str(bigger), "--address", address, "--wait"])
     assert resumed.exit_code == 0 and "resubmitting" in resumed.output, resumed.output
     assert len(load_results(tmp_path / "out2")) == 360

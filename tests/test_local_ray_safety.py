@@ -299,7 +299,7 @@ def _wait_for(condition, seconds: float = 120) -> None:
     deadline = time.time() + seconds
     while not condition():
         assert time.time() < deadline, "timed out"
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("force", [False, True])

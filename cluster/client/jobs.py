@@ -27,9 +27,10 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 TAIL_LINES = 2000  # log lines read from the end when the progress file is not readable here
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # seconds between attempts to reach the dashboard: doubling up to this
 GIVE_UP_SECONDS = 900.0  # a dashboard unreachable this long is reported as such
-# How often a log stream asks whether its job ended: Ray's stream closes about 2 s after the
-# end (its tail sleeps a second between reads of the file, and reads once more after the end).
-# A status request costs the dashboard and this process about 10 ms of CPU.
+# How often a log stream, or a wait without logs, asks whether its job ended: Ray's stream
+# closes about 2 s after the end (its tail sleeps a second between reads of the file, and reads
+# once more after the end). A status request costs the dashboard and this process about 10 ms
+# of CPU.
 END_POLL_SECONDS = 1.0
 
 
@@ -207,8 +208,8 @@ def follow(
     """Print the job's log as it grows (Ray's log tailing) until the job ends; returns its end:
     SUCCEEDED, FAILED or STOPPED, or LOST when its driver's node died while Ray still lists it
     as running. Transient faults (a dashboard answering 500, a dropped connection, a dead
-    agent) are retried with ``backoff``. ``on_poll`` runs before each status check (every 2 s
-    without logs): a progress bar moves with this loop rather than a second one."""
+    agent) are retried with ``backoff``. ``on_poll`` runs before each status check (every
+    END_POLL_SECONDS without logs): a progress bar moves with this loop rather than a second one."""
     backoff = backoff or Backoff()
     printed = [0]  # characters of the log already shown: a re-opened stream starts from the top
     while True:
@@ -234,7 +235,7 @@ def follow(
         if show_logs:
             backoff.wait("log stream", ConnectionError("closed while the job runs"), echo)
         else:
-            time.sleep(2)
+            time.sleep(END_POLL_SECONDS)
 
 
 def _stream(client, job_id: str, printed: list[int], echo: Callable[[str], None]) -> None:

@@ -264,7 +264,7 @@ def _wait_for_dashboard(instance: LocalRay) -> None:
             JobSubmissionClient(instance.dashboard_url).list_jobs()
             return
         except Exception:  # noqa: BLE001 - the dashboard takes a few seconds to come up
-            time.sleep(0.5)
+            time.sleep(0.2)
     raise RuntimeError(f"the local Ray instance started but its dashboard did not answer within {START_SECONDS:.0f} s")
 
 
