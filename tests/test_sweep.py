@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from certlib.analysis import load_results
 from certlib.data import load_cifar10
@@ -153,13 +154,12 @@ def test_one_row_per_image_and_configuration(swept, ray_session, cifar_test):
     assert sweep_file(sweep.output).read_text() == sweep.to_json()
 
 
-def test_results_do_not_depend_on_shards_batches_workers_or_compilation(swept, tmp_path, cifar10_dir, cifar_test):
+def test_results_do_not_depend_on_shards_batches_or_workers(swept, tmp_path, cifar10_dir, cifar_test):
     """The 12 images at sigma 0.25 of the swept fixture (units of 8, batches of 64, one
-    worker) against a sweep of units of 12, batches of 1000, two workers and compilation."""
+    worker) against a sweep of units of 12, batches of 1000 and two workers. Compilation:
+    test_voting (real compilation, the same votes) and the test below (the spec reaches it)."""
     a = swept[0]
-    b = cifar_sweep(
-        tmp_path, cifar10_dir, output="b", shard_size=12, batch_size=1000, workers=2, limit=12, compile=True
-    )
+    b = cifar_sweep(tmp_path, cifar10_dir, output="b", shard_size=12, batch_size=1000, workers=2, limit=12)
     make_models(b, cifar_test)
     run_sweep(b, "job-b", log=quiet)
     columns = ["method", "sigma", "image_index", "votes", "selection_votes", "prediction", "radius_l1", "p_a_lower"]
@@ -175,6 +175,29 @@ def test_results_do_not_depend_on_shards_batches_workers_or_compilation(swept, t
     pd.testing.assert_frame_equal(
         ra.drop(columns=["votes", "selection_votes"]), rb.drop(columns=["votes", "selection_votes"])
     )
+
+
+def test_the_specs_compile_runs_each_models_engine_through_torch_compile(
+    tmp_path, cifar10_dir, cifar_test, monkeypatch
+):
+    """``certify.compile: true`` reaches a worker's engine: each model's first level is
+    compiled once, for one static batch shape (short batches padded). torch.compile is stubbed
+    here; test_voting compiles for real and checks that no vote changes."""
+    compiled, batches = [], []
+
+    def stub(module, **options):
+        compiled.append(options)
+        return lambda x: batches.append(len(x)) or module(x)
+
+    monkeypatch.setattr(torch, "compile", stub)
+    sweep = cifar_sweep(tmp_path, cifar10_dir, limit=2, shard_size=2, batch_size=100, compile=True)
+    make_models(sweep, cifar_test)
+    runner = UnitRunner(sweep.to_json(), "job-compiled")
+    for unit in expand(sweep, 2):
+        runner.certify(unit)
+    assert compiled == [{"mode": None, "dynamic": False}] * 2  # once per model (DSSN, uniform)
+    assert batches and set(batches) == {100}  # DSSN's 220 noise levels and n0 = 16 are not multiples of 100
+    assert len(load_results(sweep.output)) == 4
 
 
 def _alive_worker_pids(dashboard_url: str):
