@@ -170,7 +170,7 @@ def sequential_sweep(tmp_path, **certify):
         {
             "name": "sequential",
             "output": str(tmp_path / "out"),
-            "dataset": {"name": "digits", "split": "test", "every": 12},
+            "dataset": {"name": "digits", "split": "test", "every": 24},
             "models": {"path": str(tmp_path / "{method}-{training}-{sigma}-{seed}.pt"), "train": {"epochs": 3}},
             "methods": ["gaussian", "uniform"],
             "sigmas": [0.25],

@@ -56,9 +56,9 @@ def test_training_reduces_the_loss_on_digits(train_model, digits, tmp_path, meth
 
 
 def test_training_reduces_the_loss_on_cifar10(train_model, cifar10_dir, tmp_path):
-    train_set = load_cifar10(cifar10_dir, "train").subset(np.arange(768))
+    train_set = load_cifar10(cifar10_dir, "train").subset(np.arange(512))
     test_set = load_cifar10(cifar10_dir, "test").subset(np.arange(128))
-    config = TrainConfig("cifar10", "dssn", 0.25, architecture="small_cnn", epochs=4, lr=0.02)
+    config = TrainConfig("cifar10", "dssn", 0.25, architecture="small_cnn", epochs=3, lr=0.02)
     losses, card = epoch_losses(train_model, config, tmp_path / "c.pt", train_set, test_set)
     assert losses[-1] < losses[0]
     assert card.levels == 220 and card.input_shape == [3, 32, 32] and card.heldout == "test[:128]"
