@@ -175,7 +175,7 @@ def test_submit_status_list_logs_cancel_and_resume(ray_session, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     address = ray_session.dashboard_url
     spec = write_spec(tmp_path, GOOD)
-    # The model is there: the jobs certify only (training in a job: the notebook's quickstart).
+    # The model is there: the jobs certify only (training in a job: the documents' quickstart, test_sweep).
     random_checkpoint(tmp_path / "models" / "dssn-standard-0.5-0.pt", load_digits("test"), "dssn", 0.5, 0)
     runner = CliRunner()
 
