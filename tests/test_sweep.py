@@ -153,6 +153,8 @@ def test_one_row_per_image_and_configuration(swept, ray_session, cifar_test):
             time.sleep(0.5)
         assert finished_calls(ray_session.dashboard_url, key) == before[key] + 2, key.label
     assert sweep_file(sweep.output).read_text() == sweep.to_json()
+    # gpus_per_worker: 0 certifies on the CPU, also where the session's Ray has a GPU
+    assert df["device"].str.startswith("cpu").all(), set(df["device"])
 
 
 def test_results_do_not_depend_on_shards_batches_or_workers(swept, tmp_path, cifar10_dir, cifar_test):
@@ -375,7 +377,7 @@ def test_training_progress_and_eta_are_reported_while_models_train(
 ):
     import cluster.job.executor as executor
 
-    epochs = 12  # a few seconds a model: several progress records (every 0.5 s) catch one mid-training
+    epochs = 12  # a few seconds a model on one CPU: several progress records (every 0.5 s) catch one mid-training
     monkeypatch.setattr(executor, "PROGRESS_EVERY", 0.5)
     monkeypatch.setattr(executor, "PROGRESS_JSON_EVERY", 0.5)
     sweep = parse_spec(
@@ -391,7 +393,14 @@ def test_training_progress_and_eta_are_reported_while_models_train(
             "sigmas": [0.5],
             "seeds": [0, 1],
             "certify": {"n0": 8, "n": 64},
-            "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "shard_size": 10},
+            # training on the CPU on a GPU node too: there the 12 epochs could end between two records
+            "resources": {
+                "workers": 1,
+                "cpus_per_worker": 1,
+                "gpus_per_worker": 0,
+                "gpus_per_train_worker": 0,
+                "shard_size": 10,
+            },
         }
     )
     lines = []
@@ -470,6 +479,17 @@ def test_training_units_share_a_gpu_when_a_step_does_not_fill_it(tmp_path, datas
     }
     assert training_gpu_share(parse_spec(spec)) == share
     assert training_gpu_share(parse_spec({**spec, "resources": {"gpus_per_train_worker": 0.5}})) == 0.5
+
+
+def test_a_worker_given_no_gpu_certifies_on_the_cpu_and_hides_the_nodes_gpus(monkeypatch):
+    """Ray leaves a GPU node's CUDA_VISIBLE_DEVICES alone for a worker it gave no GPU: the
+    worker must not pick the GPU up itself (``gpus_per_worker: 0``, the tests' specs)."""
+    from cluster.job.worker import assigned_device
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # as Ray sets it for its GPU; undone afterwards
+    given = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a declared GPU without one: the CPU
+    assert assigned_device(["0"]) == given and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    assert assigned_device([]) == torch.device("cpu") and os.environ["CUDA_VISIBLE_DEVICES"] == ""
 
 
 @pytest.mark.parametrize("gpus", [0.0, 1.0])

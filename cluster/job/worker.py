@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import platform
 import socket
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -43,16 +45,30 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-class UnitRunner:
-    """Executes the units of one sweep in one process."""
+def assigned_device(gpu_ids: Sequence[str]) -> torch.device:
+    """The device of a Ray worker that Ray assigned the GPUs ``gpu_ids``: CUDA where it was
+    given one (Ray made exactly those visible; a GPU resource declared on a node without one
+    runs on the CPU), else the CPU. Ray no longer hides a node's GPUs from a worker it gave
+    none (ray-project/ray#54868): such a worker hides them itself, before anything starts
+    CUDA, so that ``gpus_per_worker: 0`` means the CPU on a GPU node too and never a GPU
+    outside Ray's accounting."""
+    if not gpu_ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def __init__(self, sweep_json: str, job_id: str, threads: int = 1):
+
+class UnitRunner:
+    """Executes the units of one sweep in one process, on ``device`` (default: CUDA where this
+    process sees a GPU, else the CPU)."""
+
+    def __init__(self, sweep_json: str, job_id: str, threads: int = 1, device: torch.device | None = None):
         self.sweep = Sweep.from_json(sweep_json)
         self.job_id = job_id
         torch.set_num_threads(max(1, int(threads)))
         if self.sweep.certify.deterministic:
             enable_deterministic_kernels()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._images: QuantizedDataset | None = None
         self._model: tuple[str, Cascade, ModelCard] | None = None
         self.trainer = ModelTrainer(self.sweep, self.device)
@@ -161,8 +177,11 @@ class Worker:
     never counts a unit whose rows a crash could lose."""
 
     def __init__(self, sweep_json: str, job_id: str, threads: int = 1):
+        import ray  # in the actor's process; the module itself imports without Ray (`certify plan`)
+
         gc.freeze()  # the actor's process: what its imports built lives as long (cluster.collector_paused)
-        self.runner = UnitRunner(sweep_json, job_id, threads)
+        device = assigned_device(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
+        self.runner = UnitRunner(sweep_json, job_id, threads, device)
         self.device = ThreadPoolExecutor(1, thread_name_prefix="device")
         self.io = ThreadPoolExecutor(1, thread_name_prefix="io")
         self.io.submit(lambda: self.runner.images)  # the selection loads while the first call is on its way
