@@ -268,9 +268,52 @@ def test_a_real_calibration_on_the_quickstart(tmp_path, monkeypatch, short_calib
     assert 0 < calibration["seconds"] < 15  # about 0.2 s per rate here; busy machines take longer
     assert report["estimate"]["wall_seconds"]["training"] > 0 and report["plan"]["models"]["to_train"] == 12
     lines = render(report).splitlines()
-    measured = [line for line in lines if "measured in" in line]
+    measured = [line for line in lines if "measured on cpu" in line]
     assert len(measured) == 2 and "samples/s of small_cnn" in measured[0] and "images/s of small_cnn" in measured[1]
-    assert any(line.startswith("Calibration on cpu") for line in lines)
+    assert any(line.startswith("Calibration, ") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "gpus,device,expected",
+    [
+        ((0, 0), "auto", ("cpu", "cpu", 16, 16)),  # the quickstart's resources on a GPU machine
+        (("auto", "auto"), "auto", ("cuda", "cuda", 2, 2)),
+        ((0.5, 0), "auto", ("cuda", "cpu", 4, 16)),
+        (("auto", 1), "cpu", ("cpu", "cpu", 16, 16)),  # --device cpu: the CPU's rates and no GPU
+    ],
+)
+def test_auto_measures_each_rate_where_its_workers_run(tmp_path, monkeypatch, gpus, device, expected):
+    """On a machine with 2 GPUs and 16 CPUs (stubbed), a worker given no GPU runs on the CPU
+    (cluster.job.worker.assigned_device): the plan measures its rate there and counts it by CPUs."""
+    import os
+
+    import torch
+
+    import certlib.engine.throughput as throughput
+    import cluster.job.worker
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(cluster.job.worker, "device_name", lambda dev: f"{dev.type} (stub)")
+    seen: dict[str, str] = {}
+
+    def fake(stage: str, per_second: float):
+        def measure(*args, device, **kwargs):
+            seen[stage] = device.type
+            return throughput.Throughput(per_second, 8, "eager", device.type, 0.2)
+
+        return measure
+
+    monkeypatch.setattr(throughput, "forward_throughput", fake("certify", 1e4))
+    monkeypatch.setattr(throughput, "training_throughput", fake("train", 1e2))
+    resources = {"workers": "auto", "cpus_per_worker": 1, "shard_size": 8}
+    resources |= {"gpus_per_worker": gpus[0], "gpus_per_train_worker": gpus[1]}
+    report = dry_run(spec(tmp_path, resources=resources), device=device)
+    calibration, workers = report["calibration"], report["estimate"]["workers"]
+    assert (seen["certify"], seen["train"], workers["certify"], workers["train"]) == expected
+    assert calibration["certification"]["device"] == f"{expected[0]} (stub)"
+    assert calibration["training"]["device"] == f"{expected[1]} (stub)"
 
 
 def test_the_dry_run_and_the_worker_calibration_import_no_ray(tmp_path, fresh_python):

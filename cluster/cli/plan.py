@@ -44,14 +44,18 @@ def _validated(spec: SpecSource) -> Sweep:
     return sweep
 
 
-def _device(name: str) -> torch.device:
+def _devices(sweep: Sweep, name: str) -> dict[str, torch.device]:
+    """The device each rate is measured on, by stage (``certify``, ``train``). ``auto`` measures
+    each where a local Ray's worker of that kind would run: CUDA where this machine has a GPU and
+    the spec gives that kind of worker one (``gpus_per_worker`` / ``gpus_per_train_worker`` auto
+    or above 0), else the CPU. ``cpu`` and ``cuda`` measure both there."""
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device on this machine")
-    return torch.device(name)
+    gpu = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    settings = {"certify": sweep.resources.gpus_per_worker, "train": sweep.resources.gpus_per_train_worker}
+    return {k: torch.device("cuda" if gpu and (name == "cuda" or v != 0) else "cpu") for k, v in settings.items()}
 
 
 @contextmanager
@@ -85,6 +89,7 @@ def _measure_certify(sweep: Sweep, architecture: str, device: torch.device) -> d
     from certlib.data import DATASETS
     from certlib.determinism import deterministic_kernels
     from certlib.engine.throughput import forward_throughput
+    from cluster.job.worker import device_name
 
     info = DATASETS[sweep.dataset.name]
     with deterministic_kernels(sweep.certify.deterministic):  # as the worker runs (certify.deterministic)
@@ -99,13 +104,14 @@ def _measure_certify(sweep: Sweep, architecture: str, device: torch.device) -> d
             seconds=CALIBRATION_SECONDS,
             trust_code=sweep.models.trust_code,
         )
-    return asdict(measured) | {"source": "measured", "architecture": architecture}
+    return asdict(measured) | {"source": "measured", "architecture": architecture, "device": device_name(device)}
 
 
 def _measure_training(sweep: Sweep, device: torch.device) -> dict[str, Any]:
     """One training run's measured rate, and its standard-training equivalent
     (``standard_per_second``): the estimate scales each training mode from it."""
     from certlib.engine.throughput import training_throughput
+    from cluster.job.worker import device_name
     from cluster.plan import model_keys
     from cluster.plan.estimate import relative_training_cost, train_config
 
@@ -119,17 +125,18 @@ def _measure_training(sweep: Sweep, device: torch.device) -> dict[str, Any]:
         "architecture": architecture,
         "training": key.training,
         "standard_per_second": standard,
+        "device": device_name(device),
     }
 
 
-def _workers(sweep: Sweep, device: torch.device, workers: int | None) -> Workers:
+def _workers(sweep: Sweep, device: str, workers: int | None) -> Workers:
     import torch
 
     from cluster.plan.estimate import Workers, assumed_workers
 
     if workers is not None:
         return Workers(workers, workers, "--workers")
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
     return assumed_workers(sweep, os.cpu_count() or 1, gpus)
 
 
@@ -164,24 +171,23 @@ def dry_run(
     workers: int | None = None,
 ) -> dict[str, Any]:
     """The plan of ``spec`` as data: its counts (``cluster.plan.estimate.cost_dict``), the rates
-    measured on ``device`` (auto: CUDA where present, else the CPU) or given (``rate``: forward
+    measured on ``device`` (auto: each where a local Ray's worker of its kind would run, see
+    ``_devices``) or given (``rate``: forward
     samples/s of one certification worker; ``train_rate``: images/s of one standard training
     run), the workers assumed and the time estimate. Starts nothing, writes nothing."""
-    from cluster.job.worker import device_name
     from cluster.plan.estimate import Rates, cost_dict, estimate, estimate_dict
 
     sweep = _validated(spec)
-    dev = _device(device)
-    assumed = _workers(sweep, dev, workers)
+    devices = _devices(sweep, device)
+    assumed = _workers(sweep, device, workers)
     notes: list[str] = []
     with _threads(max(1, int(sweep.resources.cpus_per_worker))):
-        cost, certify = _plan_cost(sweep, dev, rate, assumed, notes)
+        cost, certify = _plan_cost(sweep, devices["certify"], rate, assumed, notes)
         if certify is None and cost.units_pending:
-            certify = _measure_certify(sweep, cost.architecture, dev)
+            certify = _measure_certify(sweep, cost.architecture, devices["certify"])
         training = None
         if cost.training:
-            training = _given(train_rate) if train_rate is not None else _measure_training(sweep, dev)
-        where = device_name(dev)
+            training = _given(train_rate) if train_rate is not None else _measure_training(sweep, devices["train"])
     rates = Rates(
         None if certify is None else certify["per_second"],
         None if training is None else training.get("standard_per_second", training["per_second"]),
@@ -191,7 +197,6 @@ def dry_run(
         "spec": None if isinstance(spec, Mapping) else str(spec),
         "plan": cost_dict(cost),
         "calibration": {
-            "device": where,
             "seconds": float(sum(measured)),
             "certification": certify,
             "training": training,
@@ -302,7 +307,7 @@ def _rate_line(kind: str, rate: dict[str, Any] | None, unit: str) -> str:
         how = f"{rate['training']}, {how}"
     return (
         f"- {kind}: {rate['per_second']:,.0f} {unit}/s of {rate['architecture']} ({how}), "
-        f"measured in {rate['seconds']:.1f} s"
+        f"measured on {rate['device']} in {rate['seconds']:.1f} s"
     )
 
 
@@ -336,7 +341,7 @@ def render(report: dict[str, Any]) -> str:
     parts += ["", "Certification (rows: images x configurations):", "", _certification_table(plan)]
     parts += ["", _methods_table(plan)]
     if cal["seconds"]:
-        parts += ["", f"Calibration on {cal['device']}, {cal['seconds']:.1f} s in all:"]
+        parts += ["", f"Calibration, {cal['seconds']:.1f} s in all:"]
     else:
         parts += ["", "Rates (nothing measured):"]
     parts += [

@@ -241,7 +241,8 @@ def assumed_workers(sweep: Sweep, cpus: int, gpus: int) -> Workers:
     hold, as the pool sizes them: at most ``resources.workers`` of each kind, each with
     ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs (auto: 1 where there are GPUs).
     Training runs that share a GPU are counted as one run at the measured rate per GPU: together
-    they do not run faster than about one GPU's step rate."""
+    they do not run faster than about one GPU's step rate. Workers given no GPU
+    (``gpus_per_worker`` or ``gpus_per_train_worker`` 0) run on the CPU and count by CPUs alone."""
     res = sweep.resources
     cap = math.inf if res.workers == "auto" else int(res.workers)
     by_cpu = math.floor(cpus / res.cpus_per_worker + 1e-9)
@@ -249,10 +250,12 @@ def assumed_workers(sweep: Sweep, cpus: int, gpus: int) -> Workers:
     per_worker = "auto" if res.gpus_per_worker == "auto" else f"{share:g}"
     by_gpu = math.floor(gpus / share + 1e-9) if share else math.inf
     certify = max(1, int(min(cap, by_cpu, by_gpu)))
-    train = max(1, int(min(cap, by_cpu, gpus or math.inf)))
+    train_on_gpu = gpus and res.gpus_per_train_worker != 0
+    train = max(1, int(min(cap, by_cpu, gpus if train_on_gpu else math.inf)))
     source = (
         f"a local Ray on this machine's {cpus} CPUs and {gpus} GPUs with resources.workers {res.workers}, "
-        f"cpus_per_worker {res.cpus_per_worker:g}, gpus_per_worker {per_worker}"
+        f"cpus_per_worker {res.cpus_per_worker:g}, gpus_per_worker {per_worker}, "
+        f"gpus_per_train_worker {res.gpus_per_train_worker}"
     )
     return Workers(certify, train, source)
 
