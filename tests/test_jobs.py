@@ -125,12 +125,18 @@ def _spec(tmp_path: Path, name: str, limit: int, n: int) -> Path:
     return path
 
 
-def _command_line(process: psutil.Process) -> str:
-    """Its command line; empty for one that ended meanwhile (a zombie has none to read)."""
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:
-        return ""
+def _processes(instance: local_ray.LocalRay, named: str) -> list[psutil.Process]:
+    """The instance's live processes whose command line holds ``named`` (one that ended
+    meanwhile, a zombie included, has none to read)."""
+    found = []
+    for pid in instance.members():
+        try:
+            process = psutil.Process(pid)
+            if named in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
 
 
 @pytest.mark.parametrize("agent", ["DashboardAgent", "RuntimeEnvAgent"])
@@ -164,7 +170,7 @@ def test_wait_reports_the_true_end_when_an_agent_dies_mid_job(own_ray, tmp_path,
             pytest.fail("submit-job ended early:\n" + waiting.communicate()[0][-3000:])
         time.sleep(0.2)
     assert progress.is_file(), "the job never reported progress"
-    victims = [p for p in instance.processes() if agent in _command_line(p)]
+    victims = _processes(instance, agent)
     assert victims, f"no {agent} process"
     for proc in victims:
         proc.kill()

@@ -303,11 +303,14 @@ def _wait_for(condition, seconds: float = 120) -> None:
 
 
 @pytest.mark.parametrize("force", [False, True])
-def test_stop_signals_the_instance_and_its_jobs_and_nothing_else(ray_session, tmp_path, monkeypatch, decoys, force):
+def test_stop_signals_the_instance_and_its_jobs_and_nothing_else(
+    ray_session, tmp_path, monkeypatch, decoys, connected_notebook, force
+):
     """The embedded instance with a job running, whose driver leaves Ray's session and process
     group: `certify stop` refuses and signals nothing; once the job ends (or with --force) it
     stops the instance and the driver. Decoys naming the instance survive, and so does the
-    test session's own Ray."""
+    test session's own Ray. A notebook's driver connected to it (``ray.init``) is not told that
+    the autoscaler failed (Ray's own message when its autoscaler gets SIGTERM)."""
     monkeypatch.setattr(local_ray, "RECORD", tmp_path / "certify" / "local-ray.json")
     embedded = local_ray.start(num_cpus=1, private=True, object_store_bytes=80 << 20)
     try:
@@ -331,14 +334,38 @@ def test_stop_signals_the_instance_and_its_jobs_and_nothing_else(ray_session, tm
             assert embedded.alive() and naming(tag, []) and alive(spawned)
             client.stop_job(job_id)
             _wait_for(lambda: jobs.job_status(client.get_job_status(job_id)) in jobs.TERMINAL)
+        # a notebook's driver connected to it counts as a running job: only --force stops beside one
+        notebook = connected_notebook(embedded.gcs_address, tmp_path / "notebook.out") if force else None
         stopped = CliRunner().invoke(main, ["stop", "--force"] if force else ["stop"])
         assert stopped.exit_code == 0 and stopped.output.startswith("stopped the local Ray instance"), stopped.output
         assert alive(spawned)
         assert naming(tag, []) == [] and naming(embedded.temp_dir, spawned) == []
         assert not embedded.alive() and not Path(embedded.temp_dir).exists() and not local_ray.RECORD.exists()
         assert ray_session.alive() and ray_session.members()
+        if notebook is not None:
+            time.sleep(2)  # Ray's message arrived within a second of the signal
+            assert "autoscaler failed" not in (tmp_path / "notebook.out").read_text()
     finally:
         local_ray.stop(embedded)
+
+
+@pytest.fixture
+def connected_notebook():
+    """Start a Python that connects to a Ray instance (``ray.init(address)``) as a notebook
+    does and sleeps, its output in ``output``; it is killed afterwards."""
+    started: list[subprocess.Popen] = []
+
+    def start(address: str, output: Path) -> subprocess.Popen:
+        code = f"import ray; ray.init({address!r}); print('connected', flush=True); {SLEEP}"
+        with output.open("w") as sink:
+            started.append(subprocess.Popen([sys.executable, "-c", code], stdout=sink, stderr=subprocess.STDOUT))
+        _wait_for(lambda: "connected" in output.read_text(), 60)
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait()
 
 
 # --------------------------------------------------------------------------- the record

@@ -65,16 +65,6 @@ class LocalRay(Launch):
     temp_dir: str | None = None  # None: Ray's default (/tmp/ray)
     marker: str | None = None  # the token in temp_dir/MARKER
 
-    def processes(self) -> list[psutil.Process]:
-        """Its live processes (``processes.Launch.members``)."""
-        found = []
-        for pid in self.members():
-            try:
-                found.append(psutil.Process(pid))
-            except psutil.Error:
-                pass
-        return found
-
 
 def ray_cli() -> list[str]:
     """``ray`` of this very Python: the instance's workers then import the environment that
@@ -279,11 +269,22 @@ def is_gcs(pid: int) -> bool:
         return False
 
 
+def is_autoscaler(pid: int) -> bool:
+    """Whether ``pid`` is Ray's autoscaler (``monitor.py``), killed outright: asked to stop, it
+    sends every connected driver (a notebook's ``ray.init``) a traceback saying that the
+    autoscaler failed. A local instance has nothing for it to scale down or save."""
+    try:
+        script = os.path.join("ray", "autoscaler", "_private", "monitor.py")
+        return any(arg.endswith(script) for arg in psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+
+
 def stop(instance: LocalRay, grace_seconds: float = 5.0) -> int:
     """Terminate the instance's processes (SIGTERM, then SIGKILL after ``grace_seconds``), its
-    GCS once the others have ended, and remove its private temporary directory if it carries
-    its marker; returns how many processes were signalled."""
-    count = instance.terminate(grace_seconds, last=is_gcs)
+    GCS once the others have ended and its autoscaler at once, and remove its private temporary
+    directory if it carries its marker; returns how many processes were signalled."""
+    count = instance.terminate(grace_seconds, last=is_gcs, at_once=is_autoscaler)
     _remove_temp_dir(instance.temp_dir, instance.marker)
     return count
 

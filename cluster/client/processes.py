@@ -138,13 +138,17 @@ class Launch:
         return bool(self._roots(table()))
 
     def terminate(
-        self, grace_seconds: float = 5.0, kill_seconds: float = 5.0, last: Callable[[int], bool] = lambda pid: False
+        self,
+        grace_seconds: float = 5.0,
+        kill_seconds: float = 5.0,
+        last: Callable[[int], bool] = lambda pid: False,
+        at_once: Callable[[int], bool] = lambda pid: False,
     ) -> int:
         """SIGTERM to every process of the instance, SIGKILL to those still running after
         ``grace_seconds``, scanning again meanwhile for processes started since; waits up to
         ``kill_seconds`` more for them to end. The processes ``last`` picks (by pid) are
-        signalled the same way once all the others have ended. Returns how many processes were
-        signalled."""
+        signalled the same way once all the others have ended; those ``at_once`` picks get
+        SIGKILL from the start. Returns how many processes were signalled."""
         signalled: dict[int, float] = {}
         for holding in (True, False):
             sig, deadline = signal.SIGTERM, time.monotonic() + grace_seconds
@@ -152,7 +156,7 @@ class Launch:
                 found = self.members(signalled).items()
                 new = {pid: start for pid, start in found if pid not in signalled and not (holding and last(pid))}
                 for pid, start in new.items():
-                    send(pid, start, sig)
+                    send(pid, start, signal.SIGKILL if at_once(pid) else sig)
                 signalled.update(new)
                 live = [(pid, start) for pid, start in signalled.items() if running(pid, start)]
                 if not live and not new:
