@@ -172,9 +172,9 @@ def dry_run(
 ) -> dict[str, Any]:
     """The plan of ``spec`` as data: its counts (``cluster.plan.estimate.cost_dict``), the rates
     measured on ``device`` (auto: each where a local Ray's worker of its kind would run, see
-    ``_devices``) or given (``rate``: forward
-    samples/s of one certification worker; ``train_rate``: images/s of one standard training
-    run), the workers assumed and the time estimate. Starts nothing, writes nothing."""
+    ``_devices``) or given (``rate``: forward samples/s of one certification worker;
+    ``train_rate``: images/s of one standard training run), the workers assumed and the time
+    estimate. Starts nothing, writes nothing."""
     from cluster.plan.estimate import Rates, cost_dict, estimate, estimate_dict
 
     sweep = _validated(spec)
